@@ -1,0 +1,144 @@
+// Indexing and masking rules of one split-KV step, shared by the CPU and CUDA paths.
+//
+// Rules for out-of-contract indices (any int32 is accepted, none is ever dereferenced out of
+// bounds):
+//   - a request's length is clamped to [0, max_blocks_per_seq * page_block_size];
+//   - a block_table entry outside [0, num_blocks) inside a request's length makes that page's
+//     tokens masked (they contribute nothing, as if absent);
+//   - a split slot outside [0, num_split_slots) (metadata built from other seqlens) is skipped.
+// A query row that sees no key gets out = 0 and lse = +inf.
+#pragma once
+
+#include <cstdint>
+
+#include "host_device.h"
+#include "params.h"
+#include "tile_scheduler.h"
+
+namespace jax_flash_mla {
+
+FMLA_HOST_DEVICE int clamped_seqlen(const DecodeParams& p, int batch_idx) {
+  const int64_t capacity = static_cast<int64_t>(p.max_blocks_per_seq) * p.page_block_size;
+  int64_t len = p.cache_seqlens[batch_idx];
+  if (len < 0) len = 0;
+  if (len > capacity) len = capacity;
+  return static_cast<int>(len);
+}
+
+// Keys [0, key_limit) are visible to row `row` (0 <= row < rows_per_kv) of a request of
+// length `seqlen`. Causal: query j of s_q sees keys [0, seqlen - s_q + j].
+FMLA_HOST_DEVICE int key_limit_for_row(const DecodeParams& p, int seqlen, int row) {
+  if (!p.causal) return seqlen;
+  const int query_idx = row / p.heads_per_kv;
+  const int limit = seqlen - p.seqlen_q + query_idx + 1;
+  return limit < 0 ? 0 : (limit > seqlen ? seqlen : limit);
+}
+
+// Page holding token `token` of request `batch_idx`, or -1 when the table entry is invalid.
+FMLA_HOST_DEVICE int page_of_token(const DecodeParams& p, int batch_idx, int token) {
+  const int column = token / p.page_block_size;
+  const int32_t page =
+      p.block_table[static_cast<int64_t>(batch_idx) * p.max_blocks_per_seq + column];
+  return (page >= 0 && page < p.num_blocks) ? page : -1;
+}
+
+FMLA_HOST_DEVICE int64_t k_offset(const DecodeParams& p, int page, int token, int kv_head) {
+  const int slot = token % p.page_block_size;
+  return ((static_cast<int64_t>(page) * p.page_block_size + slot) * p.num_heads_k + kv_head) *
+         p.head_dim;
+}
+
+// Row `row` of KV head `kv_head` is query token row / heads_per_kv of head
+// kv_head * heads_per_kv + row % heads_per_kv.
+FMLA_HOST_DEVICE int q_head_of_row(const DecodeParams& p, int kv_head, int row) {
+  return kv_head * p.heads_per_kv + row % p.heads_per_kv;
+}
+
+FMLA_HOST_DEVICE int64_t q_offset(const DecodeParams& p, int batch_idx, int kv_head, int row) {
+  const int query_idx = row / p.heads_per_kv;
+  return ((static_cast<int64_t>(batch_idx) * p.seqlen_q + query_idx) * p.num_heads_q +
+          q_head_of_row(p, kv_head, row)) *
+         p.head_dim;
+}
+
+FMLA_HOST_DEVICE int64_t out_offset(const DecodeParams& p, int batch_idx, int kv_head, int row) {
+  const int query_idx = row / p.heads_per_kv;
+  return ((static_cast<int64_t>(batch_idx) * p.seqlen_q + query_idx) * p.num_heads_q +
+          q_head_of_row(p, kv_head, row)) *
+         p.head_dim_v;
+}
+
+FMLA_HOST_DEVICE int64_t lse_offset(const DecodeParams& p, int batch_idx, int kv_head, int row) {
+  const int query_idx = row / p.heads_per_kv;
+  return (static_cast<int64_t>(batch_idx) * p.num_heads_q + q_head_of_row(p, kv_head, row)) *
+             p.seqlen_q +
+         query_idx;
+}
+
+FMLA_HOST_DEVICE int64_t accum_row_index(const DecodeParams& p, int slot, int kv_head, int row) {
+  return (static_cast<int64_t>(slot) * p.num_heads_k + kv_head) * p.rows_per_kv + row;
+}
+
+// One (piece, request) segment of the schedule: tiles [tile_begin, tile_end) of request
+// `batch_idx`, written to split slot `slot`; `is_only_split` means it writes the final output.
+struct Segment {
+  int batch_idx;
+  int token_begin;
+  int token_end;
+  int slot;
+  bool is_only_split;
+};
+
+FMLA_HOST_DEVICE bool slot_in_range(const DecodeParams& p, int slot) {
+  return slot >= 0 && slot < p.num_split_slots;
+}
+
+// Requests a piece touches, validated against the batch so that fabricated metadata cannot
+// send a CTA outside the buffers.
+FMLA_HOST_DEVICE void piece_request_range(const DecodeParams& p, const int32_t* row, int* first,
+                                          int* last) {
+  int begin = row[kBeginReq];
+  int end = row[kEndReq];
+  if (begin < 0) begin = 0;
+  if (end > p.batch - 1) end = p.batch - 1;
+  *first = begin;
+  *last = end;
+}
+
+FMLA_HOST_DEVICE Segment segment_of_piece(const DecodeParams& p, const int32_t* row,
+                                          int batch_idx) {
+  const int seqlen = clamped_seqlen(p, batch_idx);
+  const int64_t tiles = num_tiles_for_length(seqlen);
+  int64_t tile_begin = batch_idx == row[kBeginReq] ? row[kBeginTile] : 0;
+  int64_t tile_end = batch_idx == row[kEndReq] ? row[kEndTile] : tiles;
+  // Both ends are clamped to [0, tiles]: a fabricated kBeginTile must not wrap token_begin
+  // negative (page_of_token would then index before the block table).
+  if (tile_begin < 0) tile_begin = 0;
+  if (tile_begin > tiles) tile_begin = tiles;
+  if (tile_end > tiles) tile_end = tiles;
+  Segment s;
+  s.batch_idx = batch_idx;
+  const int64_t token_begin = tile_begin * kTokensPerTile;
+  s.token_begin = static_cast<int>(token_begin < seqlen ? token_begin : seqlen);
+  int64_t token_end = tile_end * kTokensPerTile;
+  s.token_end = static_cast<int>(token_end < seqlen ? token_end : seqlen);
+  if (s.token_end < s.token_begin) s.token_end = s.token_begin;
+  const int first_slot = p.num_splits[batch_idx];
+  const int splits = p.num_splits[batch_idx + 1] - first_slot;
+  s.slot = first_slot + (batch_idx == row[kBeginReq] ? row[kBeginSplit] : 0);
+  s.is_only_split = splits == 1;
+  return s;
+}
+
+// Split slots of request `batch_idx` that may be read, clamped to the buffer whatever
+// num_splits holds; `splits` is the unclamped count (0: empty request, 1: no combine needed).
+FMLA_HOST_DEVICE void split_slot_range(const DecodeParams& p, int batch_idx, int* begin, int* end,
+                                       int* splits) {
+  const int first = p.num_splits[batch_idx];
+  const int next = p.num_splits[batch_idx + 1];
+  *splits = next - first;
+  *begin = first < 0 ? 0 : (first > p.num_split_slots ? p.num_split_slots : first);
+  *end = next < *begin ? *begin : (next > p.num_split_slots ? p.num_split_slots : next);
+}
+
+}  // namespace jax_flash_mla

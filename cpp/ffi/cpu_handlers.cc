@@ -1,0 +1,72 @@
+// XLA FFI handlers of the CPU platform: the same argument decoding as the CUDA handlers, then
+// the CPU schedule, split-KV step and combine.
+#include <cstdint>
+
+#include "../cpu/decode_cpu.h"
+#include "decode_args.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace jax_flash_mla {
+namespace {
+
+ffi::Error GetMlaMetadataCpuImpl(ffi::AnyBuffer cache_seqlens,
+                                 ffi::Result<ffi::AnyBuffer> tile_scheduler_metadata,
+                                 ffi::Result<ffi::AnyBuffer> num_splits) {
+  if (ffi::Error error = check_metadata_args(cache_seqlens, tile_scheduler_metadata, num_splits);
+      error.failure())
+    return error;
+  tile_schedule_cpu(static_cast<const int32_t*>(cache_seqlens.untyped_data()),
+                    static_cast<int>(cache_seqlens.dimensions()[0]),
+                    static_cast<int>(tile_scheduler_metadata->dimensions()[0]),
+                    static_cast<int32_t*>(tile_scheduler_metadata->untyped_data()),
+                    static_cast<int32_t*>(num_splits->untyped_data()));
+  return ffi::Error::Success();
+}
+
+ffi::Error FlashMlaDecodeCpuImpl(ffi::AnyBuffer q, ffi::AnyBuffer k_cache,
+                                 ffi::AnyBuffer block_table, ffi::AnyBuffer cache_seqlens,
+                                 ffi::AnyBuffer tile_scheduler_metadata, ffi::AnyBuffer num_splits,
+                                 std::optional<ffi::AnyBuffer> /*initial_out*/,
+                                 std::optional<ffi::AnyBuffer> /*initial_lse*/,
+                                 ffi::Result<ffi::AnyBuffer> out, ffi::Result<ffi::AnyBuffer> lse,
+                                 ffi::Result<ffi::AnyBuffer> o_accum,
+                                 ffi::Result<ffi::AnyBuffer> lse_accum, float softmax_scale,
+                                 bool causal, int32_t head_dim_v) {
+  DecodeParams params;
+  if (ffi::Error error = decode_params(q, k_cache, block_table, cache_seqlens,
+                                       tile_scheduler_metadata, num_splits, softmax_scale, causal,
+                                       head_dim_v, out, lse, o_accum, lse_accum, &params);
+      error.failure())
+    return error;
+  split_kv_decode_cpu(params);
+  combine_cpu(params);
+  return ffi::Error::Success();
+}
+
+}  // namespace
+}  // namespace jax_flash_mla
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(jax_flash_mla_get_mla_metadata_cpu,
+                              jax_flash_mla::GetMlaMetadataCpuImpl,
+                              xla::ffi::Ffi::Bind()
+                                  .Arg<xla::ffi::AnyBuffer>()   // cache_seqlens
+                                  .Ret<xla::ffi::AnyBuffer>()   // tile_scheduler_metadata
+                                  .Ret<xla::ffi::AnyBuffer>());  // num_splits
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(jax_flash_mla_decode_cpu, jax_flash_mla::FlashMlaDecodeCpuImpl,
+                              xla::ffi::Ffi::Bind()
+                                  .Arg<xla::ffi::AnyBuffer>()          // q
+                                  .Arg<xla::ffi::AnyBuffer>()          // k_cache
+                                  .Arg<xla::ffi::AnyBuffer>()          // block_table
+                                  .Arg<xla::ffi::AnyBuffer>()          // cache_seqlens
+                                  .Arg<xla::ffi::AnyBuffer>()          // tile_scheduler_metadata
+                                  .Arg<xla::ffi::AnyBuffer>()          // num_splits
+                                  .OptionalArg<xla::ffi::AnyBuffer>()  // initial out (aliased)
+                                  .OptionalArg<xla::ffi::AnyBuffer>()  // initial lse (aliased)
+                                  .Ret<xla::ffi::AnyBuffer>()          // out
+                                  .Ret<xla::ffi::AnyBuffer>()          // lse
+                                  .Ret<xla::ffi::AnyBuffer>()          // o_accum
+                                  .Ret<xla::ffi::AnyBuffer>()          // lse_accum
+                                  .Attr<float>("softmax_scale")
+                                  .Attr<bool>("causal")
+                                  .Attr<int32_t>("head_dim_v"));

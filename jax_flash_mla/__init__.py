@@ -1,0 +1,14 @@
+"""jax-flash-mla: paged Multi-head Latent Attention decode for JAX, as XLA FFI custom calls."""
+
+from . import reference
+from ._registration import BUILT_WITH_CUDA
+from .api import MLAMetadata, flash_mla_with_kvcache, get_mla_metadata
+
+__all__ = [
+    "BUILT_WITH_CUDA",
+    "MLAMetadata",
+    "flash_mla_with_kvcache",
+    "get_mla_metadata",
+    "reference",
+]
+__version__ = "0.1.0"

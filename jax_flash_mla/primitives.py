@@ -1,0 +1,91 @@
+"""The two JAX primitives, their abstract evaluation and their lowering to the FFI targets.
+
+`mla_metadata_p`: cache_seqlens -> (tile_scheduler_metadata, num_splits).
+`mla_decode_p`: (q, k_cache, block_table, cache_seqlens, tile_scheduler_metadata, num_splits
+[, initial_out, initial_lse]) -> (out, lse, o_accum, lse_accum).
+
+o_accum / lse_accum are the float32 partials of split requests. They are results of the
+custom call, not handler-side allocations, so XLA owns that scratch: the handlers allocate
+nothing and stay valid inside CUDA graphs. The public wrappers drop them.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import numpy as np
+import jax
+import jax.numpy as jnp
+from jax.extend.core import Primitive
+from jax.interpreters import mlir, xla
+
+from ._registration import DECODE_TARGET, METADATA_TARGET
+from .validation import METADATA_INTS_PER_PART
+
+LOWERING_PLATFORMS = ("cpu", "cuda")
+
+
+def max_split_slots(batch: int, num_sm_parts: int) -> int:
+    """Mirror of cpp/common/tile_scheduler.h: at most batch + num_sm_parts partials."""
+    return batch + num_sm_parts
+
+
+# --- metadata -------------------------------------------------------------------------------
+
+mla_metadata_p = Primitive("jax_flash_mla_metadata")
+mla_metadata_p.multiple_results = True
+mla_metadata_p.def_impl(partial(xla.apply_primitive, mla_metadata_p))
+
+
+@mla_metadata_p.def_abstract_eval
+def _metadata_abstract_eval(cache_seqlens, *, num_sm_parts):
+    batch = cache_seqlens.shape[0]
+    return (
+        jax.core.ShapedArray((num_sm_parts, METADATA_INTS_PER_PART), jnp.int32),
+        jax.core.ShapedArray((batch + 1,), jnp.int32),
+    )
+
+
+def _metadata_lowering(ctx, cache_seqlens, *, num_sm_parts):
+    del num_sm_parts  # carried by the result shape
+    return jax.ffi.ffi_lowering(METADATA_TARGET)(ctx, cache_seqlens)
+
+
+# --- decode ---------------------------------------------------------------------------------
+
+mla_decode_p = Primitive("jax_flash_mla_decode")
+mla_decode_p.multiple_results = True
+mla_decode_p.def_impl(partial(xla.apply_primitive, mla_decode_p))
+
+
+@mla_decode_p.def_abstract_eval
+def _decode_abstract_eval(q, k_cache, block_table, cache_seqlens, tile_scheduler_metadata,
+                          num_splits, *initial_outputs, softmax_scale, causal, head_dim_v):
+    del block_table, cache_seqlens, num_splits, initial_outputs, softmax_scale, causal
+    batch, seqlen_q, num_heads_q, _ = q.shape
+    num_heads_k = k_cache.shape[2]
+    rows_per_kv = seqlen_q * (num_heads_q // num_heads_k)
+    slots = max_split_slots(batch, tile_scheduler_metadata.shape[0])
+    return (
+        jax.core.ShapedArray((batch, seqlen_q, num_heads_q, head_dim_v), q.dtype),
+        jax.core.ShapedArray((batch, num_heads_q, seqlen_q), jnp.float32),
+        jax.core.ShapedArray((slots, num_heads_k, rows_per_kv, head_dim_v), jnp.float32),
+        jax.core.ShapedArray((slots, num_heads_k, rows_per_kv), jnp.float32),
+    )
+
+
+_FIRST_INITIAL_OUTPUT = 6  # operand index of initial_out; initial_lse follows
+
+
+def _decode_lowering(ctx, *operands, softmax_scale, causal, head_dim_v):
+    aliases = None
+    if len(operands) > _FIRST_INITIAL_OUTPUT:
+        aliases = {_FIRST_INITIAL_OUTPUT: 0, _FIRST_INITIAL_OUTPUT + 1: 1}
+    lower = jax.ffi.ffi_lowering(DECODE_TARGET, operand_output_aliases=aliases)
+    return lower(ctx, *operands, softmax_scale=np.float32(softmax_scale), causal=bool(causal),
+                 head_dim_v=np.int32(head_dim_v))
+
+
+for _platform in LOWERING_PLATFORMS:
+    mlir.register_lowering(mla_metadata_p, _metadata_lowering, platform=_platform)
+    mlir.register_lowering(mla_decode_p, _decode_lowering, platform=_platform)

@@ -1,0 +1,97 @@
+"""Trace-time checks of the public API's arguments.
+
+Every message names the argument, what was expected and what was given, so a user can fix
+the call without reading this file. Shapes and dtypes are known at trace time, so these run
+under `jax.jit` before anything is compiled.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import jax.numpy as jnp
+
+SUPPORTED_HEAD_DIMS = (576, 512)
+SUPPORTED_HEAD_DIM_V = 512
+SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float16)
+METADATA_INTS_PER_PART = 8
+
+
+def _dtype_name(x) -> str:
+    return np.dtype(x.dtype).name
+
+
+def check_rank(name: str, x, rank: int, layout: str) -> None:
+    if np.ndim(x) != rank:
+        raise ValueError(f"{name}: expected rank {rank} {layout}, got shape {tuple(np.shape(x))}")
+
+
+def check_int32(name: str, x) -> None:
+    if not hasattr(x, "dtype") or np.dtype(x.dtype) != np.int32:
+        got = _dtype_name(x) if hasattr(x, "dtype") else type(x).__name__
+        raise TypeError(f"{name}: expected dtype int32, got {got}")
+
+
+def check_cache_seqlens(cache_seqlens) -> None:
+    check_int32("cache_seqlens", cache_seqlens)
+    check_rank("cache_seqlens", cache_seqlens, 1, "[batch]")
+
+
+def check_positive_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name}: expected a positive Python int, got {value!r}")
+
+
+def check_decode_args(q, k_cache, block_table, cache_seqlens, head_dim_v, metadata,
+                      softmax_scale, causal) -> None:
+    check_rank("q", q, 4, "[batch, seqlen_q, num_heads_q, head_dim]")
+    check_rank("k_cache", k_cache, 4, "[num_blocks, page_block_size, num_heads_k, head_dim]")
+    if np.dtype(q.dtype) not in [np.dtype(d) for d in SUPPORTED_DTYPES]:
+        raise TypeError(f"q: expected dtype bfloat16 or float16, got {_dtype_name(q)}")
+    if np.dtype(k_cache.dtype) != np.dtype(q.dtype):
+        raise TypeError(
+            f"k_cache: expected dtype {_dtype_name(q)} (the dtype of q), got {_dtype_name(k_cache)}")
+    batch, _, num_heads_q, head_dim = q.shape
+    _, page_block_size, num_heads_k, cache_head_dim = k_cache.shape
+    if head_dim not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"q: expected head_dim 576 or 512 (last axis), got {head_dim}")
+    if cache_head_dim != head_dim:
+        raise ValueError(
+            f"k_cache: expected head_dim {head_dim} (as q), got {cache_head_dim}")
+    if isinstance(head_dim_v, bool) or head_dim_v != SUPPORTED_HEAD_DIM_V:
+        raise ValueError(f"head_dim_v: expected {SUPPORTED_HEAD_DIM_V}, got {head_dim_v!r}")
+    if page_block_size < 1:
+        raise ValueError(f"k_cache: expected page_block_size >= 1 (axis 1), got {page_block_size}")
+    if num_heads_k < 1 or num_heads_q % num_heads_k:
+        raise ValueError(
+            f"k_cache: expected num_heads_k dividing num_heads_q={num_heads_q}, got {num_heads_k}")
+    check_int32("block_table", block_table)
+    check_rank("block_table", block_table, 2, "[batch, max_blocks_per_seq]")
+    if block_table.shape[0] != batch:
+        raise ValueError(
+            f"block_table: expected batch {batch} (q.shape[0]) on axis 0, got shape "
+            f"{tuple(block_table.shape)}")
+    check_cache_seqlens(cache_seqlens)
+    if cache_seqlens.shape[0] != batch:
+        raise ValueError(
+            f"cache_seqlens: expected shape ({batch},) (q.shape[0]), got {tuple(cache_seqlens.shape)}")
+    if metadata is not None:
+        check_metadata(metadata, batch)
+    if softmax_scale is not None and not isinstance(softmax_scale, (int, float, np.floating)):
+        raise TypeError(f"softmax_scale: expected a Python float or None, got {type(softmax_scale).__name__}")
+    if not isinstance(causal, (bool, np.bool_)):
+        raise TypeError(f"causal: expected a Python bool, got {type(causal).__name__}")
+
+
+def check_metadata(metadata, batch: int) -> None:
+    tsm = metadata.tile_scheduler_metadata
+    num_splits = metadata.num_splits
+    check_int32("metadata.tile_scheduler_metadata", tsm)
+    check_int32("metadata.num_splits", num_splits)
+    if np.ndim(tsm) != 2 or tsm.shape[1] != METADATA_INTS_PER_PART or tsm.shape[0] < 1:
+        raise ValueError(
+            f"metadata.tile_scheduler_metadata: expected shape (num_sm_parts, "
+            f"{METADATA_INTS_PER_PART}), got {tuple(tsm.shape)}")
+    if tuple(num_splits.shape) != (batch + 1,):
+        raise ValueError(
+            f"metadata.num_splits: expected shape ({batch + 1},) (batch + 1), got "
+            f"{tuple(num_splits.shape)}; was the metadata computed for another batch?")
