@@ -1,0 +1,211 @@
+"""The benchmark grid: DESIGN.md's target rows, a page-size sweep and a s_k sweep, through the
+public JAX API inside jax.jit.
+
+Timing: each measurement jits one function that makes `calls` back-to-back decode calls
+(metadata precomputed, as in FlashMLA's figures) and takes the wall time of the whole function
+over `calls`, median of `repeats` runs after warm-up: host dispatch is paid once per function,
+not per call. The calls differ in softmax_scale by 1e-6 relative steps so that XLA cannot merge
+them, and rotate over copies of the page pool (through the block table) so that the cache read
+by consecutive calls exceeds 4x the L2 and each call reads from HBM.
+
+Formulas (per call, h_kv KV heads, L_i the clamped lengths):
+  bytes = sum_i L_i * h_kv * d * 2 + b * s_q * h_q * (d + dv) * 2
+  FLOPs = 2 * s_q * h_q * (d + dv) * sum_i L_i
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import time
+
+import numpy as np
+import jax
+import jax.numpy as jnp
+
+import jax_flash_mla
+
+D, DV = 576, 512
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+# (b, h_q, s_k, s_q, varlen, causal): DESIGN.md's target table.
+TARGET_ROWS = [
+    (1, 16, 4096, 1, False, False), (1, 32, 4096, 1, False, False),
+    (1, 64, 4096, 1, False, False), (1, 128, 4096, 1, False, False),
+    (32, 16, 4096, 1, False, False), (32, 32, 4096, 1, False, False),
+    (32, 64, 4096, 1, False, False), (32, 128, 4096, 1, False, False),
+    (64, 16, 4096, 1, False, False), (64, 32, 4096, 1, False, False),
+    (64, 64, 4096, 1, False, False), (64, 128, 4096, 1, False, False),
+    (128, 16, 4096, 1, False, False), (128, 32, 4096, 1, False, False),
+    (128, 64, 4096, 1, False, False), (128, 128, 4096, 1, False, False),
+    (128, 128, 8192, 1, False, False), (128, 128, 16384, 1, False, False),
+    (64, 16, 32768, 1, False, False), (132, 128, 8192, 1, False, False),
+    (128, 128, 4096, 1, True, False), (64, 16, 8192, 1, True, False),
+    (128, 128, 4096, 2, False, True),
+]
+PAGE_SWEEP = [16, 32, 64, 128, 256]  # at b=64, h_q=16, s_k=4096 and 16384
+SK_SWEEP = [512, 1024, 2048, 4096, 8192, 16384, 32768]  # at b=64, h_q=16
+
+
+def lengths_for(rng, b, s_k, varlen):
+    if not varlen:
+        return np.full(b, s_k, np.int32)
+    return np.clip(rng.normal(s_k, s_k / 2, size=b), 1, 2 * s_k).astype(np.int32)
+
+
+def traffic(lengths, b, h_q, s_q, h_kv=1):
+    total = float(np.sum(lengths))
+    return (total * h_kv * D * 2 + b * s_q * h_q * (D + DV) * 2,
+            2.0 * s_q * h_q * (D + DV) * total)
+
+
+def time_function(fn, args, repeats):
+    jax.block_until_ready(fn(*args))  # compile + warm-up
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def build_case(rng, b, h_q, s_k, s_q, varlen, page, l2_bytes):
+    lengths = lengths_for(rng, b, s_k, varlen)
+    max_blocks = -(-int(lengths.max()) // page)
+    blocks_per_copy = b * max_blocks
+    copy_bytes = blocks_per_copy * page * D * 2
+    copies = max(1, math.ceil(4 * l2_bytes / copy_bytes))
+    pool = jax.random.normal(jax.random.key(int(rng.integers(1 << 30))),
+                             (copies * blocks_per_copy, page, 1, D), jnp.bfloat16)
+    tables = np.stack([rng.permutation(blocks_per_copy).reshape(b, max_blocks) + c * blocks_per_copy
+                       for c in range(copies)]).astype(np.int32)
+    q = jax.random.normal(jax.random.key(1), (b, s_q, h_q, D), jnp.bfloat16)
+    return q, pool, jnp.asarray(tables), jnp.asarray(lengths), copies
+
+
+def make_many_calls(impl, calls, copies, causal):
+    def many(q, pool, tables, lengths, metadata):
+        acc = jnp.zeros((), jnp.float32)
+        for i in range(calls):
+            scale = D ** -0.5 * (1.0 + 1e-6 * i)
+            out, lse = impl(q, pool, tables[i % copies], lengths, DV, metadata,
+                            softmax_scale=scale, causal=causal)
+            acc = acc + out[0, 0, 0, 0].astype(jnp.float32) + lse[0, 0, 0]
+        return acc
+    return jax.jit(many)
+
+
+def measure(rng, row, page, args, l2_bytes, with_reference):
+    b, h_q, s_k, s_q, varlen, causal = row
+    q, pool, tables, lengths, copies = build_case(rng, b, h_q, s_k, s_q, varlen, page, l2_bytes)
+    metadata = jax_flash_mla.get_mla_metadata(lengths, s_q * h_q, 1)
+    fn = make_many_calls(jax_flash_mla.flash_mla_with_kvcache, args.calls, copies, causal)
+    ours = time_function(fn, (q, pool, tables, lengths, metadata), args.repeats) / args.calls
+    ref = None
+    if with_reference:
+        calls = max(2, args.calls // 5)
+        ref_fn = make_many_calls(jax_flash_mla.reference.flash_mla_with_kvcache, calls, copies,
+                                 causal)
+        try:
+            ref = time_function(ref_fn, (q, pool, tables, lengths, metadata), 3) / calls
+        except Exception as e:  # e.g. out of memory for the dense gather
+            print(f"  reference failed: {type(e).__name__}")
+    nbytes, flops = traffic(np.asarray(lengths), b, h_q, s_q)
+    return dict(b=b, h_q=h_q, s_k=s_k, s_q=s_q, varlen=varlen, causal=causal, page=page,
+                us=ours * 1e6, gbps=nbytes / ours / 1e9, tflops=flops / ours / 1e12,
+                ref_us=None if ref is None else ref * 1e6)
+
+
+def measure_ceilings():
+    """Copy bandwidth (read + write) and bf16 matmul rate of this GPU, measured now."""
+    x = jnp.ones((1 << 30,), jnp.bfloat16) * 1.5  # 2 GiB
+    copy = jax.jit(lambda x: x + 1)
+    t = time_function(copy, (x,), 20)
+    a = jax.random.normal(jax.random.key(0), (8192, 8192), jnp.bfloat16)
+    mm = jax.jit(lambda a: a @ a)
+    tm = time_function(mm, (a,), 20)
+    del x
+    return 2 * 2 * (1 << 30) / t / 1e9, 2 * 8192**3 / tm / 1e12
+
+
+def load_anchors(gpu_name):
+    kind = "h200" if "H200" in gpu_name else "h100"
+    rows = {}
+    with open(os.path.join(HERE, "anchors", f"flashmla_dense_bf16_{kind}.jsonl")) as f:
+        for line in f:
+            r = json.loads(line)
+            rows[(r["b"], r["h_q"], r["s_k"], r["s_q"], r["varlen"], r["causal"])] = r["ms"] * 1e3
+    return kind, rows
+
+
+def print_table(title, results, copy_gbps, mm_tflops, anchors):
+    print(f"\n{title}")
+    print(f"{'b':>4} {'h_q':>4} {'s_k':>6} {'s_q':>3} {'var':>3} {'page':>4} | {'us':>8} "
+          f"{'GB/s':>7} {'TFLOP/s':>7} {'%roof':>5} | {'FlashMLA':>8} {'ratio':>5} | {'jnp ref':>8}")
+    for r in results:
+        key = (r["b"], r["h_q"], r["s_k"], r["s_q"], r["varlen"], r["causal"])
+        roof = max(r["gbps"] / copy_gbps, r["tflops"] / mm_tflops) * 100
+        fm = anchors.get(key) if r["page"] == 64 else None
+        fm_s = f"{fm:8.1f} {fm / r['us']:5.2f}" if fm else f"{'-':>8} {'-':>5}"
+        ref_s = f"{r['ref_us']:8.1f}" if r.get("ref_us") else f"{'-':>8}"
+        print(f"{r['b']:>4} {r['h_q']:>4} {r['s_k']:>6} {r['s_q']:>3} {'v' if r['varlen'] else '':>3} "
+              f"{r['page']:>4} | {r['us']:8.1f} {r['gbps']:7.0f} {r['tflops']:7.1f} {roof:5.0f} | "
+              f"{fm_s} | {ref_s}")
+
+
+def plot(results, copy_gbps, mm_tflops, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 5))
+    intensity = [r["tflops"] * 1e12 / (r["gbps"] * 1e9) for r in results]
+    achieved = [r["tflops"] for r in results]
+    xs = np.logspace(0, 3, 200)
+    ax.loglog(xs, np.minimum(xs * copy_gbps / 1e3, mm_tflops), "k-", label="roofline (measured)")
+    ax.loglog(intensity, achieved, "o", label="jax-flash-mla")
+    ax.set_xlabel("FLOP per byte")
+    ax.set_ylabel("TFLOP/s")
+    ax.legend()
+    ax.grid(True, which="both", alpha=0.3)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=".")
+    parser.add_argument("--calls", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--quick", action="store_true", help="target rows only, no reference")
+    args = parser.parse_args()
+    device = jax.devices()[0]
+    l2_bytes = 60 << 20
+    copy_gbps, mm_tflops = measure_ceilings()
+    kind, anchors = load_anchors(device.device_kind)
+    print(f"device: {device.device_kind}; measured copy {copy_gbps:.0f} GB/s, "
+          f"bf16 matmul {mm_tflops:.0f} TFLOP/s; FlashMLA figures: {kind}")
+    rng = np.random.default_rng(0)
+    sections = {"target rows (page 64)": [measure(rng, row, 64, args, l2_bytes, not args.quick)
+                                          for row in TARGET_ROWS]}
+    if not args.quick:
+        sections["page-size sweep"] = [measure(rng, (64, 16, s_k, 1, False, False), page, args,
+                                               l2_bytes, False)
+                                       for s_k in (4096, 16384) for page in PAGE_SWEEP]
+        sections["s_k sweep (b=64, h_q=16)"] = [measure(rng, (64, 16, s_k, 1, False, False), 64,
+                                                        args, l2_bytes, False)
+                                                for s_k in SK_SWEEP]
+    for title, results in sections.items():
+        print_table(title, results, copy_gbps, mm_tflops, anchors)
+    all_rows = [dict(r, section=t) for t, rs in sections.items() for r in rs]
+    with open(os.path.join(args.out, "bench.json"), "w") as f:
+        json.dump(dict(device=device.device_kind, copy_gbps=copy_gbps, matmul_tflops=mm_tflops,
+                       method=f"{args.calls} calls per jitted function, median of {args.repeats}",
+                       rows=all_rows), f, indent=1)
+    plot([r for r in all_rows], copy_gbps, mm_tflops, os.path.join(args.out, "roofline.png"))
+
+
+if __name__ == "__main__":
+    main()

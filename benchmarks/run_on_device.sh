@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# The whole GPU round trip in one device-tool call: build the package with its sm_90a kernels,
+# run the GPU tests, the main job and a compute-sanitizer pass. The GPU machine has no network:
+# the build uses its preinstalled scikit-build-core, nanobind and jax (no build isolation).
+#
+#   bash benchmarks/run_on_device.sh [build] [test] [main] [sanitize] [bench]   (default: all
+#   but bench)
+# Logs go under $OUT (the device tool brings that folder back).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-/tmp/jax_flash_mla_out}"
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+[ -d /usr/local/cuda/bin ] && export PATH="/usr/local/cuda/bin:$PATH"
+export CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)"
+steps=("$@")
+[ ${#steps[@]} -eq 0 ] && steps=(build test main sanitize)
+status=0
+
+step_build() {
+  nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,driver_version --format=csv | tee "$OUT/gpu.txt"
+  python3 -m pip install --no-build-isolation --no-deps -v . >"$OUT/build.log" 2>&1 \
+    || { tail -60 "$OUT/build.log"; return 1; }
+  grep -E "ptxas|spill|registers" "$OUT/build.log" | sort -u | tail -20
+  python3 -c "import jax, jax_flash_mla as m; print(jax.__version__, jax.devices(), 'cuda handlers:', m.BUILT_WITH_CUDA)"
+}
+
+step_test() {
+  python3 -m pytest -q -m gpu -p no:cacheprovider tests 2>&1 | tee "$OUT/pytest_gpu.log" | tail -40
+  return "${PIPESTATUS[0]}"
+}
+
+step_main() {
+  python3 -m jax_flash_mla --batch 64 --seqlen 4096 --heads 16 2>&1 | tee "$OUT/main.log"
+  return "${PIPESTATUS[0]}"
+}
+
+# Each buffer its own cudaMalloc (no XLA pool), so memcheck sees any out-of-bounds access.
+step_sanitize() {
+  XLA_PYTHON_CLIENT_ALLOCATOR=platform compute-sanitizer --tool memcheck --error-exitcode 9 \
+    python3 benchmarks/sanitize_cases.py 2>&1 | tee "$OUT/memcheck.log" | tail -25
+  return "${PIPESTATUS[0]}"
+}
+
+step_bench() {
+  python3 benchmarks/bench_decode.py --out "$OUT" 2>&1 | tee "$OUT/bench.log" | tail -60
+  return "${PIPESTATUS[0]}"
+}
+
+for s in "${steps[@]}"; do
+  echo "=== $s"
+  "step_$s" || { echo "=== $s FAILED"; status=1; [ "$s" = build ] && break; }
+done
+exit $status

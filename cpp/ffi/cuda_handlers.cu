@@ -1,0 +1,90 @@
+// XLA FFI handlers of the CUDA path: decode and check the buffers, then enqueue the sm90
+// kernels on XLA's stream. Nothing here allocates or waits on the device, so both handlers can
+// be captured into CUDA graphs (command buffers).
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <optional>
+#include <string>
+
+#include "../sm90/kernels.h"
+#include "decode_args.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace jax_flash_mla {
+namespace {
+
+ffi::Error cuda_error(const char* what, cudaError_t err) {
+  return ffi::Error::Internal(std::string(what) + ": " + cudaGetErrorName(err) + ": " +
+                              cudaGetErrorString(err));
+}
+
+ffi::Error GetMlaMetadataImpl(cudaStream_t stream, ffi::AnyBuffer cache_seqlens,
+                              ffi::Result<ffi::AnyBuffer> tile_scheduler_metadata,
+                              ffi::Result<ffi::AnyBuffer> num_splits) {
+  if (ffi::Error err = check_metadata_args(cache_seqlens, tile_scheduler_metadata, num_splits);
+      err.failure())
+    return err;
+  const int batch = static_cast<int>(cache_seqlens.dimensions()[0]);
+  const int num_sm_parts = static_cast<int>(tile_scheduler_metadata->dimensions()[0]);
+  const cudaError_t err = launch_tile_schedule(
+      static_cast<const int32_t*>(cache_seqlens.untyped_data()), batch, num_sm_parts,
+      static_cast<int32_t*>(tile_scheduler_metadata->untyped_data()),
+      static_cast<int32_t*>(num_splits->untyped_data()), stream);
+  if (err != cudaSuccess) return cuda_error("tile schedule kernel", err);
+  return ffi::Error::Success();
+}
+
+ffi::Error DecodeImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k_cache,
+                      ffi::AnyBuffer block_table, ffi::AnyBuffer cache_seqlens,
+                      ffi::AnyBuffer tile_scheduler_metadata, ffi::AnyBuffer num_splits,
+                      std::optional<ffi::AnyBuffer> /*initial_out*/,
+                      std::optional<ffi::AnyBuffer> /*initial_lse*/, float softmax_scale, bool causal, int32_t head_dim_v,
+                      ffi::Result<ffi::AnyBuffer> out, ffi::Result<ffi::AnyBuffer> lse,
+                      ffi::Result<ffi::AnyBuffer> o_accum, ffi::Result<ffi::AnyBuffer> lse_accum) {
+  DecodeParams params;
+  if (ffi::Error err = decode_params(q, k_cache, block_table, cache_seqlens,
+                                     tile_scheduler_metadata, num_splits, softmax_scale, causal,
+                                     head_dim_v, out, lse, o_accum, lse_accum, &params);
+      err.failure())
+    return err;
+  cudaError_t err = launch_split_kv_decode(params, stream);
+  if (err != cudaSuccess) return cuda_error("split-KV decode kernel", err);
+  err = launch_combine(params, stream);
+  if (err != cudaSuccess) return cuda_error("combine kernel", err);
+  return ffi::Error::Success();
+}
+
+}  // namespace
+}  // namespace jax_flash_mla
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(jax_flash_mla_get_mla_metadata_cuda,
+                              jax_flash_mla::GetMlaMetadataImpl,
+                              xla::ffi::Ffi::Bind()
+                                  .Ctx<xla::ffi::PlatformStream<cudaStream_t>>()  // stream
+                                  .Arg<xla::ffi::AnyBuffer>()  // cache_seqlens [batch] int32
+                                  .Ret<xla::ffi::AnyBuffer>()  // tile_scheduler_metadata
+                                  .Ret<xla::ffi::AnyBuffer>(),  // num_splits [batch + 1]
+                              {xla::ffi::Traits::kCmdBufferCompatible});
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(jax_flash_mla_decode_cuda, jax_flash_mla::DecodeImpl,
+                              xla::ffi::Ffi::Bind()
+                                  .Ctx<xla::ffi::PlatformStream<cudaStream_t>>()  // stream
+                                  .Arg<xla::ffi::AnyBuffer>()  // q
+                                  .Arg<xla::ffi::AnyBuffer>()  // k_cache
+                                  .Arg<xla::ffi::AnyBuffer>()  // block_table
+                                  .Arg<xla::ffi::AnyBuffer>()  // cache_seqlens
+                                  .Arg<xla::ffi::AnyBuffer>()  // tile_scheduler_metadata
+                                  .Arg<xla::ffi::AnyBuffer>()  // num_splits
+                                  // initial out and lse, aliased to out and lse when given
+                                  // (tests poison them); the kernels write every element.
+                                  .OptionalArg<xla::ffi::AnyBuffer>()  // initial_out
+                                  .OptionalArg<xla::ffi::AnyBuffer>()  // initial_lse
+                                  .Attr<float>("softmax_scale")
+                                  .Attr<bool>("causal")
+                                  .Attr<int32_t>("head_dim_v")
+                                  .Ret<xla::ffi::AnyBuffer>()   // out
+                                  .Ret<xla::ffi::AnyBuffer>()   // lse
+                                  .Ret<xla::ffi::AnyBuffer>()   // o_accum (split scratch)
+                                  .Ret<xla::ffi::AnyBuffer>(),  // lse_accum (split scratch)
+                              {xla::ffi::Traits::kCmdBufferCompatible});

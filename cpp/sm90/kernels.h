@@ -1,0 +1,28 @@
+// Host entry points of the sm90 kernels, called by the CUDA FFI handlers. Each one only
+// enqueues work on `stream` (no allocation, no host synchronization, so it can be captured in
+// a CUDA graph) and returns the launch status (cudaGetLastError after the launch).
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "../common/params.h"
+
+namespace jax_flash_mla {
+
+// Fills tile_scheduler_metadata [num_sm_parts, kMetadataInts] and num_splits [batch + 1] on
+// the device from cache_seqlens [batch] (see common/tile_scheduler.h).
+cudaError_t launch_tile_schedule(const int32_t* cache_seqlens, int batch, int num_sm_parts,
+                                 int32_t* tile_scheduler_metadata, int32_t* num_splits,
+                                 cudaStream_t stream);
+
+// Attention of every piece of the schedule: final (out, lse) for requests with one split,
+// float32 partials in (o_accum, lse_accum) for the others.
+cudaError_t launch_split_kv_decode(const DecodeParams& params, cudaStream_t stream);
+
+// Merges the partials of split requests into (out, lse) and writes the empty output of
+// requests with no keys. Must run after launch_split_kv_decode on the same stream.
+cudaError_t launch_combine(const DecodeParams& params, cudaStream_t stream);
+
+}  // namespace jax_flash_mla

@@ -1,0 +1,83 @@
+"""`python -m jax_flash_mla`: one jitted paged MLA decode on random data, on whatever JAX has.
+
+Reports the agreement with the pure-jnp reference and the time per call (median of device-
+synchronized calls after warm-up, including dispatch; `benchmarks/` has device-side timing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import numpy as np
+import jax
+import jax.numpy as jnp
+
+import jax_flash_mla
+
+
+def random_paged_problem(rng, batch, seqlen, num_heads_q, page_block_size, dtype):
+    """A DeepSeek-shaped decode step: h_kv = 1, d = 576, lengths around `seqlen`."""
+    head_dim = 576
+    lengths = rng.integers(seqlen // 2, seqlen + 1, size=batch).astype(np.int32)
+    max_blocks = -(-seqlen // page_block_size)
+    num_blocks = batch * max_blocks
+    block_table = rng.permutation(num_blocks).astype(np.int32).reshape(batch, max_blocks)
+    k_cache = rng.standard_normal((num_blocks, page_block_size, 1, head_dim), np.float32)
+    q = rng.standard_normal((batch, 1, num_heads_q, head_dim), np.float32)
+    return (jnp.asarray(q, dtype), jnp.asarray(k_cache, dtype), jnp.asarray(block_table),
+            jnp.asarray(lengths))
+
+
+def run_check(args) -> int:
+    rng = np.random.default_rng(args.seed)
+    dtype = jnp.bfloat16 if args.dtype == "bf16" else jnp.float16
+    q, k_cache, block_table, seqlens = random_paged_problem(
+        rng, args.batch, args.seqlen, args.heads, args.page_size, dtype)
+
+    @jax.jit
+    def decode(q, k_cache, block_table, seqlens):
+        metadata = jax_flash_mla.get_mla_metadata(seqlens, q.shape[1] * q.shape[2], 1)
+        return jax_flash_mla.flash_mla_with_kvcache(q, k_cache, block_table, seqlens, 512,
+                                                    metadata)
+
+    reference = jax.jit(jax_flash_mla.reference.flash_mla_with_kvcache)
+    out, lse = jax.block_until_ready(decode(q, k_cache, block_table, seqlens))
+    ref_out, ref_lse = reference(q, k_cache, block_table, seqlens)
+    out_err = float(jnp.max(jnp.abs(out.astype(jnp.float32) - ref_out.astype(jnp.float32))))
+    lse_err = float(jnp.max(jnp.abs(lse - ref_lse)))
+
+    times = []
+    for _ in range(args.iters):
+        start = time.perf_counter()
+        jax.block_until_ready(decode(q, k_cache, block_table, seqlens))
+        times.append(time.perf_counter() - start)
+    median_us = statistics.median(times) * 1e6
+
+    device = jax.devices()[0]
+    print(f"device: {device.device_kind} ({device.platform}), CUDA handlers built: "
+          f"{jax_flash_mla.BUILT_WITH_CUDA}")
+    print(f"shape: batch={args.batch} seqlen<={args.seqlen} heads={args.heads} d=576 dv=512 "
+          f"page={args.page_size} {args.dtype}")
+    print(f"max |out - reference| = {out_err:.3e}, max |lse - reference| = {lse_err:.3e}")
+    print(f"time per call: {median_us:.1f} us (median of {args.iters}, host-timed)")
+    ok = np.isfinite(out_err) and out_err <= 2e-2 and lse_err <= 1e-3
+    print("agreement with the reference:", "OK" if ok else "FAILED")
+    return 0 if ok else 1
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="jax_flash_mla", description=__doc__)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seqlen", type=int, default=1024)
+    parser.add_argument("--heads", type=int, default=16)
+    parser.add_argument("--page-size", type=int, default=64)
+    parser.add_argument("--dtype", choices=("bf16", "fp16"), default="bf16")
+    parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--seed", type=int, default=0)
+    return run_check(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

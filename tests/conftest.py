@@ -1,0 +1,31 @@
+"""Shared fixtures: a per-test random generator, and skipping `gpu` tests without a GPU."""
+
+import zlib
+
+import jax
+import numpy as np
+import pytest
+
+
+def has_gpu():
+    return jax.default_backend() == "gpu" or any(
+        d.platform in ("gpu", "cuda") for d in jax.devices())
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA GPU visible to JAX (skipped otherwise)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if has_gpu():
+        return
+    skip = pytest.mark.skip(reason="no GPU visible to JAX")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def rng(request):
+    """Seeded by the test id: every case gets its own fresh data, and a failure reproduces."""
+    return np.random.default_rng(zlib.crc32(request.node.nodeid.encode()))
