@@ -2,6 +2,7 @@
 # The whole GPU round trip in one device-tool call: build the package with its sm_90a kernels,
 # run the GPU tests, the main job and a compute-sanitizer pass. The GPU machine has no network:
 # the build uses its preinstalled scikit-build-core, nanobind and jax (no build isolation).
+# Editable, so that python run from the repository root imports the built package.
 #
 #   bash benchmarks/run_on_device.sh [build] [test] [main] [sanitize] [bench]   (default: all
 #   but bench)
@@ -19,14 +20,17 @@ status=0
 
 step_build() {
   nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,driver_version --format=csv | tee "$OUT/gpu.txt"
-  python3 -m pip install --no-build-isolation --no-deps -v . >"$OUT/build.log" 2>&1 \
+  python3 -m pip install --no-build-isolation --no-deps -v -e . >"$OUT/build.log" 2>&1 \
     || { tail -60 "$OUT/build.log"; return 1; }
   grep -E "ptxas|spill|registers" "$OUT/build.log" | sort -u | tail -20
   python3 -c "import jax, jax_flash_mla as m; print(jax.__version__, jax.devices(), 'cuda handlers:', m.BUILT_WITH_CUDA)"
 }
 
+# Several pytest workers: the GPU cases are bound by XLA compilation on the host, not by the
+# GPU. Each worker allocates GPU memory on demand instead of preallocating 75% of it.
 step_test() {
-  python3 -m pytest -q -m gpu -p no:cacheprovider tests 2>&1 | tee "$OUT/pytest_gpu.log" | tail -40
+  XLA_PYTHON_CLIENT_PREALLOCATE=false python3 -m pytest -q -m gpu -p no:cacheprovider \
+    -n "${TEST_WORKERS:-8}" tests 2>&1 | tee "$OUT/pytest_gpu.log" | tail -40
   return "${PIPESTATUS[0]}"
 }
 

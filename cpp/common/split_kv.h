@@ -105,24 +105,31 @@ FMLA_HOST_DEVICE void piece_request_range(const DecodeParams& p, const int32_t* 
   *last = end;
 }
 
+// A request with no split owns no slot (its first slot is the next request's): the split-KV
+// step skips it, the combine writes its empty output.
+FMLA_HOST_DEVICE bool request_has_splits(const DecodeParams& p, int batch_idx) {
+  return p.num_splits[batch_idx + 1] - p.num_splits[batch_idx] > 0;
+}
+
 FMLA_HOST_DEVICE Segment segment_of_piece(const DecodeParams& p, const int32_t* row,
                                           int batch_idx) {
   const int seqlen = clamped_seqlen(p, batch_idx);
   const int64_t tiles = num_tiles_for_length(seqlen);
   int64_t tile_begin = batch_idx == row[kBeginReq] ? row[kBeginTile] : 0;
   int64_t tile_end = batch_idx == row[kEndReq] ? row[kEndTile] : tiles;
-  // Both ends are clamped to [0, tiles]: a fabricated kBeginTile must not wrap token_begin
-  // negative (page_of_token would then index before the block table).
+  // Clamped to 0 <= tile_begin <= tile_end <= tiles in 64 bits, before scaling to tokens: a
+  // fabricated kBeginTile or kEndTile must not wrap a token index when it is cast to int
+  // (page_of_token would then index outside the block table).
   if (tile_begin < 0) tile_begin = 0;
   if (tile_begin > tiles) tile_begin = tiles;
   if (tile_end > tiles) tile_end = tiles;
+  if (tile_end < tile_begin) tile_end = tile_begin;
   Segment s;
   s.batch_idx = batch_idx;
   const int64_t token_begin = tile_begin * kTokensPerTile;
+  const int64_t token_end = tile_end * kTokensPerTile;
   s.token_begin = static_cast<int>(token_begin < seqlen ? token_begin : seqlen);
-  int64_t token_end = tile_end * kTokensPerTile;
   s.token_end = static_cast<int>(token_end < seqlen ? token_end : seqlen);
-  if (s.token_end < s.token_begin) s.token_end = s.token_begin;
   const int first_slot = p.num_splits[batch_idx];
   const int splits = p.num_splits[batch_idx + 1] - first_slot;
   s.slot = first_slot + (batch_idx == row[kBeginReq] ? row[kBeginSplit] : 0);

@@ -107,6 +107,7 @@ void split_kv_decode_cpu(const DecodeParams& p) {
     int first, last;
     piece_request_range(p, row_meta, &first, &last);
     for (int b = first; b <= last; ++b) {
+      if (!request_has_splits(p, b)) continue;
       const Segment seg = segment_of_piece(p, row_meta, b);
       const int seqlen = clamped_seqlen(p, b);
       for (int kv_head = 0; kv_head < p.num_heads_k; ++kv_head) {

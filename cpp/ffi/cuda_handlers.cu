@@ -39,7 +39,8 @@ ffi::Error DecodeImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k_ca
                       ffi::AnyBuffer block_table, ffi::AnyBuffer cache_seqlens,
                       ffi::AnyBuffer tile_scheduler_metadata, ffi::AnyBuffer num_splits,
                       std::optional<ffi::AnyBuffer> /*initial_out*/,
-                      std::optional<ffi::AnyBuffer> /*initial_lse*/, float softmax_scale, bool causal, int32_t head_dim_v,
+                      std::optional<ffi::AnyBuffer> /*initial_lse*/, float softmax_scale,
+                      bool causal, int32_t head_dim_v,
                       ffi::Result<ffi::AnyBuffer> out, ffi::Result<ffi::AnyBuffer> lse,
                       ffi::Result<ffi::AnyBuffer> o_accum, ffi::Result<ffi::AnyBuffer> lse_accum) {
   DecodeParams params;

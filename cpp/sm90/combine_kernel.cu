@@ -67,7 +67,8 @@ __global__ void __launch_bounds__(kCombineWarps * 32)
     for (int s = slot_begin; s < slot_end; ++s) {
       const int64_t accum_row = accum_row_index(params, s, kv_head, row);
       const float weight = expf(params.lse_accum[accum_row] - lse);
-      const float4* partial = reinterpret_cast<const float4*>(params.o_accum + accum_row * kHeadDimV);
+      const float4* partial =
+          reinterpret_cast<const float4*>(params.o_accum + accum_row * kHeadDimV);
 #pragma unroll
       for (int k = 0; k < kVecsPerLane; ++k) {
         const float4 v = partial[k * 32 + lane];

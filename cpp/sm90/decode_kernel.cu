@@ -335,11 +335,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   int first, last;
   piece_request_range(params, piece, &first, &last);
   for (int b = first; b <= last; ++b) {
-    int slot_begin, slot_end, splits;
-    split_slot_range(params, b, &slot_begin, &slot_end, &splits);
-    // A request with no keys owns no split slot (its slot index is the next request's first);
-    // the combine writes its empty output.
-    if (splits <= 0) continue;
+    if (!request_has_splits(params, b)) continue;
     attend_segment(params, segment_of_piece(params, piece, b), blockIdx.y,
                    blockIdx.z * kRowsPerCta, smem);
   }
@@ -364,11 +360,13 @@ cudaError_t launch_split_kv_decode(const DecodeParams& params, cudaStream_t stre
       params.head_dim_v != kHeadDimV || params.num_sm_parts <= 0 || params.num_heads_k <= 0)
     return cudaErrorInvalidValue;
   if (params.batch <= 0 || params.rows_per_kv <= 0) return cudaSuccess;
-  const int64_t row_blocks = (static_cast<int64_t>(params.rows_per_kv) + kRowsPerCta - 1) / kRowsPerCta;
+  const int64_t row_blocks =
+      (static_cast<int64_t>(params.rows_per_kv) + kRowsPerCta - 1) / kRowsPerCta;
   if (params.num_heads_k > 65535 || row_blocks > 65535) return cudaErrorInvalidConfiguration;
   const dim3 grid(params.num_sm_parts, params.num_heads_k, static_cast<unsigned>(row_blocks));
-  return params.dtype == ElementType::kBF16 ? launch_for_element<__nv_bfloat16>(params, grid, stream)
-                                            : launch_for_element<__half>(params, grid, stream);
+  return params.dtype == ElementType::kBF16
+             ? launch_for_element<__nv_bfloat16>(params, grid, stream)
+             : launch_for_element<__half>(params, grid, stream);
 }
 
 }  // namespace jax_flash_mla
