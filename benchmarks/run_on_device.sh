@@ -4,8 +4,8 @@
 # the build uses its preinstalled scikit-build-core, nanobind and jax (no build isolation).
 # Editable, so that python run from the repository root imports the built package.
 #
-#   bash benchmarks/run_on_device.sh [build] [test] [main] [sanitize] [bench]   (default: all
-#   but bench)
+#   bash benchmarks/run_on_device.sh [build] [test] [quicktest] [main] [sanitize] [bench]
+#                                    [quickbench]   (default: build test main sanitize)
 # Logs go under $OUT (the device tool brings that folder back).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -14,6 +14,12 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 [ -d /usr/local/cuda/bin ] && export PATH="/usr/local/cuda/bin:$PATH"
 export CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)"
+# The GPU machine lacks nvidia-cutlass (the CUTLASS/CuTe headers): carried as a wheel in .whl/
+# (see README), unpacked where CMake's Python finds it.
+if ls .whl/nvidia_cutlass-*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/nvidia_cutlass-*.whl && export PYTHONPATH=/tmp/site
+fi
 steps=("$@")
 [ ${#steps[@]} -eq 0 ] && steps=(build test main sanitize)
 status=0
@@ -43,6 +49,18 @@ step_main() {
 step_sanitize() {
   XLA_PYTHON_CLIENT_ALLOCATOR=platform compute-sanitizer --tool memcheck --error-exitcode 9 \
     python3 benchmarks/sanitize_cases.py 2>&1 | tee "$OUT/memcheck.log" | tail -25
+  return "${PIPESTATUS[0]}"
+}
+
+# Fast correctness pass for kernel iterations: the FlashMLA shape grid only.
+step_quicktest() {
+  XLA_PYTHON_CLIENT_PREALLOCATE=false python3 -m pytest -q -m gpu -p no:cacheprovider \
+    -n "${TEST_WORKERS:-8}" -k flashmla_grid tests 2>&1 | tee "$OUT/pytest_quick.log" | tail -15
+  return "${PIPESTATUS[0]}"
+}
+
+step_quickbench() {
+  python3 benchmarks/bench_decode.py --quick --out "$OUT" 2>&1 | tee "$OUT/bench_quick.log" | tail -40
   return "${PIPESTATUS[0]}"
 }
 

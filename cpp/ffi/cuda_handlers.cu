@@ -4,6 +4,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <cstdlib>
 #include <optional>
 #include <string>
 
@@ -17,6 +18,16 @@ namespace {
 ffi::Error cuda_error(const char* what, cudaError_t err) {
   return ffi::Error::Internal(std::string(what) + ": " + cudaGetErrorName(err) + ": " +
                               cudaGetErrorString(err));
+}
+
+// JAX_FLASH_MLA_KERNEL=simple selects the CUDA-core kernel (for comparisons while the
+// tensor-core kernel is being validated); read once per process.
+bool use_wgmma_kernel() {
+  static const bool wgmma = [] {
+    const char* choice = std::getenv("JAX_FLASH_MLA_KERNEL");
+    return choice == nullptr || std::string(choice) != "simple";
+  }();
+  return wgmma;
 }
 
 ffi::Error GetMlaMetadataImpl(cudaStream_t stream, ffi::AnyBuffer cache_seqlens,
@@ -49,7 +60,8 @@ ffi::Error DecodeImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k_ca
                                      head_dim_v, out, lse, o_accum, lse_accum, &params);
       err.failure())
     return err;
-  cudaError_t err = launch_split_kv_decode(params, stream);
+  cudaError_t err = use_wgmma_kernel() ? launch_split_kv_decode_wgmma(params, stream)
+                                       : launch_split_kv_decode(params, stream);
   if (err != cudaSuccess) return cuda_error("split-KV decode kernel", err);
   err = launch_combine(params, stream);
   if (err != cudaSuccess) return cuda_error("combine kernel", err);

@@ -1,0 +1,363 @@
+// Split-KV MLA decode on Hopper tensor cores (wgmma through CuTe).
+//
+// One CTA = (piece of the schedule, KV head, block of kBlockM = 64 query rows), 2 warpgroups.
+// For every (piece, request) segment it stages the 64 query rows (72 KiB) once, then streams
+// the segment's keys in 64-token tiles through a 2-stage shared-memory ring (72 KiB a stage):
+// while the tensor cores work on tile i, the cp.async copies of tile i + 1 are in flight.
+//
+// Work split between the warpgroups, per tile:
+//   S = Q K^T     warpgroup w computes the scores of keys [32w, 32w + 32) (m64n32k16, K = 576)
+//   softmax       row maxima are exchanged through shared memory, so both warpgroups keep the
+//                 same running max; each keeps the partial row sums of its own keys
+//   P             each warpgroup writes its half of P (bf16/fp16) to shared memory
+//   O += P V      warpgroup w owns value columns [256w, 256w + 256) (m64n256k16, K = 64 keys),
+//                 reading the whole P and the V^T view of the same key tile
+// so no FLOP is done twice and the 64 x 512 float accumulator is split 128 registers a thread.
+//
+// Keys are gathered one token row (1152 bytes) at a time, so any page size works. A key that
+// must not be read (past the segment, past the length, on an invalid page) is zero-filled by
+// cp.async with a zero source size (its memory is never touched) and its score is -inf.
+#include <cute/tensor.hpp>
+#include <cutlass/arch/barrier.h>
+#include <cutlass/numeric_types.h>
+
+#include <cstdint>
+
+#include "../common/split_kv.h"
+#include "kernels.h"
+
+namespace jax_flash_mla {
+namespace {
+
+using namespace cute;
+
+constexpr int kBlockM = 64;    // query rows per CTA: one wgmma M
+constexpr int kBlockN = 64;    // keys per tile
+constexpr int kHeadDim = 576;  // shared-memory row length; d = 512 uses the first 512
+constexpr int kHeadDimV = 512;
+constexpr int kWarpGroups = 2;
+constexpr int kThreads = 128 * kWarpGroups;
+constexpr int kStages = 2;
+constexpr int kChunkElems = 8;  // 16-byte cp.async chunks
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+static_assert(kBlockN == kTokensPerTile, "a tile is one unit of the schedule");
+
+template <typename Element>
+struct Layouts {
+  // 128-byte swizzled, K-major: the layout wgmma reads without bank conflicts.
+  using Atom = GMMA::Layout_K_SW128_Atom<Element>;
+  using Q = decltype(tile_to_shape(Atom{}, Shape<Int<kBlockM>, Int<kHeadDim>>{}));
+  using K = decltype(tile_to_shape(Atom{}, Shape<Int<kBlockN>, Int<kHeadDim>>{}));
+  using P = decltype(tile_to_shape(Atom{}, Shape<Int<kBlockM>, Int<kBlockN>>{}));
+  // V^T (value columns x keys) over the very bytes of a K tile: MN-major for the P V wgmma.
+  using Vt = decltype(composition(
+      K{}, make_ordered_layout(Shape<Int<kHeadDimV>, Int<kBlockN>>{}, Step<_2, _1>{})));
+  using MmaS = decltype(make_tiled_mma(GMMA::ss_op_selector<
+                                       Element, Element, float,
+                                       Shape<Int<kBlockM>, Int<kBlockN / kWarpGroups>, Int<kHeadDim>>>()));
+  using MmaO = decltype(make_tiled_mma(
+      GMMA::ss_op_selector<Element, Element, float,
+                           Shape<Int<kBlockM>, Int<kHeadDimV / kWarpGroups>, Int<kBlockN>>,
+                           GMMA::Major::K, GMMA::Major::MN>()));
+};
+
+template <typename Element>
+struct SharedStorage {
+  // Swizzled buffers must start on 1024-byte boundaries (the swizzle pattern's period).
+  alignas(1024) Element q[cosize_v<typename Layouts<Element>::Q>];
+  alignas(1024) Element k[kStages][cosize_v<typename Layouts<Element>::K>];
+  alignas(1024) Element p[cosize_v<typename Layouts<Element>::P>];
+  int64_t token_offset[kStages][kBlockN];  // k_cache offset of each key, -1: masked
+  float row_max[kWarpGroups][kBlockM];     // per-warpgroup tile maxima, exchanged
+  float row_sum[kWarpGroups][kBlockM];     // per-warpgroup softmax denominators, at the end
+};
+
+// C = A B over the first `k_blocks` K-blocks, issued by one warpgroup.
+template <bool kZeroInit, typename TiledMma, typename FragA, typename FragB, typename FragC>
+__device__ __forceinline__ void warpgroup_gemm(TiledMma& mma, const FragA& a, const FragB& b,
+                                               FragC& c, int k_blocks) {
+  warpgroup_fence_operand(c);
+  warpgroup_arrive();
+  if constexpr (kZeroInit) mma.accumulate_ = GMMA::ScaleOut::Zero;
+  for (int k = 0; k < k_blocks; ++k) {
+    cute::gemm(mma, a(_, _, k), b(_, _, k), c);
+    mma.accumulate_ = GMMA::ScaleOut::One;
+  }
+  warpgroup_commit_batch();
+  warpgroup_wait<0>();
+  warpgroup_fence_operand(c);
+}
+
+// Which of a thread's two accumulator rows element i of a wgmma C fragment is on; a
+// compile-time function of i, so per-row arrays stay in registers.
+__host__ __device__ constexpr int row_half(int i) { return (i / 2) % 2; }
+
+__device__ __forceinline__ float quad_max(float x) {
+  x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
+  return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
+}
+
+__device__ __forceinline__ float quad_sum(float x) {
+  x += __shfl_xor_sync(0xffffffffu, x, 1);
+  return x + __shfl_xor_sync(0xffffffffu, x, 2);
+}
+
+// Threads 0..63 look up where each key of a tile lives; -1 for keys that must not be read.
+__device__ __forceinline__ void plan_tile(const DecodeParams& p, const Segment& seg, int kv_head,
+                                          int tile_begin, int64_t* token_offset) {
+  if (threadIdx.x < kBlockN) {
+    const int token = tile_begin + threadIdx.x;
+    int64_t offset = -1;
+    if (token < seg.token_end) {
+      const int page = page_of_token(p, seg.batch_idx, token);
+      if (page >= 0) offset = k_offset(p, page, token, kv_head);
+    }
+    token_offset[threadIdx.x] = offset;
+  }
+}
+
+template <typename Element, typename SmemTensor>
+__device__ __forceinline__ void load_tile(const DecodeParams& p, const int64_t* token_offset,
+                                          SmemTensor& s_k) {
+  const uint128_t* k_cache = static_cast<const uint128_t*>(p.k_cache);
+  const int chunks_per_row = p.head_dim / kChunkElems;
+  for (int c = threadIdx.x; c < kBlockN * chunks_per_row; c += kThreads) {
+    const int token = c / chunks_per_row;
+    const int chunk = c % chunks_per_row;
+    const int64_t offset = token_offset[token];
+    const bool valid = offset >= 0;
+    const uint128_t* src = k_cache + (valid ? offset / kChunkElems + chunk : 0);
+    SM80_CP_ASYNC_CACHEGLOBAL_ZFILL<uint128_t>::copy(
+        *src, *reinterpret_cast<uint128_t*>(&s_k(token, chunk * kChunkElems)), valid);
+  }
+}
+
+template <typename Element, typename SmemTensor>
+__device__ __forceinline__ void load_query_rows(const DecodeParams& p, const Segment& seg,
+                                                int kv_head, int row_base, SmemTensor& s_q) {
+  const uint128_t* q = static_cast<const uint128_t*>(p.q);
+  const int chunks_per_row = p.head_dim / kChunkElems;
+  for (int c = threadIdx.x; c < kBlockM * chunks_per_row; c += kThreads) {
+    const int r = c / chunks_per_row;
+    const int chunk = c % chunks_per_row;
+    const int row = row_base + r;
+    const bool valid = row < p.rows_per_kv;
+    const uint128_t* src =
+        q + (valid ? q_offset(p, seg.batch_idx, kv_head, row) / kChunkElems + chunk : 0);
+    SM80_CP_ASYNC_CACHEGLOBAL_ZFILL<uint128_t>::copy(
+        *src, *reinterpret_cast<uint128_t*>(&s_q(r, chunk * kChunkElems)), valid);
+  }
+}
+
+template <typename Element>
+__device__ void attend_segment(const DecodeParams& p, const Segment& seg, int kv_head,
+                               int row_base, SharedStorage<Element>& smem) {
+  using L = Layouts<Element>;
+  const int wg = threadIdx.x / 128;
+  const int wg_thread = threadIdx.x % 128;
+
+  Tensor s_q = make_tensor(make_smem_ptr(smem.q), typename L::Q{});
+  Tensor s_p = make_tensor(make_smem_ptr(smem.p), typename L::P{});
+
+  typename L::MmaS mma_s;
+  typename L::MmaO mma_o;
+  auto thr_s = mma_s.get_thread_slice(wg_thread);
+  auto thr_o = mma_o.get_thread_slice(wg_thread);
+
+  // Scores of this warpgroup's keys and the coordinates (row, key within the half) of each.
+  Tensor acc_s = partition_fragment_C(mma_s, Shape<Int<kBlockM>, Int<kBlockN / kWarpGroups>>{});
+  Tensor coord_s = thr_s.partition_C(
+      make_identity_tensor(Shape<Int<kBlockM>, Int<kBlockN / kWarpGroups>>{}));
+  Tensor acc_o = partition_fragment_C(mma_o, Shape<Int<kBlockM>, Int<kHeadDimV / kWarpGroups>>{});
+  Tensor coord_o = thr_o.partition_C(
+      make_identity_tensor(Shape<Int<kBlockM>, Int<kHeadDimV / kWarpGroups>>{}));
+  clear(acc_o);
+
+  // Operands: Q and this warpgroup's keys for S; all of P and this warpgroup's V columns for O.
+  Tensor frag_q = thr_s.partition_fragment_A(s_q);
+  Tensor frag_p = thr_o.partition_fragment_A(s_p);
+  Tensor s_p_half = local_tile(s_p, Shape<Int<kBlockM>, Int<kBlockN / kWarpGroups>>{},
+                               make_coord(0, wg));
+  Tensor p_out = thr_s.partition_C(s_p_half);
+
+  // Each thread holds two rows: warp * 16 + lane / 4 and that + 8 (wgmma's C layout, where
+  // accumulator i belongs to the second row when bit 1 of i is set: row_half(i)).
+  const int my_row[2] = {(wg_thread / 32) * 16 + (wg_thread % 32) / 4,
+                         (wg_thread / 32) * 16 + (wg_thread % 32) / 4 + 8};
+  const int seqlen = clamped_seqlen(p, seg.batch_idx);
+  int key_limit[2];
+  for (int i = 0; i < 2; ++i) {
+    const int row = row_base + my_row[i];
+    key_limit[i] = row < p.rows_per_kv ? min(key_limit_for_row(p, seqlen, row), seg.token_end) : 0;
+  }
+  float running_max[2] = {-INFINITY, -INFINITY};
+  float running_sum[2] = {0.f, 0.f};
+  const float scale_log2 = p.softmax_scale * kLog2e;
+  const int k_blocks_s = p.head_dim / 16;
+
+  const int num_tiles = (seg.token_end - seg.token_begin + kBlockN - 1) / kBlockN;
+  // The previous segment may still read token_offset / row_sum.
+  __syncthreads();
+  plan_tile(p, seg, kv_head, seg.token_begin, smem.token_offset[0]);
+  __syncthreads();
+  if (num_tiles > 0) {
+    load_query_rows<Element>(p, seg, kv_head, row_base, s_q);
+    Tensor s_k0 = make_tensor(make_smem_ptr(smem.k[0]), typename L::K{});
+    load_tile<Element>(p, smem.token_offset[0], s_k0);
+  }
+  cp_async_fence();
+
+  for (int tile = 0; tile < num_tiles; ++tile) {
+    const int stage = tile % kStages;
+    const int tile_begin = seg.token_begin + tile * kBlockN;
+    const bool has_next = tile + 1 < num_tiles;
+    if (has_next) plan_tile(p, seg, kv_head, tile_begin + kBlockN, smem.token_offset[stage ^ 1]);
+    cp_async_wait<0>();
+    // cp.async writes through the generic proxy; wgmma reads through the async proxy.
+    cutlass::arch::fence_view_async_shared();
+    __syncthreads();
+    if (has_next) {
+      Tensor s_k_next = make_tensor(make_smem_ptr(smem.k[stage ^ 1]), typename L::K{});
+      load_tile<Element>(p, smem.token_offset[stage ^ 1], s_k_next);
+    }
+    cp_async_fence();
+
+    Tensor s_k = make_tensor(make_smem_ptr(smem.k[stage]), typename L::K{});
+    Tensor s_k_half = local_tile(s_k, Shape<Int<kBlockN / kWarpGroups>, Int<kHeadDim>>{},
+                                 make_coord(wg, 0));
+    Tensor frag_k = thr_s.partition_fragment_B(s_k_half);
+    warpgroup_gemm<true>(mma_s, frag_q, frag_k, acc_s, k_blocks_s);
+
+    // Mask, scale into the log2 domain, and take this warpgroup's row maxima.
+    float tile_max[2] = {-INFINITY, -INFINITY};
+    CUTE_UNROLL
+    for (int i = 0; i < size(acc_s); ++i) {
+      const int half = row_half(i);
+      const int key = wg * (kBlockN / kWarpGroups) + get<1>(coord_s(i));
+      const bool visible = smem.token_offset[stage][key] >= 0 && tile_begin + key < key_limit[half];
+      const float s = visible ? acc_s(i) * scale_log2 : -INFINITY;
+      acc_s(i) = s;
+      tile_max[half] = fmaxf(tile_max[half], s);
+    }
+    for (int h = 0; h < 2; ++h) {
+      tile_max[h] = quad_max(tile_max[h]);
+      if (wg_thread % 4 == 0) smem.row_max[wg][my_row[h]] = tile_max[h];
+    }
+    __syncthreads();
+    float rescale[2];
+    float reference[2];
+    for (int h = 0; h < 2; ++h) {
+      const float new_max = fmaxf(running_max[h], fmaxf(smem.row_max[0][my_row[h]],
+                                                        smem.row_max[1][my_row[h]]));
+      // A row that has seen no key yet measures from 0, so exp2 of -inf stays 0 (not NaN).
+      reference[h] = new_max == -INFINITY ? 0.f : new_max;
+      rescale[h] = exp2f(running_max[h] - reference[h]);
+      running_max[h] = new_max;
+      running_sum[h] *= rescale[h];
+    }
+    CUTE_UNROLL
+    for (int i = 0; i < size(acc_s); ++i) {
+      const int half = row_half(i);
+      const float prob = exp2f(acc_s(i) - reference[half]);
+      running_sum[half] += prob;
+      p_out(i) = static_cast<Element>(prob);
+    }
+    cutlass::arch::fence_view_async_shared();
+    __syncthreads();
+
+    CUTE_UNROLL
+    for (int i = 0; i < size(acc_o); ++i) acc_o(i) *= rescale[row_half(i)];
+    Tensor s_vt = make_tensor(make_smem_ptr(smem.k[stage]), typename L::Vt{});
+    Tensor s_vt_half = local_tile(s_vt, Shape<Int<kHeadDimV / kWarpGroups>, Int<kBlockN>>{},
+                                  make_coord(wg, 0));
+    Tensor frag_v = thr_o.partition_fragment_B(s_vt_half);
+    warpgroup_gemm<false>(mma_o, frag_p, frag_v, acc_o, size<2>(frag_p));
+  }
+
+  // Denominators: the quad's partial sums, then the other warpgroup's keys.
+  for (int h = 0; h < 2; ++h) {
+    running_sum[h] = quad_sum(running_sum[h]);
+    if (wg_thread % 4 == 0) smem.row_sum[wg][my_row[h]] = running_sum[h];
+  }
+  __syncthreads();
+  float inv_sum[2];
+  float lse[2];
+  bool saw_key[2];
+  for (int h = 0; h < 2; ++h) {
+    const float total = smem.row_sum[0][my_row[h]] + smem.row_sum[1][my_row[h]];
+    saw_key[h] = running_max[h] != -INFINITY;
+    inv_sum[h] = saw_key[h] ? 1.f / total : 0.f;
+    lse[h] = (running_max[h] + log2f(total)) * kLn2;
+  }
+
+  const bool write_partial = !seg.is_only_split && slot_in_range(p, seg.slot);
+  if (wg == 0 && wg_thread % 4 == 0) {
+    for (int h = 0; h < 2; ++h) {
+      const int row = row_base + my_row[h];
+      if (row >= p.rows_per_kv) continue;
+      if (seg.is_only_split)
+        p.lse[lse_offset(p, seg.batch_idx, kv_head, row)] = saw_key[h] ? lse[h] : INFINITY;
+      else if (write_partial)
+        p.lse_accum[accum_row_index(p, seg.slot, kv_head, row)] = saw_key[h] ? lse[h] : -INFINITY;
+    }
+  }
+  const int column_base = wg * (kHeadDimV / kWarpGroups);
+  CUTE_UNROLL
+  for (int i = 0; i < size(acc_o); ++i) {
+    const int row = row_base + get<0>(coord_o(i));
+    if (row >= p.rows_per_kv) continue;
+    const int column = column_base + get<1>(coord_o(i));
+    const float value = acc_o(i) * inv_sum[row_half(i)];
+    if (seg.is_only_split) {
+      static_cast<Element*>(p.out)[out_offset(p, seg.batch_idx, kv_head, row) + column] =
+          static_cast<Element>(value);
+    } else if (write_partial) {
+      p.o_accum[accum_row_index(p, seg.slot, kv_head, row) * p.head_dim_v + column] = value;
+    }
+  }
+}
+
+template <typename Element>
+__global__ void __launch_bounds__(kThreads, 1)
+    split_kv_decode_wgmma_kernel(const __grid_constant__ DecodeParams params) {
+  extern __shared__ __align__(1024) unsigned char smem_bytes[];
+  auto& smem = *reinterpret_cast<SharedStorage<Element>*>(smem_bytes);
+  const int32_t* piece =
+      params.tile_scheduler_metadata + static_cast<int64_t>(blockIdx.x) * kMetadataInts;
+  int first, last;
+  piece_request_range(params, piece, &first, &last);
+  for (int b = first; b <= last; ++b) {
+    if (!request_has_splits(params, b)) continue;
+    attend_segment(params, segment_of_piece(params, piece, b), blockIdx.y, blockIdx.z * kBlockM,
+                   smem);
+  }
+}
+
+template <typename Element>
+cudaError_t launch_for_element(const DecodeParams& params, dim3 grid, cudaStream_t stream) {
+  constexpr size_t smem_size = sizeof(SharedStorage<Element>);
+  const cudaError_t err = cudaFuncSetAttribute(split_kv_decode_wgmma_kernel<Element>,
+                                               cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                               smem_size);
+  if (err != cudaSuccess) return err;
+  split_kv_decode_wgmma_kernel<Element><<<grid, kThreads, smem_size, stream>>>(params);
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+cudaError_t launch_split_kv_decode_wgmma(const DecodeParams& params, cudaStream_t stream) {
+  if ((params.head_dim != kHeadDim && params.head_dim != kHeadDimV) ||
+      params.head_dim_v != kHeadDimV || params.num_sm_parts <= 0 || params.num_heads_k <= 0)
+    return cudaErrorInvalidValue;
+  if (params.batch <= 0 || params.rows_per_kv <= 0) return cudaSuccess;
+  const int64_t row_blocks = (static_cast<int64_t>(params.rows_per_kv) + kBlockM - 1) / kBlockM;
+  if (params.num_heads_k > 65535 || row_blocks > 65535) return cudaErrorInvalidConfiguration;
+  const dim3 grid(params.num_sm_parts, params.num_heads_k, static_cast<unsigned>(row_blocks));
+  return params.dtype == ElementType::kBF16
+             ? launch_for_element<cutlass::bfloat16_t>(params, grid, stream)
+             : launch_for_element<cutlass::half_t>(params, grid, stream);
+}
+
+}  // namespace jax_flash_mla
