@@ -33,17 +33,20 @@ using namespace cute;
 
 constexpr int kBlockM = 64;    // query rows per CTA: one wgmma M
 constexpr int kBlockN = 64;    // keys per tile
-constexpr int kHeadDim = 576;  // shared-memory row length; d = 512 uses the first 512
 constexpr int kHeadDimV = 512;
 constexpr int kWarpGroups = 2;
 constexpr int kThreads = 128 * kWarpGroups;
 constexpr int kStages = 2;
+// Key-offset plans: the tile being computed, the one in flight and the one being planned.
+constexpr int kOffsetSlots = kStages + 1;
 constexpr int kChunkElems = 8;  // 16-byte cp.async chunks
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 static_assert(kBlockN == kTokensPerTile, "a tile is one unit of the schedule");
 
-template <typename Element>
+// kHeadDim (576 or 512) is a template parameter so that every k-loop over it unrolls: a
+// run-time trip count made ptxas serialize the wgmma chain (warning C7515).
+template <typename Element, int kHeadDim>
 struct Layouts {
   // 128-byte swizzled, K-major: the layout wgmma reads without bank conflicts.
   using Atom = GMMA::Layout_K_SW128_Atom<Element>;
@@ -62,25 +65,27 @@ struct Layouts {
                            GMMA::Major::K, GMMA::Major::MN>()));
 };
 
-template <typename Element>
+template <typename Element, int kHeadDim>
 struct SharedStorage {
+  using L = Layouts<Element, kHeadDim>;
   // Swizzled buffers must start on 1024-byte boundaries (the swizzle pattern's period).
-  alignas(1024) Element q[cosize_v<typename Layouts<Element>::Q>];
-  alignas(1024) Element k[kStages][cosize_v<typename Layouts<Element>::K>];
-  alignas(1024) Element p[cosize_v<typename Layouts<Element>::P>];
-  int64_t token_offset[kStages][kBlockN];  // k_cache offset of each key, -1: masked
+  alignas(1024) Element q[cosize_v<typename L::Q>];
+  alignas(1024) Element k[kStages][cosize_v<typename L::K>];
+  alignas(1024) Element p[cosize_v<typename L::P>];
+  int64_t token_offset[kOffsetSlots][kBlockN];  // k_cache offset of each key, -1: masked
   float row_max[kWarpGroups][kBlockM];     // per-warpgroup tile maxima, exchanged
   float row_sum[kWarpGroups][kBlockM];     // per-warpgroup softmax denominators, at the end
 };
 
-// C = A B over the first `k_blocks` K-blocks, issued by one warpgroup.
+// C (+)= A B, issued by one warpgroup.
 template <bool kZeroInit, typename TiledMma, typename FragA, typename FragB, typename FragC>
 __device__ __forceinline__ void warpgroup_gemm(TiledMma& mma, const FragA& a, const FragB& b,
-                                               FragC& c, int k_blocks) {
+                                               FragC& c) {
   warpgroup_fence_operand(c);
   warpgroup_arrive();
   if constexpr (kZeroInit) mma.accumulate_ = GMMA::ScaleOut::Zero;
-  for (int k = 0; k < k_blocks; ++k) {
+  CUTE_UNROLL
+  for (int k = 0; k < size<2>(a); ++k) {
     cute::gemm(mma, a(_, _, k), b(_, _, k), c);
     mma.accumulate_ = GMMA::ScaleOut::One;
   }
@@ -117,11 +122,11 @@ __device__ __forceinline__ void plan_tile(const DecodeParams& p, const Segment& 
   }
 }
 
-template <typename Element, typename SmemTensor>
+template <int kHeadDim, typename SmemTensor>
 __device__ __forceinline__ void load_tile(const DecodeParams& p, const int64_t* token_offset,
                                           SmemTensor& s_k) {
   const uint128_t* k_cache = static_cast<const uint128_t*>(p.k_cache);
-  const int chunks_per_row = p.head_dim / kChunkElems;
+  constexpr int chunks_per_row = kHeadDim / kChunkElems;
   for (int c = threadIdx.x; c < kBlockN * chunks_per_row; c += kThreads) {
     const int token = c / chunks_per_row;
     const int chunk = c % chunks_per_row;
@@ -133,11 +138,11 @@ __device__ __forceinline__ void load_tile(const DecodeParams& p, const int64_t* 
   }
 }
 
-template <typename Element, typename SmemTensor>
+template <int kHeadDim, typename SmemTensor>
 __device__ __forceinline__ void load_query_rows(const DecodeParams& p, const Segment& seg,
                                                 int kv_head, int row_base, SmemTensor& s_q) {
   const uint128_t* q = static_cast<const uint128_t*>(p.q);
-  const int chunks_per_row = p.head_dim / kChunkElems;
+  constexpr int chunks_per_row = kHeadDim / kChunkElems;
   for (int c = threadIdx.x; c < kBlockM * chunks_per_row; c += kThreads) {
     const int r = c / chunks_per_row;
     const int chunk = c % chunks_per_row;
@@ -150,10 +155,10 @@ __device__ __forceinline__ void load_query_rows(const DecodeParams& p, const Seg
   }
 }
 
-template <typename Element>
+template <typename Element, int kHeadDim>
 __device__ void attend_segment(const DecodeParams& p, const Segment& seg, int kv_head,
-                               int row_base, SharedStorage<Element>& smem) {
-  using L = Layouts<Element>;
+                               int row_base, SharedStorage<Element, kHeadDim>& smem) {
+  using L = Layouts<Element, kHeadDim>;
   const int wg = threadIdx.x / 128;
   const int wg_thread = threadIdx.x % 128;
 
@@ -194,40 +199,43 @@ __device__ void attend_segment(const DecodeParams& p, const Segment& seg, int kv
   float running_max[2] = {-INFINITY, -INFINITY};
   float running_sum[2] = {0.f, 0.f};
   const float scale_log2 = p.softmax_scale * kLog2e;
-  const int k_blocks_s = p.head_dim / 16;
 
   const int num_tiles = (seg.token_end - seg.token_begin + kBlockN - 1) / kBlockN;
-  // The previous segment may still read token_offset / row_sum.
-  __syncthreads();
-  plan_tile(p, seg, kv_head, seg.token_begin, smem.token_offset[0]);
-  __syncthreads();
-  if (num_tiles > 0) {
-    load_query_rows<Element>(p, seg, kv_head, row_base, s_q);
-    Tensor s_k0 = make_tensor(make_smem_ptr(smem.k[0]), typename L::K{});
-    load_tile<Element>(p, smem.token_offset[0], s_k0);
+  // Prologue: plan and issue tiles 0 and 1 (with Q in tile 0's group). In steady state tile
+  // i + 1 is in flight while tile i is computed, and tile i + 2 is issued as soon as tile i's
+  // stage is free, so the wait for a tile never finds the memory system idle.
+  __syncthreads();  // the previous segment may still read token_offset / row_sum
+  for (int t = 0; t < kStages; ++t) {
+    if (t < num_tiles) plan_tile(p, seg, kv_head, seg.token_begin + t * kBlockN, smem.token_offset[t]);
   }
-  cp_async_fence();
+  __syncthreads();
+  if (num_tiles > 0) load_query_rows<kHeadDim>(p, seg, kv_head, row_base, s_q);
+  for (int t = 0; t < kStages; ++t) {
+    if (t < num_tiles) {
+      Tensor s_k_t = make_tensor(make_smem_ptr(smem.k[t]), typename L::K{});
+      load_tile<kHeadDim>(p, smem.token_offset[t], s_k_t);
+    }
+    cp_async_fence();  // one group per stage, empty or not, so wait<kStages - 1> stays exact
+  }
 
   for (int tile = 0; tile < num_tiles; ++tile) {
     const int stage = tile % kStages;
+    const int64_t* tile_offsets = smem.token_offset[tile % kOffsetSlots];
     const int tile_begin = seg.token_begin + tile * kBlockN;
-    const bool has_next = tile + 1 < num_tiles;
-    if (has_next) plan_tile(p, seg, kv_head, tile_begin + kBlockN, smem.token_offset[stage ^ 1]);
-    cp_async_wait<0>();
+    cp_async_wait<kStages - 1>();  // this tile's group; the next one may stay in flight
     // cp.async writes through the generic proxy; wgmma reads through the async proxy.
     cutlass::arch::fence_view_async_shared();
     __syncthreads();
-    if (has_next) {
-      Tensor s_k_next = make_tensor(make_smem_ptr(smem.k[stage ^ 1]), typename L::K{});
-      load_tile<Element>(p, smem.token_offset[stage ^ 1], s_k_next);
-    }
-    cp_async_fence();
+    // The slot of tile + 2 last served tile - 1, whose masking is over (barrier above).
+    if (tile + kStages < num_tiles)
+      plan_tile(p, seg, kv_head, tile_begin + kStages * kBlockN,
+                smem.token_offset[(tile + kStages) % kOffsetSlots]);
 
     Tensor s_k = make_tensor(make_smem_ptr(smem.k[stage]), typename L::K{});
     Tensor s_k_half = local_tile(s_k, Shape<Int<kBlockN / kWarpGroups>, Int<kHeadDim>>{},
                                  make_coord(wg, 0));
     Tensor frag_k = thr_s.partition_fragment_B(s_k_half);
-    warpgroup_gemm<true>(mma_s, frag_q, frag_k, acc_s, k_blocks_s);
+    warpgroup_gemm<true>(mma_s, frag_q, frag_k, acc_s);
 
     // Mask, scale into the log2 domain, and take this warpgroup's row maxima.
     float tile_max[2] = {-INFINITY, -INFINITY};
@@ -235,7 +243,7 @@ __device__ void attend_segment(const DecodeParams& p, const Segment& seg, int kv
     for (int i = 0; i < size(acc_s); ++i) {
       const int half = row_half(i);
       const int key = wg * (kBlockN / kWarpGroups) + get<1>(coord_s(i));
-      const bool visible = smem.token_offset[stage][key] >= 0 && tile_begin + key < key_limit[half];
+      const bool visible = tile_offsets[key] >= 0 && tile_begin + key < key_limit[half];
       const float s = visible ? acc_s(i) * scale_log2 : -INFINITY;
       acc_s(i) = s;
       tile_max[half] = fmaxf(tile_max[half], s);
@@ -272,7 +280,13 @@ __device__ void attend_segment(const DecodeParams& p, const Segment& seg, int kv
     Tensor s_vt_half = local_tile(s_vt, Shape<Int<kHeadDimV / kWarpGroups>, Int<kBlockN>>{},
                                   make_coord(wg, 0));
     Tensor frag_v = thr_o.partition_fragment_B(s_vt_half);
-    warpgroup_gemm<false>(mma_o, frag_p, frag_v, acc_o, size<2>(frag_p));
+    warpgroup_gemm<false>(mma_o, frag_p, frag_v, acc_o);
+
+    // Every warpgroup is done with this stage (its P V wgmma has completed): refill it.
+    __syncthreads();
+    if (tile + kStages < num_tiles)
+      load_tile<kHeadDim>(p, smem.token_offset[(tile + kStages) % kOffsetSlots], s_k);
+    cp_async_fence();
   }
 
   // Denominators: the quad's partial sums, then the other warpgroup's keys.
@@ -318,11 +332,11 @@ __device__ void attend_segment(const DecodeParams& p, const Segment& seg, int kv
   }
 }
 
-template <typename Element>
+template <typename Element, int kHeadDim>
 __global__ void __launch_bounds__(kThreads, 1)
     split_kv_decode_wgmma_kernel(const __grid_constant__ DecodeParams params) {
   extern __shared__ __align__(1024) unsigned char smem_bytes[];
-  auto& smem = *reinterpret_cast<SharedStorage<Element>*>(smem_bytes);
+  auto& smem = *reinterpret_cast<SharedStorage<Element, kHeadDim>*>(smem_bytes);
   const int32_t* piece =
       params.tile_scheduler_metadata + static_cast<int64_t>(blockIdx.x) * kMetadataInts;
   int first, last;
@@ -334,21 +348,27 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
 }
 
+template <typename Element, int kHeadDim>
+cudaError_t launch_instance(const DecodeParams& params, dim3 grid, cudaStream_t stream) {
+  constexpr size_t smem_size = sizeof(SharedStorage<Element, kHeadDim>);
+  const auto kernel = split_kv_decode_wgmma_kernel<Element, kHeadDim>;
+  const cudaError_t err =
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_size);
+  if (err != cudaSuccess) return err;
+  kernel<<<grid, kThreads, smem_size, stream>>>(params);
+  return cudaGetLastError();
+}
+
 template <typename Element>
 cudaError_t launch_for_element(const DecodeParams& params, dim3 grid, cudaStream_t stream) {
-  constexpr size_t smem_size = sizeof(SharedStorage<Element>);
-  const cudaError_t err = cudaFuncSetAttribute(split_kv_decode_wgmma_kernel<Element>,
-                                               cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                               smem_size);
-  if (err != cudaSuccess) return err;
-  split_kv_decode_wgmma_kernel<Element><<<grid, kThreads, smem_size, stream>>>(params);
-  return cudaGetLastError();
+  return params.head_dim == 576 ? launch_instance<Element, 576>(params, grid, stream)
+                                : launch_instance<Element, 512>(params, grid, stream);
 }
 
 }  // namespace
 
 cudaError_t launch_split_kv_decode_wgmma(const DecodeParams& params, cudaStream_t stream) {
-  if ((params.head_dim != kHeadDim && params.head_dim != kHeadDimV) ||
+  if ((params.head_dim != 576 && params.head_dim != 512) ||
       params.head_dim_v != kHeadDimV || params.num_sm_parts <= 0 || params.num_heads_k <= 0)
     return cudaErrorInvalidValue;
   if (params.batch <= 0 || params.rows_per_kv <= 0) return cudaSuccess;
