@@ -4,8 +4,8 @@
 # the build uses its preinstalled scikit-build-core, nanobind and jax (no build isolation).
 # Editable, so that python run from the repository root imports the built package.
 #
-#   bash benchmarks/run_on_device.sh [build] [test] [quicktest] [main] [sanitize] [bench]
-#                                    [quickbench]   (default: build test main sanitize)
+#   bash benchmarks/run_on_device.sh [build] [test] [quicktest] [main] [sanitize] [profile]
+#                                    [bench] [quickbench]   (default: build test main sanitize)
 # Logs go under $OUT (the device tool brings that folder back).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -36,7 +36,7 @@ step_build() {
 # GPU. Each worker allocates GPU memory on demand instead of preallocating 75% of it.
 step_test() {
   XLA_PYTHON_CLIENT_PREALLOCATE=false python3 -m pytest -q -m gpu -p no:cacheprovider \
-    -n "${TEST_WORKERS:-8}" tests 2>&1 | tee "$OUT/pytest_gpu.log" | tail -40
+    -n "${TEST_WORKERS:-8}" tests 2>&1 | tee "$OUT/pytest_gpu.log" | grep -v -i benchmark | tail -40
   return "${PIPESTATUS[0]}"
 }
 
@@ -47,7 +47,7 @@ step_main() {
 
 # Each buffer its own cudaMalloc (no XLA pool), so memcheck sees any out-of-bounds access.
 step_sanitize() {
-  XLA_PYTHON_CLIENT_ALLOCATOR=platform compute-sanitizer --tool memcheck --error-exitcode 9 \
+  XLA_PYTHON_CLIENT_ALLOCATOR=platform timeout "${SANITIZE_TIMEOUT:-300}" compute-sanitizer --tool memcheck --error-exitcode 9 \
     python3 benchmarks/sanitize_cases.py 2>&1 | tee "$OUT/memcheck.log" | tail -25
   return "${PIPESTATUS[0]}"
 }
@@ -62,6 +62,17 @@ step_quicktest() {
 step_quickbench() {
   python3 benchmarks/bench_decode.py --quick --out "$OUT" 2>&1 | tee "$OUT/bench_quick.log" | tail -40
   return "${PIPESTATUS[0]}"
+}
+
+# Device-side kernel durations from Nsight Compute (clocks left as they are).
+step_profile() {
+  timeout 240 ncu --clock-control none --metrics gpu__time_duration.sum \
+    -k regex:"split_kv|combine|tile_schedule" python3 benchmarks/profile_kernels.py \
+    >"$OUT/ncu.log" 2>&1
+  local rc=$?
+  grep -E "profiled|split_kv|combine|tile_schedule|gpu__time_duration" "$OUT/ncu.log" | \
+    sed -e 's/(const jax_flash_mla::DecodeParams)//' | cut -c1-120 | tail -60
+  return $rc
 }
 
 step_bench() {

@@ -1,0 +1,37 @@
+"""A few decode calls for Nsight Compute: per-kernel device durations, no host time at all.
+
+    ncu --clock-control none --metrics gpu__time_duration.sum \\
+        -k regex:"split_kv|combine|tile_schedule" python3 benchmarks/profile_kernels.py
+
+Complements bench_decode.py (which times many calls inside one jitted function): this shows
+how a call's time divides between the schedule, split-KV and combine kernels.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import jax_flash_mla
+
+ROWS = [(1, 16, 4096), (1, 128, 4096), (64, 16, 4096), (64, 128, 4096), (128, 128, 4096)]
+PAGE, D, DV = 64, 576, 512
+
+
+def main():
+    rng = np.random.default_rng(0)
+    for b, h_q, s_k in ROWS:
+        max_blocks = s_k // PAGE
+        pool = jax.random.normal(jax.random.key(0), (b * max_blocks, PAGE, 1, D), jnp.bfloat16)
+        table = jnp.asarray(rng.permutation(b * max_blocks).reshape(b, max_blocks).astype(np.int32))
+        q = jax.random.normal(jax.random.key(1), (b, 1, h_q, D), jnp.bfloat16)
+        seqlens = jnp.full((b,), s_k, jnp.int32)
+        metadata = jax_flash_mla.get_mla_metadata(seqlens, h_q, 1)
+        decode = jax.jit(jax_flash_mla.flash_mla_with_kvcache, static_argnums=(4,))
+        for _ in range(2):
+            jax.block_until_ready(decode(q, pool, table, seqlens, DV, metadata))
+        print(f"profiled b={b} h_q={h_q} s_k={s_k} num_sm_parts="
+              f"{metadata.tile_scheduler_metadata.shape[0]}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
