@@ -17,7 +17,7 @@ import numpy as np
 import jax
 import jax.numpy as jnp
 from jax.extend.core import Primitive
-from jax.interpreters import mlir, xla
+from jax.interpreters import ad, mlir, xla
 
 from ._registration import DECODE_TARGET, METADATA_TARGET
 from .validation import METADATA_INTS_PER_PART
@@ -85,6 +85,16 @@ def _decode_lowering(ctx, *operands, softmax_scale, causal, head_dim_v):
     return lower(ctx, *operands, softmax_scale=np.float32(softmax_scale), causal=bool(causal),
                  head_dim_v=np.int32(head_dim_v))
 
+
+def _decode_jvp(primals, tangents, **params):
+    del primals, tangents, params
+    raise NotImplementedError(
+        "jax_flash_mla.flash_mla_with_kvcache is not differentiable: it is an inference-only "
+        "decode kernel with no backward pass. Differentiate jax_flash_mla.reference."
+        "flash_mla_with_kvcache instead, or wrap the inputs in jax.lax.stop_gradient.")
+
+
+ad.primitive_jvps[mla_decode_p] = _decode_jvp
 
 for _platform in LOWERING_PLATFORMS:
     mlir.register_lowering(mla_metadata_p, _metadata_lowering, platform=_platform)

@@ -1,0 +1,87 @@
+"""vmap for the two primitives: extra leading axes fold into the request batch.
+
+A vmapped decode becomes one decode over batch * V requests, so the kernels see one larger,
+better balanced problem instead of V small ones:
+- q, block_table and cache_seqlens fold their vmapped axis into the batch axis;
+- a vmapped k_cache (one page pool per instance) folds into one pool of V * num_blocks pages,
+  and each instance's block-table entries move to its slice of it; entries that were invalid
+  stay invalid (-1), so no instance can reach another's pages;
+- the schedule is recomputed for the folded batch (any vmapped metadata was computed for the
+  unfolded one), with the same number of SM parts.
+get_mla_metadata under vmap computes one schedule per instance (lax.map).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax.interpreters import batching
+
+from .primitives import mla_decode_p, mla_metadata_p
+
+NOT_MAPPED = None  # batching's marker for an unbatched operand or result
+
+
+def _axis_size(args, dims):
+    for x, d in zip(args, dims):
+        if d is not NOT_MAPPED:
+            return x.shape[d]
+    raise ValueError("batching rule called with no batched argument")
+
+
+def _to_front(x, dim, size):
+    """x with its vmapped axis first, broadcast to `size` when it has none."""
+    if dim is NOT_MAPPED:
+        return jnp.broadcast_to(x, (size,) + x.shape)
+    return jnp.moveaxis(x, dim, 0)
+
+
+def _fold(x):
+    return x.reshape((x.shape[0] * x.shape[1],) + x.shape[2:])
+
+
+def _metadata_batching_rule(args, dims, *, num_sm_parts):
+    (cache_seqlens,), (dim,) = args, dims
+    seqlens = jnp.moveaxis(cache_seqlens, dim, 0)
+    tsm, num_splits = jax.lax.map(
+        lambda s: tuple(mla_metadata_p.bind(s, num_sm_parts=num_sm_parts)), seqlens)
+    return (tsm, num_splits), (0, 0)
+
+
+def _fold_block_tables(block_table, k_cache_batched, num_blocks):
+    """[V, b, m] tables of V pools -> [V * b, m] tables of their concatenation."""
+    if not k_cache_batched:
+        return _fold(block_table)
+    instance = jnp.arange(block_table.shape[0], dtype=jnp.int32)[:, None, None]
+    valid = (block_table >= 0) & (block_table < num_blocks)
+    return _fold(jnp.where(valid, block_table + instance * num_blocks, -1))
+
+
+def _decode_batching_rule(args, dims, *, softmax_scale, causal, head_dim_v):
+    q, k_cache, block_table, cache_seqlens, tsm, _, *initial_outputs = args
+    q_dim, k_dim, table_dim, seqlens_dim = dims[:4]
+    size = _axis_size(args, dims)
+    q = _fold(_to_front(q, q_dim, size))
+    batch = q.shape[0] // size
+    seqlens = _fold(_to_front(cache_seqlens, seqlens_dim, size))
+    tables = _to_front(block_table, table_dim, size)
+    if k_dim is NOT_MAPPED:
+        pool = k_cache
+        tables = _fold_block_tables(tables, False, pool.shape[0])
+    else:
+        per_instance = jnp.moveaxis(k_cache, k_dim, 0)
+        tables = _fold_block_tables(tables, True, per_instance.shape[1])
+        pool = _fold(per_instance)
+    num_sm_parts = tsm.shape[-2]
+    folded_tsm, folded_splits = mla_metadata_p.bind(seqlens, num_sm_parts=num_sm_parts)
+    initial = [_fold(_to_front(x, d, size)) for x, d in zip(initial_outputs, dims[6:])]
+    out, lse, o_accum, lse_accum = mla_decode_p.bind(
+        q, pool, tables, seqlens, folded_tsm, folded_splits, *initial,
+        softmax_scale=softmax_scale, causal=causal, head_dim_v=head_dim_v)
+    unfold = lambda x: x.reshape((size, batch) + x.shape[1:])
+    # The split scratch has no per-instance meaning: it stays unbatched.
+    return (unfold(out), unfold(lse), o_accum, lse_accum), (0, 0, NOT_MAPPED, NOT_MAPPED)
+
+
+batching.primitive_batchers[mla_metadata_p] = _metadata_batching_rule
+batching.primitive_batchers[mla_decode_p] = _decode_batching_rule

@@ -1,0 +1,105 @@
+"""vmap (batching rules) and the refusal of autodiff."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jax_flash_mla
+from jax_flash_mla.testing import flash_mla_with_kvcache_poisoned
+
+from comparisons import KERNEL_LSE_ATOL, KERNEL_OUT_ROUNDINGS, assert_attention_close
+from paged_inputs import make_paged_inputs, random_seqlens
+
+S_Q, H_Q, D, PAGE = 2, 16, 576, 16
+
+
+def instance(rng, b=3, s_k=150):
+    seqlens = random_seqlens(rng, b, s_k, varlen=True, with_zeros=True)
+    return make_paged_inputs(rng, seqlens, s_q=S_Q, h_q=H_Q, h_kv=1, d=D, page=PAGE,
+                             dtype=jnp.bfloat16, extra_columns=2, invalid_pages=1, q_scale=1.0)
+
+
+def stacked(instances):
+    """Stacks instances whose pools and tables differ in size: pools are padded with NaN pages
+    (never referenced), tables with -1 columns (past every length)."""
+    blocks = max(x[1].shape[0] for x in instances)
+    columns = max(x[2].shape[1] for x in instances)
+    pad_pool = lambda k: np.concatenate(
+        [np.asarray(k), np.full((blocks - k.shape[0],) + k.shape[1:], np.nan, k.dtype)])
+    pad_table = lambda t: np.pad(np.asarray(t), ((0, 0), (0, columns - t.shape[1])),
+                                 constant_values=-1)
+    return (jnp.stack([jnp.asarray(x[0]) for x in instances]),
+            jnp.stack([jnp.asarray(pad_pool(x[1])) for x in instances]),
+            jnp.stack([jnp.asarray(pad_table(x[2])) for x in instances]),
+            jnp.stack([jnp.asarray(x[3]) for x in instances]))
+
+
+def check_against_loop(out, lse, instances, causal):
+    for v, (q, k, table, seqlens) in enumerate(instances):
+        ref_out, ref_lse = jax_flash_mla.reference.flash_mla_with_kvcache(
+            q, k, table, seqlens, 512, causal=causal)
+        assert_attention_close(out[v], lse[v], ref_out, ref_lse, dtype=jnp.dtype(jnp.bfloat16),
+                               out_roundings=KERNEL_OUT_ROUNDINGS, lse_atol=KERNEL_LSE_ATOL)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_vmap_over_instances_with_their_own_pools(rng, causal):
+    """Each instance has its own page pool: the folded call must not let an instance reach
+    another's pages, even through invalid (masked) block-table entries."""
+    instances = [instance(rng) for _ in range(3)]
+    q, k_cache, tables, seqlens = stacked(instances)
+    decode = jax.jit(jax.vmap(
+        lambda q, k, t, s: flash_mla_with_kvcache_poisoned(q, k, t, s, 512, causal=causal)))
+    out, lse = decode(q, k_cache, tables, seqlens)
+    assert out.shape == (3,) + instances[0][0].shape[:3] + (512,)
+    check_against_loop(out, lse, instances, causal)
+
+
+def test_vmap_with_a_shared_pool_and_vmapped_metadata(rng):
+    """One pool for all instances (k_cache not vmapped); metadata computed under vmap."""
+    base = instance(rng)
+    q0, k_cache, table0, seqlens0 = base
+    instances = []
+    for _ in range(2):
+        # Shorter than the pool's live tokens (past them the pool holds NaN).
+        seqlens = (np.asarray(seqlens0) * rng.uniform(0, 1, size=len(seqlens0))).astype(np.int32)
+        q = jnp.asarray(rng.standard_normal(q0.shape), jnp.bfloat16)
+        instances.append((q, k_cache, table0, jnp.asarray(seqlens, jnp.int32)))
+    q = jnp.stack([x[0] for x in instances])
+    seqlens = jnp.stack([x[3] for x in instances])
+
+    def step(q, seqlens):
+        metadata = jax_flash_mla.get_mla_metadata(seqlens, S_Q * H_Q, 1, num_sm_parts=5)
+        return flash_mla_with_kvcache_poisoned(q, k_cache, table0, seqlens, 512, metadata)
+
+    out, lse = jax.jit(jax.vmap(step))(q, seqlens)
+    check_against_loop(out, lse, instances, causal=False)
+
+
+def test_vmapped_metadata_equals_per_instance_metadata(rng):
+    seqlens = jnp.asarray(rng.integers(0, 500, size=(4, 6)), jnp.int32)
+    batched = jax.vmap(lambda s: jax_flash_mla.get_mla_metadata(s, 16, 1, num_sm_parts=7))(seqlens)
+    for v in range(seqlens.shape[0]):
+        single = jax_flash_mla.get_mla_metadata(seqlens[v], 16, 1, num_sm_parts=7)
+        np.testing.assert_array_equal(batched.tile_scheduler_metadata[v],
+                                      single.tile_scheduler_metadata)
+        np.testing.assert_array_equal(batched.num_splits[v], single.num_splits)
+
+
+def test_nested_vmap(rng):
+    instances = [instance(rng, b=2, s_k=70) for _ in range(4)]
+    q, k_cache, tables, seqlens = stacked(instances)
+    reshape = lambda x: x.reshape((2, 2) + x.shape[1:])
+    decode = jax.vmap(jax.vmap(lambda q, k, t, s: jax_flash_mla.flash_mla_with_kvcache(q, k, t, s)))
+    out, lse = jax.jit(decode)(*map(reshape, (q, k_cache, tables, seqlens)))
+    check_against_loop(out.reshape((4,) + out.shape[2:]), lse.reshape((4,) + lse.shape[2:]),
+                       instances, causal=False)
+
+
+def test_differentiating_the_kernel_raises_a_clear_error(rng):
+    q, k_cache, table, seqlens = instance(rng)
+    loss = lambda q: jnp.sum(jax_flash_mla.flash_mla_with_kvcache(
+        q, k_cache, table, seqlens)[0].astype(jnp.float32))
+    with pytest.raises(NotImplementedError, match="not differentiable"):
+        jax.grad(loss)(jnp.asarray(q, jnp.bfloat16))
