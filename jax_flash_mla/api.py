@@ -67,7 +67,7 @@ def _decode(q, k_cache, block_table, cache_seqlens, head_dim_v, metadata, softma
                                     num_heads_k)
     if softmax_scale is None:
         softmax_scale = head_dim ** -0.5
-    out, lse, _, _ = mla_decode_p.bind(
+    out, lse = mla_decode_p.bind(
         jnp.asarray(q), jnp.asarray(k_cache), jnp.asarray(block_table), jnp.asarray(cache_seqlens),
         metadata.tile_scheduler_metadata, metadata.num_splits, *initial_outputs,
         softmax_scale=float(softmax_scale), causal=bool(causal), head_dim_v=int(head_dim_v))

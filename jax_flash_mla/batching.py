@@ -75,12 +75,11 @@ def _decode_batching_rule(args, dims, *, softmax_scale, causal, head_dim_v):
     num_sm_parts = tsm.shape[-2]
     folded_tsm, folded_splits = mla_metadata_p.bind(seqlens, num_sm_parts=num_sm_parts)
     initial = [_fold(_to_front(x, d, size)) for x, d in zip(initial_outputs, dims[6:])]
-    out, lse, o_accum, lse_accum = mla_decode_p.bind(
+    out, lse = mla_decode_p.bind(
         q, pool, tables, seqlens, folded_tsm, folded_splits, *initial,
         softmax_scale=softmax_scale, causal=causal, head_dim_v=head_dim_v)
     unfold = lambda x: x.reshape((size, batch) + x.shape[1:])
-    # The split scratch has no per-instance meaning: it stays unbatched.
-    return (unfold(out), unfold(lse), o_accum, lse_accum), (0, 0, NOT_MAPPED, NOT_MAPPED)
+    return (unfold(out), unfold(lse)), (0, 0)
 
 
 batching.primitive_batchers[mla_metadata_p] = _metadata_batching_rule

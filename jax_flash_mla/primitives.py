@@ -1,12 +1,16 @@
-"""The two JAX primitives, their abstract evaluation and their lowering to the FFI targets.
+"""The JAX primitives, their abstract evaluation and their lowering to the FFI targets.
 
 `mla_metadata_p`: cache_seqlens -> (tile_scheduler_metadata, num_splits).
 `mla_decode_p`: (q, k_cache, block_table, cache_seqlens, tile_scheduler_metadata, num_splits
-[, initial_out, initial_lse]) -> (out, lse, o_accum, lse_accum).
+[, initial_out, initial_lse]) -> (out, lse). What the public API binds: it has the batching
+rule (batching.py) and lowers through the sharding rule (sharding.py), which emits one
+`mla_decode_local_p` per shard.
+`mla_decode_local_p`: the same operands on one device's shard -> (out, lse, o_accum,
+lse_accum), lowered to the FFI custom call.
 
 o_accum / lse_accum are the float32 partials of split requests. They are results of the
 custom call, not handler-side allocations, so XLA owns that scratch: the handlers allocate
-nothing and stay valid inside CUDA graphs. The public wrappers drop them.
+nothing and stay valid inside CUDA graphs. Nothing above the local primitive sees them.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import numpy as np
 import jax
 import jax.numpy as jnp
 from jax.extend.core import Primitive
+from jax._src import dispatch
 from jax.interpreters import ad, mlir, xla
 
 from ._registration import DECODE_TARGET, METADATA_TARGET
@@ -53,22 +58,39 @@ def _metadata_lowering(ctx, cache_seqlens, *, num_sm_parts):
 
 # --- decode ---------------------------------------------------------------------------------
 
+def _decode_outputs(q, head_dim_v):
+    batch, seqlen_q, num_heads_q, _ = q.shape
+    return (
+        jax.core.ShapedArray((batch, seqlen_q, num_heads_q, head_dim_v), q.dtype),
+        jax.core.ShapedArray((batch, num_heads_q, seqlen_q), jnp.float32),
+    )
+
+
 mla_decode_p = Primitive("jax_flash_mla_decode")
 mla_decode_p.multiple_results = True
 mla_decode_p.def_impl(partial(xla.apply_primitive, mla_decode_p))
 
 
 @mla_decode_p.def_abstract_eval
-def _decode_abstract_eval(q, k_cache, block_table, cache_seqlens, tile_scheduler_metadata,
-                          num_splits, *initial_outputs, softmax_scale, causal, head_dim_v):
+def _decode_abstract_eval(q, *operands, softmax_scale, causal, head_dim_v):
+    del operands, softmax_scale, causal
+    return _decode_outputs(q, head_dim_v)
+
+
+mla_decode_local_p = Primitive("jax_flash_mla_decode_local")
+mla_decode_local_p.multiple_results = True
+mla_decode_local_p.def_impl(partial(xla.apply_primitive, mla_decode_local_p))
+
+
+@mla_decode_local_p.def_abstract_eval
+def _decode_local_abstract_eval(q, k_cache, block_table, cache_seqlens, tile_scheduler_metadata,
+                                num_splits, *initial_outputs, softmax_scale, causal, head_dim_v):
     del block_table, cache_seqlens, num_splits, initial_outputs, softmax_scale, causal
     batch, seqlen_q, num_heads_q, _ = q.shape
     num_heads_k = k_cache.shape[2]
     rows_per_kv = seqlen_q * (num_heads_q // num_heads_k)
     slots = max_split_slots(batch, tile_scheduler_metadata.shape[0])
-    return (
-        jax.core.ShapedArray((batch, seqlen_q, num_heads_q, head_dim_v), q.dtype),
-        jax.core.ShapedArray((batch, num_heads_q, seqlen_q), jnp.float32),
+    return _decode_outputs(q, head_dim_v) + (
         jax.core.ShapedArray((slots, num_heads_k, rows_per_kv, head_dim_v), jnp.float32),
         jax.core.ShapedArray((slots, num_heads_k, rows_per_kv), jnp.float32),
     )
@@ -77,7 +99,7 @@ def _decode_abstract_eval(q, k_cache, block_table, cache_seqlens, tile_scheduler
 _FIRST_INITIAL_OUTPUT = 6  # operand index of initial_out; initial_lse follows
 
 
-def _decode_lowering(ctx, *operands, softmax_scale, causal, head_dim_v):
+def _decode_local_lowering(ctx, *operands, softmax_scale, causal, head_dim_v):
     aliases = None
     if len(operands) > _FIRST_INITIAL_OUTPUT:
         aliases = {_FIRST_INITIAL_OUTPUT: 0, _FIRST_INITIAL_OUTPUT + 1: 1}
@@ -96,6 +118,28 @@ def _decode_jvp(primals, tangents, **params):
 
 ad.primitive_jvps[mla_decode_p] = _decode_jvp
 
+
+def _decode_lowering(ctx, *operands, softmax_scale, causal, head_dim_v):
+    # Imported here: sharding.py builds on the local primitive defined above.
+    from .sharding import partitioned_decode
+
+    params = dict(softmax_scale=softmax_scale, causal=causal, head_dim_v=head_dim_v)
+    # jax.export lowers with no device assignment, which custom_partitioning cannot take: the
+    # exported module holds the one-device decode. Poisoned outputs (tests) are one-device too.
+    no_devices = getattr(ctx.module_context.axis_context, "device_assignment", ()) is None
+    if no_devices or len(operands) > _FIRST_INITIAL_OUTPUT:
+        fun = lambda *args: mla_decode_local_p.bind(*args, **params)[:2]
+    else:
+        fun = partitioned_decode(**params)
+    return mlir.lower_fun(fun, multiple_results=True)(ctx, *operands)
+
+
+# The sharding rule (custom_partitioning) needs the device assignment while lowering; jit
+# provides it only to primitives that declare the need (JAX has no public API for this yet:
+# custom_partitioning's own primitive is declared the same way), and only outside the
+# lowering cache.
+dispatch.prim_requires_devices_during_lowering.add(mla_decode_p)
+mlir.register_lowering(mla_decode_p, _decode_lowering, cacheable=False)
 for _platform in LOWERING_PLATFORMS:
     mlir.register_lowering(mla_metadata_p, _metadata_lowering, platform=_platform)
-    mlir.register_lowering(mla_decode_p, _decode_lowering, platform=_platform)
+    mlir.register_lowering(mla_decode_local_p, _decode_local_lowering, platform=_platform)

@@ -1,10 +1,18 @@
-"""Shared fixtures: a per-test random generator, and skipping `gpu` tests without a GPU."""
+"""Shared fixtures: a per-test random generator, and skipping `gpu` tests without a GPU.
 
+Eight host (CPU) devices for the sharding tests, set before JAX starts; every other test
+runs on the default device as before.
+"""
+
+import os
 import zlib
 
-import jax
-import numpy as np
-import pytest
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                           " --xla_force_host_platform_device_count=8").strip()
+
+import jax  # noqa: E402  (after XLA_FLAGS)
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 
 
 def has_gpu():

@@ -1,0 +1,84 @@
+"""How the decode partitions under jax.jit with NamedSharding (custom_partitioning).
+
+Two layouts run without moving the cache:
+- head-parallel (tensor parallel): q, out and lse split on heads; k_cache, block_table,
+  cache_seqlens and the metadata replicated. Each device runs the decode for its heads over
+  the whole cache. With num_heads_k > 1, k_cache must be split on its head axis the same way.
+- batch-parallel (data parallel): q, block_table, cache_seqlens, out and lse split on the
+  batch, and k_cache split on its block axis over the same mesh axes: each device owns a page
+  pool, and its block-table entries are ids in that local pool. Each device recomputes the
+  schedule of its own requests (the given metadata describes the global batch).
+Batch and heads can be split at once (over different mesh axes). A k_cache split on its block
+axis over other mesh axes than the batch, or a split of any other axis of an operand (d, the
+page, the table's columns), is not a layout of its own: those operands are replicated first.
+
+The rule (Shardy) names the factors; the partition callback fixes the operand shardings and
+returns the per-device computation: one local decode (mla_decode_local_p).
+"""
+
+from __future__ import annotations
+
+import functools
+
+from jax.experimental.custom_partitioning import custom_partitioning
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from .primitives import mla_decode_local_p, mla_metadata_p
+
+# q, k_cache, block_table, cache_seqlens, tile_scheduler_metadata, num_splits -> out, lse.
+# b: requests, h: query heads, n: pool pages; every other factor stays whole.
+SHARDING_RULE = "b s h d, n p k d, b m, b, t e, c -> b s h v, b h s"
+REPLICATED_FACTORS = ("s", "d", "p", "k", "m", "t", "e", "c", "v")
+
+
+def _spec_axis(sharding, dim):
+    spec = getattr(sharding, "spec", None)
+    if spec is None or dim >= len(spec):
+        return None
+    return spec[dim]
+
+
+@functools.lru_cache(maxsize=None)
+def partitioned_decode(*, softmax_scale: float, causal: bool, head_dim_v: int):
+    """The decode as a custom_partitioning function, one per set of static parameters."""
+    params = dict(softmax_scale=softmax_scale, causal=causal, head_dim_v=head_dim_v)
+
+    @custom_partitioning
+    def decode(q, k_cache, block_table, cache_seqlens, tile_scheduler_metadata, num_splits):
+        out, lse, _, _ = mla_decode_local_p.bind(q, k_cache, block_table, cache_seqlens,
+                                                 tile_scheduler_metadata, num_splits, **params)
+        return out, lse
+
+    def partition(mesh, arg_shapes, result_shape):
+        del result_shape
+        batch_axes = _spec_axis(arg_shapes[0].sharding, 0)
+        head_axes = _spec_axis(arg_shapes[0].sharding, 2)
+        pool_axes = _spec_axis(arg_shapes[1].sharding, 0)
+        num_heads_k = arg_shapes[1].shape[2]
+        # A pool split is meaningful only as "each batch shard owns its pages".
+        pool_axes = pool_axes if pool_axes is not None and pool_axes == batch_axes else None
+        kv_head_axes = head_axes if num_heads_k > 1 else None
+        shard = lambda *spec: NamedSharding(mesh, P(*spec))
+        arg_shardings = (
+            shard(batch_axes, None, head_axes, None),
+            shard(pool_axes, None, kv_head_axes, None),
+            shard(batch_axes, None),
+            shard(batch_axes),
+            shard(),
+            shard(),
+        )
+        result_shardings = (shard(batch_axes, None, head_axes, None),
+                            shard(batch_axes, head_axes, None))
+
+        def local_decode(q, k_cache, block_table, cache_seqlens, tsm, num_splits):
+            if batch_axes is not None:  # the given schedule covers the global batch
+                tsm, num_splits = mla_metadata_p.bind(cache_seqlens, num_sm_parts=tsm.shape[0])
+            out, lse, _, _ = mla_decode_local_p.bind(q, k_cache, block_table, cache_seqlens, tsm,
+                                                     num_splits, **params)
+            return out, lse
+
+        return mesh, local_decode, result_shardings, arg_shardings
+
+    decode.def_partition(partition=partition, sharding_rule=SHARDING_RULE,
+                         need_replication_factors=REPLICATED_FACTORS)
+    return decode

@@ -1,0 +1,113 @@
+"""The decode under jax.jit with NamedSharding on 8 CPU devices: head-parallel and
+batch-parallel layouts match the unsharded op, and the compiled program moves no cache."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+import jax_flash_mla
+
+from paged_inputs import make_paged_inputs, random_seqlens
+
+DEVICES = 8
+COLLECTIVES = ("all-gather", "all-reduce", "all-to-all", "collective-permute", "reduce-scatter")
+
+pytestmark = pytest.mark.skipif(len(jax.devices("cpu")) < DEVICES,
+                                reason="needs --xla_force_host_platform_device_count=8")
+
+
+def cpu_mesh(shape, names):
+    return jax.sharding.Mesh(np.array(jax.devices("cpu")[:DEVICES]).reshape(shape), names)
+
+
+def decode_step(q, k_cache, block_table, seqlens):
+    metadata = jax_flash_mla.get_mla_metadata(seqlens, q.shape[1] * q.shape[2], 1, num_sm_parts=4)
+    return jax_flash_mla.flash_mla_with_kvcache(q, k_cache, block_table, seqlens, 512, metadata,
+                                                causal=True)
+
+
+def run_sharded(mesh, specs, args):
+    shardings = tuple(NamedSharding(mesh, spec) for spec in specs)
+    step = jax.jit(decode_step, in_shardings=shardings)
+    args = [jax.device_put(x, s) for x, s in zip(args, shardings)]
+    hlo = step.lower(*args).compile().as_text()
+    return step(*args), hlo
+
+
+def assert_same(sharded, unsharded, *, same_schedule=True):
+    """Bit-equal when both runs split the requests identically (head-parallel). A batch split
+    recomputes each shard's schedule for its own requests, so split points, and with them the
+    rounding, move: then out may differ by 2 bf16 roundings (2^-7 relative) and lse by 1e-5."""
+    (out, lse), (ref_out, ref_lse) = sharded, unsharded
+    out, ref_out = np.asarray(out, np.float32), np.asarray(ref_out, np.float32)
+    lse, ref_lse = np.asarray(lse), np.asarray(ref_lse)
+    if same_schedule:
+        np.testing.assert_array_equal(out, ref_out)
+        np.testing.assert_array_equal(lse, ref_lse)
+        return
+    np.testing.assert_allclose(out, ref_out, rtol=2.0**-7, atol=2.0**-7 * np.abs(ref_out).max())
+    np.testing.assert_allclose(lse, ref_lse, rtol=0, atol=1e-5)
+    assert (np.isinf(lse) == np.isinf(ref_lse)).all()
+
+
+def assert_no_collectives(hlo):
+    found = [c for c in COLLECTIVES if c in hlo]
+    assert not found, f"the sharded decode communicates: {found}"
+
+
+def test_head_parallel(rng):
+    """q/out/lse split on heads, cache and tables replicated: 16 heads, 2 per device."""
+    seqlens = random_seqlens(rng, 3, 300, varlen=True, with_zeros=True)
+    args = [jnp.asarray(x) for x in make_paged_inputs(
+        rng, seqlens, s_q=2, h_q=16, h_kv=1, d=576, page=16, dtype=jnp.bfloat16,
+        extra_columns=2, invalid_pages=1, q_scale=1.0)]
+    mesh = cpu_mesh((DEVICES,), ("tp",))
+    sharded, hlo = run_sharded(mesh, (P(None, None, "tp", None), P(), P(), P()), args)
+    assert sharded[0].sharding.spec[2] == "tp"
+    assert_no_collectives(hlo)
+    assert_same(sharded, jax.jit(decode_step)(*args))
+
+
+def test_batch_parallel_with_shard_local_pools(rng):
+    """q, tables, lengths, out, lse split on the batch; each device owns a page pool and its
+    tables hold local page ids. Checked against one global pool with global ids."""
+    per_shard = [make_paged_inputs(
+        rng, random_seqlens(rng, 2, 200, varlen=True, with_zeros=True), s_q=1, h_q=16, h_kv=1,
+        d=576, page=32, dtype=jnp.bfloat16, extra_columns=1, invalid_pages=0, q_scale=1.0)
+        for _ in range(DEVICES)]
+    blocks = max(x[1].shape[0] for x in per_shard)
+    columns = max(x[2].shape[1] for x in per_shard)
+    pools = [np.concatenate([np.asarray(k), np.full((blocks - k.shape[0],) + k.shape[1:], np.nan,
+                                                    k.dtype)]) for _, k, _, _ in per_shard]
+    tables = [np.pad(np.asarray(t), ((0, 0), (0, columns - t.shape[1])), constant_values=-1)
+              for _, _, t, _ in per_shard]
+    q = jnp.concatenate([jnp.asarray(x[0]) for x in per_shard])
+    k_cache = jnp.asarray(np.concatenate(pools))
+    local_tables = jnp.asarray(np.concatenate(tables))
+    seqlens = jnp.concatenate([jnp.asarray(x[3]) for x in per_shard])
+
+    mesh = cpu_mesh((DEVICES,), ("dp",))
+    sharded, hlo = run_sharded(mesh, (P("dp"), P("dp"), P("dp"), P("dp")),
+                               [q, k_cache, local_tables, seqlens])
+    assert sharded[0].sharding.spec[0] == "dp"
+    assert_no_collectives(hlo)
+
+    shard_of_row = np.repeat(np.arange(DEVICES), 2)[:, None]
+    global_tables = np.where((np.asarray(local_tables) >= 0) & (np.asarray(local_tables) < blocks),
+                             np.asarray(local_tables) + shard_of_row * blocks, -1)
+    assert_same(sharded, jax.jit(decode_step)(q, k_cache, jnp.asarray(global_tables, jnp.int32),
+                                              seqlens), same_schedule=False)
+
+
+def test_batch_and_head_parallel_together(rng):
+    """A 2 x 4 mesh: batch over 'dp' (replicated pool, global ids), heads over 'tp'."""
+    seqlens = random_seqlens(rng, 4, 150, varlen=True, with_zeros=False)
+    args = [jnp.asarray(x) for x in make_paged_inputs(
+        rng, seqlens, s_q=1, h_q=16, h_kv=1, d=576, page=64, dtype=jnp.bfloat16,
+        extra_columns=1, invalid_pages=0, q_scale=1.0)]
+    mesh = cpu_mesh((2, 4), ("dp", "tp"))
+    sharded, hlo = run_sharded(mesh, (P("dp", None, "tp", None), P(), P("dp"), P("dp")), args)
+    assert_no_collectives(hlo)
+    assert_same(sharded, jax.jit(decode_step)(*args), same_schedule=False)
