@@ -1,4 +1,5 @@
-"""`python -m jax_flash_mla`: one jitted paged MLA decode on random data, on whatever JAX has.
+"""`python -m jax_flash_mla [check|demo]`. check: one jitted paged MLA decode on random data,
+on whatever JAX has.
 
 Reports the agreement with the pure-jnp reference and the time per call (median of device-
 synchronized calls after warm-up, including dispatch; `benchmarks/` has device-side timing).
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 
 import numpy as np
@@ -67,8 +69,7 @@ def run_check(args) -> int:
     return 0 if ok else 1
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="jax_flash_mla", description=__doc__)
+def add_check_arguments(parser) -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seqlen", type=int, default=1024)
     parser.add_argument("--heads", type=int, default=16)
@@ -76,7 +77,21 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", choices=("bf16", "fp16"), default="bf16")
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
-    return run_check(parser.parse_args(argv))
+
+
+def main(argv=None) -> int:
+    """`demo` (a DeepSeek-style decode loop) or `check` (one decode against the reference);
+    with no command, `check`, so that options alone keep working."""
+    parser = argparse.ArgumentParser(prog="jax-flash-mla", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command")
+    from . import demo
+    demo.add_arguments(commands.add_parser("demo", help=demo.__doc__.splitlines()[0]))
+    add_check_arguments(commands.add_parser("check", help="one decode vs the reference, timed"))
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in ("demo", "check", "-h", "--help"):
+        argv = ["check"] + argv
+    args = parser.parse_args(argv)
+    return demo.run(args) if args.command == "demo" else run_check(args)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,1 @@
+"""Example models that run on jax-flash-mla."""
