@@ -3,7 +3,7 @@
     ncu --clock-control none --metrics gpu__time_duration.sum \\
         -k regex:"split_kv|combine|tile_schedule" python3 benchmarks/profile_kernels.py
 
-Complements bench_decode.py (which times many calls inside one jitted function): this shows
+Complements jax_flash_mla/benchmark.py (which times many calls inside one jitted function): this shows
 how a call's time divides between the schedule, split-KV and combine kernels.
 """
 

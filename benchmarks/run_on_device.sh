@@ -60,7 +60,7 @@ step_quicktest() {
 }
 
 step_quickbench() {
-  python3 benchmarks/bench_decode.py --quick --out "$OUT" 2>&1 | tee "$OUT/bench_quick.log" | tail -40
+  python3 -m jax_flash_mla bench --quick --out "$OUT" 2>&1 | tee "$OUT/bench_quick.log" | tail -40
   return "${PIPESTATUS[0]}"
 }
 
@@ -76,7 +76,7 @@ step_profile() {
 }
 
 step_bench() {
-  python3 benchmarks/bench_decode.py --out "$OUT" 2>&1 | tee "$OUT/bench.log" | tail -60
+  python3 -m jax_flash_mla bench --out "$OUT" 2>&1 | tee "$OUT/bench.log" | tail -60
   return "${PIPESTATUS[0]}"
 }
 

@@ -1,4 +1,4 @@
-"""`python -m jax_flash_mla [check|demo]`. check: one jitted paged MLA decode on random data,
+"""`python -m jax_flash_mla [check|demo|bench]`. check: one jitted paged MLA decode on random data,
 on whatever JAX has.
 
 Reports the agreement with the pure-jnp reference and the time per call (median of device-
@@ -82,16 +82,21 @@ def add_check_arguments(parser) -> None:
 def main(argv=None) -> int:
     """`demo` (a DeepSeek-style decode loop) or `check` (one decode against the reference);
     with no command, `check`, so that options alone keep working."""
-    parser = argparse.ArgumentParser(prog="jax-flash-mla", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="jax-flash-mla", description="Paged MLA decode for JAX: a model demo, the "
+        "benchmark grid, and a check of one decode against the reference.")
     commands = parser.add_subparsers(dest="command")
-    from . import demo
-    demo.add_arguments(commands.add_parser("demo", help=demo.__doc__.splitlines()[0]))
+    from . import benchmark, demo
+    demo.add_arguments(commands.add_parser(
+        "demo", help="a DeepSeek-style model decoding a ragged batch (tokens/s, latency)"))
+    benchmark.add_arguments(commands.add_parser("bench", help="the benchmark grid (GPU)"))
     add_check_arguments(commands.add_parser("check", help="one decode vs the reference, timed"))
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in ("demo", "check", "-h", "--help"):
+    if not argv or argv[0] not in ("demo", "bench", "check", "-h", "--help"):
         argv = ["check"] + argv
     args = parser.parse_args(argv)
-    return demo.run(args) if args.command == "demo" else run_check(args)
+    runners = {"demo": demo.run, "bench": benchmark.run, "check": run_check}
+    return runners[args.command](args)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""The benchmark grid: DESIGN.md's target rows, a page-size sweep and a s_k sweep, through the
+"""`jax-flash-mla bench`: the benchmark grid (GPU). DESIGN.md's target rows, a page-size sweep and a s_k sweep, through the
 public JAX API inside jax.jit.
 
 Timing: each measurement jits one function that makes `calls` back-to-back decode calls
@@ -178,13 +178,14 @@ def plot(results, copy_gbps, mm_tflops, path):
     fig.savefig(path, dpi=120, bbox_inches="tight")
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=".")
+def add_arguments(parser) -> None:
+    parser.add_argument("--out", default=".", help="folder for bench.json and roofline.png")
     parser.add_argument("--calls", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--quick", action="store_true", help="target rows only, no reference")
-    args = parser.parse_args()
+
+
+def run(args) -> int:
     device = jax.devices()[0]
     l2_bytes = 60 << 20
     copy_gbps, mm_tflops = measure_ceilings()
@@ -208,8 +209,5 @@ def main():
         json.dump(dict(device=device.device_kind, copy_gbps=copy_gbps, matmul_tflops=mm_tflops,
                        method=f"{args.calls} calls per jitted function, median of {args.repeats}",
                        rows=all_rows), f, indent=1)
-    plot([r for r in all_rows], copy_gbps, mm_tflops, os.path.join(args.out, "roofline.png"))
-
-
-if __name__ == "__main__":
-    main()
+    plot(all_rows, copy_gbps, mm_tflops, os.path.join(args.out, "roofline.png"))
+    return 0
