@@ -186,6 +186,7 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
+    os.makedirs(args.out, exist_ok=True)
     device = jax.devices()[0]
     l2_bytes = 60 << 20
     copy_gbps, mm_tflops = measure_ceilings()
