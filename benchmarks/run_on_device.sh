@@ -5,7 +5,8 @@
 # Editable, so that python run from the repository root imports the built package.
 #
 #   bash benchmarks/run_on_device.sh [build] [test] [quicktest] [main] [sanitize] [profile]
-#                                    [bench] [quickbench]   (default: build test main sanitize)
+#                                    [graphs] [demo] [bench] [quickbench]
+#   (default: build test main sanitize)
 # Logs go under $OUT (the device tool brings that folder back).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -73,6 +74,17 @@ step_profile() {
   grep -E "profiled|split_kv|combine|tile_schedule|gpu__time_duration" "$OUT/ncu.log" | \
     sed -e 's/(const jax_flash_mla::DecodeParams)//' | cut -c1-120 | tail -60
   return $rc
+}
+
+# CUDA graphs: the DeepSeek-style step with XLA command buffers on and off.
+step_graphs() {
+  python3 benchmarks/command_buffer_check.py 2>&1 | tee "$OUT/graphs.log" | tail -5
+  return "${PIPESTATUS[0]}"
+}
+
+step_demo() {
+  python3 -m jax_flash_mla demo --batch 64 --tokens 64 --layers 8 --heads 16 2>&1 | tee "$OUT/demo.log" | tail -8
+  return "${PIPESTATUS[0]}"
 }
 
 step_bench() {
