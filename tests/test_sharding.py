@@ -111,3 +111,52 @@ def test_batch_and_head_parallel_together(rng):
     sharded, hlo = run_sharded(mesh, (P("dp", None, "tp", None), P(), P("dp"), P("dp")), args)
     assert_no_collectives(hlo)
     assert_same(sharded, jax.jit(decode_step)(*args), same_schedule=False)
+
+
+def test_tensor_parallel_deepseek_step_keeps_the_cache_in_place(rng):
+    """The DeepSeek-style decode step with its heads split over 8 devices (head-sharded
+    weights, replicated latent cache): same logits as one device, and the only collective
+    is the reduction of the output projection over heads, never a gather of the cache."""
+    from jax_flash_mla import cache as paged
+    from jax_flash_mla.models import deepseek
+
+    config = deepseek.Config(vocab_size=128, hidden=128, num_layers=2, num_heads=16,
+                             q_lora_rank=64, mlp_hidden=256)
+    params = deepseek.init_params(config, jax.random.key(1))
+    prompts = [list(rng.integers(0, config.vocab_size, size=n)) for n in (9, 3, 20, 14)]
+    cache = paged.init_cache(config.num_layers, 32, 8, 4, 8, config.latent_dim, jnp.bfloat16)
+    cache, logits = deepseek.prefill(params, cache, prompts, config)
+    tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    active = jnp.ones((4,), bool)
+    step = lambda params, cache, tokens: deepseek.decode_step(params, cache, tokens, active,
+                                                              config)[1]
+
+    mesh = cpu_mesh((DEVICES,), ("tp",))
+    head_axis = {"w_uq": 1, "w_uk": 1, "w_uv": 1, "w_o": 0}
+
+    def spec(path, leaf):
+        name = getattr(path[-1], "key", None)
+        axes = [None] * leaf.ndim
+        if name in head_axis:
+            axes[head_axis[name]] = "tp"
+        return NamedSharding(mesh, P(*axes))
+
+    sharded_params = jax.tree_util.tree_map_with_path(
+        lambda path, leaf: jax.device_put(leaf, spec(path, leaf)), params)
+    replicated = NamedSharding(mesh, P())
+    sharded_cache = jax.device_put(cache, replicated)
+    compiled = jax.jit(step).lower(sharded_params, sharded_cache,
+                                   jax.device_put(tokens, replicated)).compile()
+    hlo = compiled.as_text()
+    pool_shape = "bf16[2,32,8,1,576]"
+    gathers = [line for line in hlo.splitlines() if "all-gather" in line and pool_shape in line]
+    assert not gathers, gathers
+    decode = [line for line in hlo.splitlines() if "jax_flash_mla_decode" in line
+              and "custom-call(" in line]
+    assert decode and all("bf16[4,1,2,576]" in line for line in decode), "q not split on heads"
+    got = compiled(sharded_params, sharded_cache, jax.device_put(tokens, replicated))
+    want = jax.jit(step)(params, cache, tokens)
+    # Sharded einsums sum in another order: float32 differences that flip some bf16 roundings
+    # of the kernel's q and cache reads, so logits agree to one bf16 rounding of their scale.
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0,
+                               atol=2.0**-8 * float(jnp.max(jnp.abs(want))))
