@@ -160,3 +160,55 @@ def test_tensor_parallel_deepseek_step_keeps_the_cache_in_place(rng):
     # of the kernel's q and cache reads, so logits agree to one bf16 rounding of their scale.
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0,
                                atol=2.0**-8 * float(jnp.max(jnp.abs(want))))
+
+
+def test_data_parallel_deepseek_step_one_engine_per_device(rng):
+    """The decode step under shard_map over the batch: each device holds its requests' cache
+    (its own page pool, local page ids) and decodes them alone. Logits match one device
+    decoding the whole batch from one pool."""
+    from jax_flash_mla import cache as paged
+    from jax_flash_mla.models import deepseek
+
+    config = deepseek.Config(vocab_size=128, hidden=128, num_layers=2, num_heads=16,
+                             q_lora_rank=64, mlp_hidden=256)
+    params = deepseek.init_params(config, jax.random.key(2))
+    per_device = 2
+    prompts = [list(rng.integers(0, config.vocab_size, size=int(n)))
+               for n in rng.integers(1, 30, size=DEVICES * per_device)]
+    make_cache = lambda requests, blocks: paged.init_cache(
+        config.num_layers, blocks, 8, requests, 6, config.latent_dim, jnp.bfloat16)
+
+    # One device, one pool: the reference.
+    whole, logits = deepseek.prefill(params, make_cache(len(prompts), 12 * DEVICES), prompts,
+                                     config)
+    tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    _, want, _ = jax.jit(lambda c, t: deepseek.decode_step(
+        params, c, t, jnp.ones((len(prompts),), bool), config))(whole, tokens)
+
+    # Eight engines: each prefilled alone, their caches laid side by side (local page ids).
+    shards = [deepseek.prefill(params, make_cache(per_device, 12),
+                               prompts[d * per_device:(d + 1) * per_device], config)[0]
+              for d in range(DEVICES)]
+    stacked = paged.PagedLatentCache(
+        pool=jnp.concatenate([s.pool for s in shards], axis=1),
+        block_table=jnp.concatenate([s.block_table for s in shards]),
+        seqlens=jnp.concatenate([s.seqlens for s in shards]),
+        page_owner=jnp.concatenate([s.page_owner for s in shards]))
+    mesh = cpu_mesh((DEVICES,), ("dp",))
+    cache_specs = paged.PagedLatentCache(pool=P(None, "dp"), block_table=P("dp"),
+                                         seqlens=P("dp"), page_owner=P("dp"))
+
+    def engine(cache, tokens):
+        _, logits, ok = deepseek.decode_step(params, cache, tokens,
+                                             jnp.ones(tokens.shape, bool), config)
+        return logits, ok
+
+    step = jax.jit(jax.shard_map(engine, mesh=mesh, in_specs=(cache_specs, P("dp")),
+                                 out_specs=(P("dp"), P("dp"))))
+    got, ok = step(stacked, tokens)
+    assert bool(jnp.all(ok))
+    hlo = step.lower(stacked, tokens).compile().as_text()
+    assert_no_collectives(hlo)
+    # Each engine schedules its own requests: other split points, other bf16 roundings.
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0,
+                               atol=2.0**-8 * float(jnp.max(jnp.abs(want))))
