@@ -48,10 +48,8 @@ def _metadata_batching_rule(args, dims, *, num_sm_parts):
     return (tsm, num_splits), (0, 0)
 
 
-def _fold_block_tables(block_table, k_cache_batched, num_blocks):
+def _fold_block_tables(block_table, num_blocks):
     """[V, b, m] tables of V pools -> [V * b, m] tables of their concatenation."""
-    if not k_cache_batched:
-        return _fold(block_table)
     instance = jnp.arange(block_table.shape[0], dtype=jnp.int32)[:, None, None]
     valid = (block_table >= 0) & (block_table < num_blocks)
     return _fold(jnp.where(valid, block_table + instance * num_blocks, -1))
@@ -65,12 +63,11 @@ def _decode_batching_rule(args, dims, *, softmax_scale, causal, head_dim_v):
     batch = q.shape[0] // size
     seqlens = _fold(_to_front(cache_seqlens, seqlens_dim, size))
     tables = _to_front(block_table, table_dim, size)
-    if k_dim is NOT_MAPPED:
-        pool = k_cache
-        tables = _fold_block_tables(tables, False, pool.shape[0])
+    if k_dim is NOT_MAPPED:  # one pool shared by every instance: ids are already global
+        pool, tables = k_cache, _fold(tables)
     else:
         per_instance = jnp.moveaxis(k_cache, k_dim, 0)
-        tables = _fold_block_tables(tables, True, per_instance.shape[1])
+        tables = _fold_block_tables(tables, per_instance.shape[1])
         pool = _fold(per_instance)
     num_sm_parts = tsm.shape[-2]
     folded_tsm, folded_splits = mla_metadata_p.bind(seqlens, num_sm_parts=num_sm_parts)
