@@ -120,3 +120,19 @@ def overflow_lengths(rng, inputs):
     lengths[full] += rng.integers(1, INT32_MAX - capacity, size=full.sum(), endpoint=True)
     lengths[empty] = rng.integers(INT32_MIN, 0, size=empty.sum())
     return inputs._replace(cache_seqlens=lengths.astype(np.int32))
+
+
+def stack_instances(instances):
+    """Stacks (q, k_cache, block_table, seqlens) instances whose pools and tables differ in
+    size along a new leading axis: pools are padded with NaN pages (never referenced), tables
+    with -1 columns (past every length). Page ids stay local to each instance's pool."""
+    blocks = max(x[1].shape[0] for x in instances)
+    columns = max(x[2].shape[1] for x in instances)
+    pad_pool = lambda k: np.concatenate(
+        [np.asarray(k), np.full((blocks - k.shape[0],) + k.shape[1:], np.nan, k.dtype)])
+    pad_table = lambda t: np.pad(np.asarray(t), ((0, 0), (0, columns - t.shape[1])),
+                                 constant_values=-1)
+    return (np.stack([np.asarray(x[0]) for x in instances]),
+            np.stack([pad_pool(x[1]) for x in instances]),
+            np.stack([pad_table(x[2]) for x in instances]),
+            np.stack([np.asarray(x[3]) for x in instances]))

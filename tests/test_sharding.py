@@ -9,7 +9,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 import jax_flash_mla
 
-from paged_inputs import make_paged_inputs, random_seqlens
+from paged_inputs import make_paged_inputs, random_seqlens, stack_instances
 
 DEVICES = 8
 COLLECTIVES = ("all-gather", "all-reduce", "all-to-all", "collective-permute", "reduce-scatter")
@@ -77,16 +77,10 @@ def test_batch_parallel_with_shard_local_pools(rng):
         rng, random_seqlens(rng, 2, 200, varlen=True, with_zeros=True), s_q=1, h_q=16, h_kv=1,
         d=576, page=32, dtype=jnp.bfloat16, extra_columns=1, invalid_pages=0, q_scale=1.0)
         for _ in range(DEVICES)]
-    blocks = max(x[1].shape[0] for x in per_shard)
-    columns = max(x[2].shape[1] for x in per_shard)
-    pools = [np.concatenate([np.asarray(k), np.full((blocks - k.shape[0],) + k.shape[1:], np.nan,
-                                                    k.dtype)]) for _, k, _, _ in per_shard]
-    tables = [np.pad(np.asarray(t), ((0, 0), (0, columns - t.shape[1])), constant_values=-1)
-              for _, _, t, _ in per_shard]
-    q = jnp.concatenate([jnp.asarray(x[0]) for x in per_shard])
-    k_cache = jnp.asarray(np.concatenate(pools))
-    local_tables = jnp.asarray(np.concatenate(tables))
-    seqlens = jnp.concatenate([jnp.asarray(x[3]) for x in per_shard])
+    # Side by side along the batch (and the pool's block axis): one shard's slice each.
+    q, k_cache, local_tables, seqlens = (
+        jnp.asarray(x.reshape((-1,) + x.shape[2:])) for x in stack_instances(per_shard))
+    blocks = k_cache.shape[0] // DEVICES
 
     mesh = cpu_mesh((DEVICES,), ("dp",))
     sharded, hlo = run_sharded(mesh, (P("dp"), P("dp"), P("dp"), P("dp")),

@@ -9,7 +9,7 @@ import jax_flash_mla
 from jax_flash_mla.testing import flash_mla_with_kvcache_poisoned
 
 from comparisons import KERNEL_LSE_ATOL, KERNEL_OUT_ROUNDINGS, assert_attention_close
-from paged_inputs import make_paged_inputs, random_seqlens
+from paged_inputs import make_paged_inputs, random_seqlens, stack_instances
 
 S_Q, H_Q, D, PAGE = 2, 16, 576, 16
 
@@ -21,18 +21,7 @@ def instance(rng, b=3, s_k=150):
 
 
 def stacked(instances):
-    """Stacks instances whose pools and tables differ in size: pools are padded with NaN pages
-    (never referenced), tables with -1 columns (past every length)."""
-    blocks = max(x[1].shape[0] for x in instances)
-    columns = max(x[2].shape[1] for x in instances)
-    pad_pool = lambda k: np.concatenate(
-        [np.asarray(k), np.full((blocks - k.shape[0],) + k.shape[1:], np.nan, k.dtype)])
-    pad_table = lambda t: np.pad(np.asarray(t), ((0, 0), (0, columns - t.shape[1])),
-                                 constant_values=-1)
-    return (jnp.stack([jnp.asarray(x[0]) for x in instances]),
-            jnp.stack([jnp.asarray(pad_pool(x[1])) for x in instances]),
-            jnp.stack([jnp.asarray(pad_table(x[2])) for x in instances]),
-            jnp.stack([jnp.asarray(x[3]) for x in instances]))
+    return tuple(jnp.asarray(x) for x in stack_instances(instances))
 
 
 def check_against_loop(out, lse, instances, causal):
