@@ -96,6 +96,12 @@ def _decode_local_abstract_eval(q, k_cache, block_table, cache_seqlens, tile_sch
     )
 
 
+def decode_on_one_device(*operands, **params):
+    """(out, lse) of one local decode: the split scratch stays inside."""
+    out, lse, _, _ = mla_decode_local_p.bind(*operands, **params)
+    return out, lse
+
+
 _FIRST_INITIAL_OUTPUT = 6  # operand index of initial_out; initial_lse follows
 
 
@@ -128,7 +134,7 @@ def _decode_lowering(ctx, *operands, softmax_scale, causal, head_dim_v):
     # exported module holds the one-device decode. Poisoned outputs (tests) are one-device too.
     no_devices = getattr(ctx.module_context.axis_context, "device_assignment", ()) is None
     if no_devices or len(operands) > _FIRST_INITIAL_OUTPUT:
-        fun = lambda *args: mla_decode_local_p.bind(*args, **params)[:2]
+        fun = partial(decode_on_one_device, **params)
     else:
         fun = partitioned_decode(**params)
     return mlir.lower_fun(fun, multiple_results=True)(ctx, *operands)

@@ -13,7 +13,7 @@ axis over other mesh axes than the batch, or a split of any other axis of an ope
 page, the table's columns), is not a layout of its own: those operands are replicated first.
 
 The rule (Shardy) names the factors; the partition callback fixes the operand shardings and
-returns the per-device computation: one local decode (mla_decode_local_p).
+returns the per-device computation: one local decode (decode_on_one_device).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import functools
 from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from .primitives import mla_decode_local_p, mla_metadata_p
+from .primitives import decode_on_one_device, mla_metadata_p
 
 # q, k_cache, block_table, cache_seqlens, tile_scheduler_metadata, num_splits -> out, lse.
 # b: requests, h: query heads, n: pool pages; every other factor stays whole.
@@ -45,9 +45,8 @@ def partitioned_decode(*, softmax_scale: float, causal: bool, head_dim_v: int):
 
     @custom_partitioning
     def decode(q, k_cache, block_table, cache_seqlens, tile_scheduler_metadata, num_splits):
-        out, lse, _, _ = mla_decode_local_p.bind(q, k_cache, block_table, cache_seqlens,
-                                                 tile_scheduler_metadata, num_splits, **params)
-        return out, lse
+        return decode_on_one_device(q, k_cache, block_table, cache_seqlens,
+                                    tile_scheduler_metadata, num_splits, **params)
 
     def partition(mesh, arg_shapes, result_shape):
         del result_shape
@@ -73,9 +72,8 @@ def partitioned_decode(*, softmax_scale: float, causal: bool, head_dim_v: int):
         def local_decode(q, k_cache, block_table, cache_seqlens, tsm, num_splits):
             if batch_axes is not None:  # the given schedule covers the global batch
                 tsm, num_splits = mla_metadata_p.bind(cache_seqlens, num_sm_parts=tsm.shape[0])
-            out, lse, _, _ = mla_decode_local_p.bind(q, k_cache, block_table, cache_seqlens, tsm,
-                                                     num_splits, **params)
-            return out, lse
+            return decode_on_one_device(q, k_cache, block_table, cache_seqlens, tsm, num_splits,
+                                        **params)
 
         return mesh, local_decode, result_shardings, arg_shardings
 
