@@ -5,7 +5,7 @@
 # Editable, so that python run from the repository root imports the built package.
 #
 #   bash benchmarks/run_on_device.sh [build] [test] [quicktest] [main] [sanitize] [profile]
-#                                    [graphs] [demo] [bench] [quickbench]
+#                                    [devicetest] [graphs] [demo] [bench] [quickbench]
 #   (default: build test main sanitize)
 # Logs go under $OUT (the device tool brings that folder back).
 set -uo pipefail
@@ -50,6 +50,14 @@ step_main() {
 step_sanitize() {
   XLA_PYTHON_CLIENT_ALLOCATOR=platform timeout "${SANITIZE_TIMEOUT:-300}" compute-sanitizer --tool memcheck --error-exitcode 9 \
     python3 benchmarks/sanitize_cases.py 2>&1 | tee "$OUT/memcheck.log" | tail -25
+  return "${PIPESTATUS[0]}"
+}
+
+# The rest of the suite (vmap, cache, DeepSeek model, export, README) with the GPU as JAX's
+# default device: the same tests CI runs on the CPU, now through the CUDA lowering.
+step_devicetest() {
+  XLA_PYTHON_CLIENT_PREALLOCATE=false python3 -m pytest -q -m "not gpu" -p no:cacheprovider \
+    -n "${TEST_WORKERS:-8}" tests 2>&1 | tee "$OUT/pytest_default_device.log" | tail -25
   return "${PIPESTATUS[0]}"
 }
 
