@@ -5,7 +5,10 @@
 
 Complements jax_flash_mla/benchmark.py (which times many calls inside one jitted function): this shows
 how a call's time divides between the schedule, split-KV and combine kernels.
+Rows may be given as arguments, `b,h_q,s_k` each (default: ROWS).
 """
+
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -17,9 +20,9 @@ ROWS = [(1, 16, 4096), (1, 128, 4096), (64, 16, 4096), (64, 128, 4096), (128, 12
 PAGE, D, DV = 64, 576, 512
 
 
-def main():
+def main(rows):
     rng = np.random.default_rng(0)
-    for b, h_q, s_k in ROWS:
+    for b, h_q, s_k in rows:
         max_blocks = s_k // PAGE
         pool = jax.random.normal(jax.random.key(0), (b * max_blocks, PAGE, 1, D), jnp.bfloat16)
         table = jnp.asarray(rng.permutation(b * max_blocks).reshape(b, max_blocks).astype(np.int32))
@@ -34,4 +37,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    main([tuple(int(x) for x in arg.split(",")) for arg in sys.argv[1:]] or ROWS)

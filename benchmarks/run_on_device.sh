@@ -5,7 +5,7 @@
 # Editable, so that python run from the repository root imports the built package.
 #
 #   bash benchmarks/run_on_device.sh [build] [test] [quicktest] [main] [sanitize] [profile]
-#                                    [devicetest] [graphs] [demo] [bench] [quickbench]
+#                                    [devicetest] [detail] [graphs] [demo] [bench] [quickbench]
 #   (default: build test main sanitize)
 # Logs go under $OUT (the device tool brings that folder back).
 set -uo pipefail
@@ -82,6 +82,19 @@ step_profile() {
   grep -E "profiled|split_kv|combine|tile_schedule|gpu__time_duration" "$OUT/ncu.log" | \
     sed -e 's/(const jax_flash_mla::DecodeParams)//' | cut -c1-120 | tail -60
   return $rc
+}
+
+# Where the split-KV kernel's time goes, for one memory-bound and one compute-bound row:
+# throughput of DRAM, shared memory and the tensor pipe, and the warps' stall reasons.
+step_detail() {
+  timeout 300 ncu --clock-control none -k regex:split_kv --launch-skip 1 --launch-count 1 \
+    --section SpeedOfLight --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis \
+    --section WarpStateStats --section Occupancy \
+    python3 benchmarks/profile_kernels.py 64,16,4096 >"$OUT/ncu_detail_h16.log" 2>&1
+  timeout 300 ncu --clock-control none -k regex:split_kv --launch-skip 1 --launch-count 1 \
+    --section SpeedOfLight --section ComputeWorkloadAnalysis --section WarpStateStats \
+    python3 benchmarks/profile_kernels.py 64,128,4096 >"$OUT/ncu_detail_h128.log" 2>&1
+  grep -E "Throughput|Pipe|Stall|Busy|Bandwidth|Duration|Warp Cycles|Issued" "$OUT"/ncu_detail_h16.log | head -40
 }
 
 # CUDA graphs: the DeepSeek-style step with XLA command buffers on and off.

@@ -1,24 +1,29 @@
-// Split-KV MLA decode on Hopper tensor cores (wgmma through CuTe).
+// Split-KV MLA decode on Hopper tensor cores (wgmma through CuTe), warp-specialized.
 //
-// One CTA = (piece of the schedule, KV head, block of kBlockM = 64 query rows), 2 warpgroups.
-// For every (piece, request) segment it stages the 64 query rows (72 KiB) once, then streams
-// the segment's keys in 64-token tiles through a 2-stage shared-memory ring (72 KiB a stage):
-// while the tensor cores work on tile i, the cp.async copies of tile i + 1 are in flight.
-//
-// Work split between the warpgroups, per tile:
-//   S = Q K^T     warpgroup w computes the scores of keys [32w, 32w + 32) (m64n32k16, K = 576)
-//   softmax       row maxima are exchanged through shared memory, so both warpgroups keep the
-//                 same running max; each keeps the partial row sums of its own keys
-//   P             each warpgroup writes its half of P (bf16/fp16) to shared memory
-//   O += P V      warpgroup w owns value columns [256w, 256w + 256) (m64n256k16, K = 64 keys),
-//                 reading the whole P and the V^T view of the same key tile
+// One CTA = (piece of the schedule, KV head, block of kBlockM = 64 query rows), 3 warpgroups:
+//   producer      warpgroup 0 gathers the keys of every tile into a 2-stage shared-memory ring
+//                 (72 KiB a stage) and the segment's 64 query rows (72 KiB), with cp.async;
+//                 each copy arrives on the stage's "full" mbarrier when it lands, and a stage
+//                 is refilled as soon as both math warpgroups arrive on its "empty" mbarrier.
+//                 It gives up registers (setmaxnreg) to the math warpgroups.
+//   math 0 and 1  warpgroups 1 and 2 compute, per tile:
+//     S = Q K^T     math warpgroup w: the scores of keys [32w, 32w + 32) (m64n32k16, K = 576)
+//     softmax       row maxima are exchanged through shared memory, so both keep the same
+//                   running max; each keeps the partial row sums of its own keys
+//     P             each writes its half of P (bf16/fp16) to shared memory
+//     O += P V      math warpgroup w owns value columns [256w, 256w + 256) (m64n256k16, K = 64
+//                   keys), reading the whole P and the V^T view of the same key tile
 // so no FLOP is done twice and the 64 x 512 float accumulator is split 128 registers a thread.
+// Loads no longer wait on the math warpgroups' barriers (the first version issued them from
+// the math threads after a CTA-wide barrier): the next stage's copies are in flight the
+// moment a stage frees, and the math warpgroups sync only with each other (named barrier).
 //
 // Keys are gathered one token row (1152 bytes) at a time, so any page size works. A key that
 // must not be read (past the segment, past the length, on an invalid page) is zero-filled by
 // cp.async with a zero source size (its memory is never touched) and its score is -inf.
 #include <cute/tensor.hpp>
 #include <cutlass/arch/barrier.h>
+#include <cutlass/arch/reg_reconfig.h>
 #include <cutlass/numeric_types.h>
 
 #include <cstdint>
@@ -34,15 +39,22 @@ using namespace cute;
 constexpr int kBlockM = 64;    // query rows per CTA: one wgmma M
 constexpr int kBlockN = 64;    // keys per tile
 constexpr int kHeadDimV = 512;
-constexpr int kWarpGroups = 2;
-constexpr int kThreads = 128 * kWarpGroups;
+constexpr int kMathWarpGroups = 2;
+constexpr int kMathThreads = 128 * kMathWarpGroups;
+constexpr int kProducerThreads = 128;
+constexpr int kThreads = kProducerThreads + kMathThreads;
 constexpr int kStages = 2;
-// Key-offset plans: the tile being computed, the one in flight and the one being planned.
-constexpr int kOffsetSlots = kStages + 1;
 constexpr int kChunkElems = 8;  // 16-byte cp.async chunks
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 static_assert(kBlockN == kTokensPerTile, "a tile is one unit of the schedule");
+// Registers: the producer needs few, the math warpgroups hold a 64 x 256 float accumulator
+// each (128 a thread) plus scores and addresses: 48 + 2 * 232 = 512 per thread slot.
+constexpr uint32_t kProducerRegisters = 48;
+constexpr uint32_t kMathRegisters = 232;
+// Named barriers (0 is __syncthreads): among the producer's threads, among the math threads.
+constexpr int kProducerBarrier = 1;
+constexpr int kMathBarrier = 2;
 
 // kHeadDim (576 or 512) is a template parameter so that every k-loop over it unrolls: a
 // run-time trip count made ptxas serialize the wgmma chain (warning C7515).
@@ -56,12 +68,12 @@ struct Layouts {
   // V^T (value columns x keys) over the very bytes of a K tile: MN-major for the P V wgmma.
   using Vt = decltype(composition(
       K{}, make_ordered_layout(Shape<Int<kHeadDimV>, Int<kBlockN>>{}, Step<_2, _1>{})));
-  using MmaS = decltype(make_tiled_mma(GMMA::ss_op_selector<
-                                       Element, Element, float,
-                                       Shape<Int<kBlockM>, Int<kBlockN / kWarpGroups>, Int<kHeadDim>>>()));
+  using MmaS = decltype(make_tiled_mma(
+      GMMA::ss_op_selector<Element, Element, float,
+                           Shape<Int<kBlockM>, Int<kBlockN / kMathWarpGroups>, Int<kHeadDim>>>()));
   using MmaO = decltype(make_tiled_mma(
       GMMA::ss_op_selector<Element, Element, float,
-                           Shape<Int<kBlockM>, Int<kHeadDimV / kWarpGroups>, Int<kBlockN>>,
+                           Shape<Int<kBlockM>, Int<kHeadDimV / kMathWarpGroups>, Int<kBlockN>>,
                            GMMA::Major::K, GMMA::Major::MN>()));
 };
 
@@ -72,10 +84,48 @@ struct SharedStorage {
   alignas(1024) Element q[cosize_v<typename L::Q>];
   alignas(1024) Element k[kStages][cosize_v<typename L::K>];
   alignas(1024) Element p[cosize_v<typename L::P>];
-  int64_t token_offset[kOffsetSlots][kBlockN];  // k_cache offset of each key, -1: masked
-  float row_max[kWarpGroups][kBlockM];     // per-warpgroup tile maxima, exchanged
-  float row_sum[kWarpGroups][kBlockM];     // per-warpgroup softmax denominators, at the end
+  int64_t token_offset[kStages][kBlockN];  // k_cache offset of each key of a stage, -1: masked
+  float row_max[kMathWarpGroups][kBlockM];  // per-warpgroup tile maxima, exchanged
+  float row_sum[kMathWarpGroups][kBlockM];  // per-warpgroup softmax denominators, at the end
+  uint64_t k_full[kStages];   // a stage's keys (and their offsets) have landed
+  uint64_t k_empty[kStages];  // both math warpgroups are done with a stage
+  uint64_t q_full;            // the segment's query rows have landed
+  uint64_t q_empty;           // both math warpgroups are done with the query rows
 };
+
+// mbarrier arrivals: every producer thread's copies, plus one plain arrival that publishes
+// the key offsets; one arrival per math warp.
+constexpr uint32_t kFullArrivals = kProducerThreads + 1;
+constexpr uint32_t kEmptyArrivals = kMathThreads / 32;
+
+using Barrier = cutlass::arch::ClusterBarrier;
+
+// Stage index and mbarrier phase of the ring, advanced identically by producer and consumers.
+struct RingPosition {
+  int stage = 0;
+  uint32_t phase = 0;
+  __device__ void advance() {
+    if (++stage == kStages) {
+      stage = 0;
+      phase ^= 1;
+    }
+  }
+};
+
+__device__ __forceinline__ void named_barrier_sync(int id, int threads) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+
+// The calling thread's earlier cp.async copies arrive on `barrier` when they land.
+__device__ __forceinline__ void arrive_when_copies_land(uint64_t* barrier) {
+  cutlass::arch::cpasync_barrier_arrive_noinc(barrier);
+}
+
+// Once per warp, after the warp's own wgmmas on the buffer have completed.
+__device__ __forceinline__ void warp_release(uint64_t* barrier) {
+  __syncwarp();
+  if (threadIdx.x % 32 == 0) Barrier::arrive(barrier);
+}
 
 // C (+)= A B, issued by one warpgroup.
 template <bool kZeroInit, typename TiledMma, typename FragA, typename FragB, typename FragC>
@@ -108,26 +158,32 @@ __device__ __forceinline__ float quad_sum(float x) {
   return x + __shfl_xor_sync(0xffffffffu, x, 2);
 }
 
-// Threads 0..63 look up where each key of a tile lives; -1 for keys that must not be read.
+__device__ __forceinline__ int num_tiles_of(const Segment& seg) {
+  return (seg.token_end - seg.token_begin + kBlockN - 1) / kBlockN;
+}
+
+// Producer threads 0..63 look up where each key of a tile lives; -1 for keys that must not
+// be read.
 __device__ __forceinline__ void plan_tile(const DecodeParams& p, const Segment& seg, int kv_head,
-                                          int tile_begin, int64_t* token_offset) {
-  if (threadIdx.x < kBlockN) {
-    const int token = tile_begin + threadIdx.x;
+                                          int tile_begin, int64_t* token_offset, int thread) {
+  if (thread < kBlockN) {
+    const int token = tile_begin + thread;
     int64_t offset = -1;
     if (token < seg.token_end) {
       const int page = page_of_token(p, seg.batch_idx, token);
       if (page >= 0) offset = k_offset(p, page, token, kv_head);
     }
-    token_offset[threadIdx.x] = offset;
+    token_offset[thread] = offset;
   }
 }
 
 template <int kHeadDim, typename SmemTensor>
 __device__ __forceinline__ void load_tile(const DecodeParams& p, const int64_t* token_offset,
-                                          SmemTensor& s_k) {
+                                          SmemTensor& s_k, int thread) {
   const uint128_t* k_cache = static_cast<const uint128_t*>(p.k_cache);
   constexpr int chunks_per_row = kHeadDim / kChunkElems;
-  for (int c = threadIdx.x; c < kBlockN * chunks_per_row; c += kThreads) {
+  CUTE_UNROLL
+  for (int c = thread; c < kBlockN * chunks_per_row; c += kProducerThreads) {
     const int token = c / chunks_per_row;
     const int chunk = c % chunks_per_row;
     const int64_t offset = token_offset[token];
@@ -140,10 +196,12 @@ __device__ __forceinline__ void load_tile(const DecodeParams& p, const int64_t* 
 
 template <int kHeadDim, typename SmemTensor>
 __device__ __forceinline__ void load_query_rows(const DecodeParams& p, const Segment& seg,
-                                                int kv_head, int row_base, SmemTensor& s_q) {
+                                                int kv_head, int row_base, SmemTensor& s_q,
+                                                int thread) {
   const uint128_t* q = static_cast<const uint128_t*>(p.q);
   constexpr int chunks_per_row = kHeadDim / kChunkElems;
-  for (int c = threadIdx.x; c < kBlockM * chunks_per_row; c += kThreads) {
+  CUTE_UNROLL
+  for (int c = thread; c < kBlockM * chunks_per_row; c += kProducerThreads) {
     const int r = c / chunks_per_row;
     const int chunk = c % chunks_per_row;
     const int row = row_base + r;
@@ -155,11 +213,44 @@ __device__ __forceinline__ void load_query_rows(const DecodeParams& p, const Seg
   }
 }
 
+// The producer warpgroup: for each segment, its query rows (once the math warpgroups are done
+// with the previous ones), then its key tiles, each as soon as a stage frees.
+template <typename Element, int kHeadDim>
+__device__ void produce_segment(const DecodeParams& p, const Segment& seg, int kv_head,
+                                int row_base, SharedStorage<Element, kHeadDim>& smem,
+                                RingPosition& ring, uint32_t& q_phase) {
+  using L = Layouts<Element, kHeadDim>;
+  const int thread = threadIdx.x;  // 0..127
+  const int num_tiles = num_tiles_of(seg);
+  if (num_tiles == 0) return;
+  Barrier::wait(&smem.q_empty, q_phase ^ 1);
+  q_phase ^= 1;
+  Tensor s_q = make_tensor(make_smem_ptr(smem.q), typename L::Q{});
+  load_query_rows<kHeadDim>(p, seg, kv_head, row_base, s_q, thread);
+  arrive_when_copies_land(&smem.q_full);
+  for (int tile = 0; tile < num_tiles; ++tile) {
+    Barrier::wait(&smem.k_empty[ring.stage], ring.phase ^ 1);
+    int64_t* offsets = smem.token_offset[ring.stage];
+    plan_tile(p, seg, kv_head, seg.token_begin + tile * kBlockN, offsets, thread);
+    named_barrier_sync(kProducerBarrier, kProducerThreads);
+    Tensor s_k = make_tensor(make_smem_ptr(smem.k[ring.stage]), typename L::K{});
+    load_tile<kHeadDim>(p, offsets, s_k, thread);
+    arrive_when_copies_land(&smem.k_full[ring.stage]);
+    // The offsets were written with plain stores: one plain (release) arrival publishes them
+    // to the math warpgroups, after the barrier above ordered every writer before it.
+    if (thread == 0) Barrier::arrive(&smem.k_full[ring.stage]);
+    ring.advance();
+  }
+}
+
+// A math warpgroup's share of one segment: the online softmax over its tiles, then the
+// output rows (or the split's float32 partial).
 template <typename Element, int kHeadDim>
 __device__ void attend_segment(const DecodeParams& p, const Segment& seg, int kv_head,
-                               int row_base, SharedStorage<Element, kHeadDim>& smem) {
+                               int row_base, SharedStorage<Element, kHeadDim>& smem,
+                               RingPosition& ring, uint32_t& q_phase) {
   using L = Layouts<Element, kHeadDim>;
-  const int wg = threadIdx.x / 128;
+  const int wg = (threadIdx.x - kProducerThreads) / 128;
   const int wg_thread = threadIdx.x % 128;
 
   Tensor s_q = make_tensor(make_smem_ptr(smem.q), typename L::Q{});
@@ -171,18 +262,20 @@ __device__ void attend_segment(const DecodeParams& p, const Segment& seg, int kv
   auto thr_o = mma_o.get_thread_slice(wg_thread);
 
   // Scores of this warpgroup's keys and the coordinates (row, key within the half) of each.
-  Tensor acc_s = partition_fragment_C(mma_s, Shape<Int<kBlockM>, Int<kBlockN / kWarpGroups>>{});
+  Tensor acc_s =
+      partition_fragment_C(mma_s, Shape<Int<kBlockM>, Int<kBlockN / kMathWarpGroups>>{});
   Tensor coord_s = thr_s.partition_C(
-      make_identity_tensor(Shape<Int<kBlockM>, Int<kBlockN / kWarpGroups>>{}));
-  Tensor acc_o = partition_fragment_C(mma_o, Shape<Int<kBlockM>, Int<kHeadDimV / kWarpGroups>>{});
+      make_identity_tensor(Shape<Int<kBlockM>, Int<kBlockN / kMathWarpGroups>>{}));
+  Tensor acc_o =
+      partition_fragment_C(mma_o, Shape<Int<kBlockM>, Int<kHeadDimV / kMathWarpGroups>>{});
   Tensor coord_o = thr_o.partition_C(
-      make_identity_tensor(Shape<Int<kBlockM>, Int<kHeadDimV / kWarpGroups>>{}));
+      make_identity_tensor(Shape<Int<kBlockM>, Int<kHeadDimV / kMathWarpGroups>>{}));
   clear(acc_o);
 
   // Operands: Q and this warpgroup's keys for S; all of P and this warpgroup's V columns for O.
   Tensor frag_q = thr_s.partition_fragment_A(s_q);
   Tensor frag_p = thr_o.partition_fragment_A(s_p);
-  Tensor s_p_half = local_tile(s_p, Shape<Int<kBlockM>, Int<kBlockN / kWarpGroups>>{},
+  Tensor s_p_half = local_tile(s_p, Shape<Int<kBlockM>, Int<kBlockN / kMathWarpGroups>>{},
                                make_coord(0, wg));
   Tensor p_out = thr_s.partition_C(s_p_half);
 
@@ -200,49 +293,36 @@ __device__ void attend_segment(const DecodeParams& p, const Segment& seg, int kv
   float running_sum[2] = {0.f, 0.f};
   const float scale_log2 = p.softmax_scale * kLog2e;
 
-  const int num_tiles = (seg.token_end - seg.token_begin + kBlockN - 1) / kBlockN;
-  // Prologue: plan and issue tiles 0 and 1 (with Q in tile 0's group). In steady state tile
-  // i + 1 is in flight while tile i is computed, and tile i + 2 is issued as soon as tile i's
-  // stage is free, so the wait for a tile never finds the memory system idle.
-  __syncthreads();  // the previous segment may still read token_offset / row_sum
-  for (int t = 0; t < kStages; ++t) {
-    if (t < num_tiles) plan_tile(p, seg, kv_head, seg.token_begin + t * kBlockN, smem.token_offset[t]);
-  }
-  __syncthreads();
-  if (num_tiles > 0) load_query_rows<kHeadDim>(p, seg, kv_head, row_base, s_q);
-  for (int t = 0; t < kStages; ++t) {
-    if (t < num_tiles) {
-      Tensor s_k_t = make_tensor(make_smem_ptr(smem.k[t]), typename L::K{});
-      load_tile<kHeadDim>(p, smem.token_offset[t], s_k_t);
-    }
-    cp_async_fence();  // one group per stage, empty or not, so wait<kStages - 1> stays exact
+  const int num_tiles = num_tiles_of(seg);
+  // The previous segment's row_sum may still be read by the other warpgroup.
+  named_barrier_sync(kMathBarrier, kMathThreads);
+  if (num_tiles > 0) {
+    Barrier::wait(&smem.q_full, q_phase);
+    q_phase ^= 1;
   }
 
   for (int tile = 0; tile < num_tiles; ++tile) {
-    const int stage = tile % kStages;
-    const int64_t* tile_offsets = smem.token_offset[tile % kOffsetSlots];
+    const int stage = ring.stage;
+    const int64_t* tile_offsets = smem.token_offset[stage];
     const int tile_begin = seg.token_begin + tile * kBlockN;
-    cp_async_wait<kStages - 1>();  // this tile's group; the next one may stay in flight
+    Barrier::wait(&smem.k_full[stage], ring.phase);
     // cp.async writes through the generic proxy; wgmma reads through the async proxy.
     cutlass::arch::fence_view_async_shared();
-    __syncthreads();
-    // The slot of tile + 2 last served tile - 1, whose masking is over (barrier above).
-    if (tile + kStages < num_tiles)
-      plan_tile(p, seg, kv_head, tile_begin + kStages * kBlockN,
-                smem.token_offset[(tile + kStages) % kOffsetSlots]);
 
     Tensor s_k = make_tensor(make_smem_ptr(smem.k[stage]), typename L::K{});
-    Tensor s_k_half = local_tile(s_k, Shape<Int<kBlockN / kWarpGroups>, Int<kHeadDim>>{},
+    Tensor s_k_half = local_tile(s_k, Shape<Int<kBlockN / kMathWarpGroups>, Int<kHeadDim>>{},
                                  make_coord(wg, 0));
     Tensor frag_k = thr_s.partition_fragment_B(s_k_half);
     warpgroup_gemm<true>(mma_s, frag_q, frag_k, acc_s);
+    // The last tile's scores are the last use of Q: the producer may stage the next segment's.
+    if (tile == num_tiles - 1) warp_release(&smem.q_empty);
 
     // Mask, scale into the log2 domain, and take this warpgroup's row maxima.
     float tile_max[2] = {-INFINITY, -INFINITY};
     CUTE_UNROLL
     for (int i = 0; i < size(acc_s); ++i) {
       const int half = row_half(i);
-      const int key = wg * (kBlockN / kWarpGroups) + get<1>(coord_s(i));
+      const int key = wg * (kBlockN / kMathWarpGroups) + get<1>(coord_s(i));
       const bool visible = tile_offsets[key] >= 0 && tile_begin + key < key_limit[half];
       const float s = visible ? acc_s(i) * scale_log2 : -INFINITY;
       acc_s(i) = s;
@@ -252,7 +332,7 @@ __device__ void attend_segment(const DecodeParams& p, const Segment& seg, int kv
       tile_max[h] = quad_max(tile_max[h]);
       if (wg_thread % 4 == 0) smem.row_max[wg][my_row[h]] = tile_max[h];
     }
-    __syncthreads();
+    named_barrier_sync(kMathBarrier, kMathThreads);
     float rescale[2];
     float reference[2];
     for (int h = 0; h < 2; ++h) {
@@ -272,21 +352,18 @@ __device__ void attend_segment(const DecodeParams& p, const Segment& seg, int kv
       p_out(i) = static_cast<Element>(prob);
     }
     cutlass::arch::fence_view_async_shared();
-    __syncthreads();
+    named_barrier_sync(kMathBarrier, kMathThreads);
 
     CUTE_UNROLL
     for (int i = 0; i < size(acc_o); ++i) acc_o(i) *= rescale[row_half(i)];
     Tensor s_vt = make_tensor(make_smem_ptr(smem.k[stage]), typename L::Vt{});
-    Tensor s_vt_half = local_tile(s_vt, Shape<Int<kHeadDimV / kWarpGroups>, Int<kBlockN>>{},
+    Tensor s_vt_half = local_tile(s_vt, Shape<Int<kHeadDimV / kMathWarpGroups>, Int<kBlockN>>{},
                                   make_coord(wg, 0));
     Tensor frag_v = thr_o.partition_fragment_B(s_vt_half);
     warpgroup_gemm<false>(mma_o, frag_p, frag_v, acc_o);
-
-    // Every warpgroup is done with this stage (its P V wgmma has completed): refill it.
-    __syncthreads();
-    if (tile + kStages < num_tiles)
-      load_tile<kHeadDim>(p, smem.token_offset[(tile + kStages) % kOffsetSlots], s_k);
-    cp_async_fence();
+    // This warp's P V wgmma has completed: its reads of the stage (and of P) are over.
+    warp_release(&smem.k_empty[stage]);
+    ring.advance();
   }
 
   // Denominators: the quad's partial sums, then the other warpgroup's keys.
@@ -294,7 +371,7 @@ __device__ void attend_segment(const DecodeParams& p, const Segment& seg, int kv
     running_sum[h] = quad_sum(running_sum[h]);
     if (wg_thread % 4 == 0) smem.row_sum[wg][my_row[h]] = running_sum[h];
   }
-  __syncthreads();
+  named_barrier_sync(kMathBarrier, kMathThreads);
   float inv_sum[2];
   float lse[2];
   bool saw_key[2];
@@ -316,7 +393,7 @@ __device__ void attend_segment(const DecodeParams& p, const Segment& seg, int kv
         p.lse_accum[accum_row_index(p, seg.slot, kv_head, row)] = saw_key[h] ? lse[h] : -INFINITY;
     }
   }
-  const int column_base = wg * (kHeadDimV / kWarpGroups);
+  const int column_base = wg * (kHeadDimV / kMathWarpGroups);
   CUTE_UNROLL
   for (int i = 0; i < size(acc_o); ++i) {
     const int row = row_base + get<0>(coord_o(i));
@@ -337,20 +414,49 @@ __global__ void __launch_bounds__(kThreads, 1)
     split_kv_decode_wgmma_kernel(const __grid_constant__ DecodeParams params) {
   extern __shared__ __align__(1024) unsigned char smem_bytes[];
   auto& smem = *reinterpret_cast<SharedStorage<Element, kHeadDim>*>(smem_bytes);
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < kStages; ++s) {
+      Barrier::init(&smem.k_full[s], kFullArrivals);
+      Barrier::init(&smem.k_empty[s], kEmptyArrivals);
+    }
+    Barrier::init(&smem.q_full, kProducerThreads);
+    Barrier::init(&smem.q_empty, kEmptyArrivals);
+    cutlass::arch::fence_barrier_init();
+  }
+  __syncthreads();
+
   const int32_t* piece =
       params.tile_scheduler_metadata + static_cast<int64_t>(blockIdx.x) * kMetadataInts;
   int first, last;
   piece_request_range(params, piece, &first, &last);
-  for (int b = first; b <= last; ++b) {
-    if (!request_has_splits(params, b)) continue;
-    attend_segment(params, segment_of_piece(params, piece, b), blockIdx.y, blockIdx.z * kBlockM,
-                   smem);
+  RingPosition ring;
+  uint32_t q_phase = 0;
+  const int kv_head = blockIdx.y;
+  const int row_base = blockIdx.z * kBlockM;
+  // Both roles walk the same segments in the same order, so their ring positions agree.
+  if (threadIdx.x < kProducerThreads) {
+    cutlass::arch::warpgroup_reg_dealloc<kProducerRegisters>();
+    for (int b = first; b <= last; ++b) {
+      if (!request_has_splits(params, b)) continue;
+      produce_segment(params, segment_of_piece(params, piece, b), kv_head, row_base, smem, ring,
+                      q_phase);
+    }
+    // Copies still in flight must land before their issuing threads exit.
+    cp_async_wait<0>();
+  } else {
+    cutlass::arch::warpgroup_reg_alloc<kMathRegisters>();
+    for (int b = first; b <= last; ++b) {
+      if (!request_has_splits(params, b)) continue;
+      attend_segment(params, segment_of_piece(params, piece, b), kv_head, row_base, smem, ring,
+                     q_phase);
+    }
   }
 }
 
 template <typename Element, int kHeadDim>
 cudaError_t launch_instance(const DecodeParams& params, dim3 grid, cudaStream_t stream) {
   constexpr size_t smem_size = sizeof(SharedStorage<Element, kHeadDim>);
+  static_assert(smem_size <= 227 * 1024, "over the 227 KiB a Hopper CTA may use");
   const auto kernel = split_kv_decode_wgmma_kernel<Element, kHeadDim>;
   const cudaError_t err =
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_size);
