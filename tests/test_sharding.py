@@ -36,6 +36,12 @@ def run_sharded(mesh, specs, args):
     return step(*args), hlo
 
 
+def unsharded(*args):
+    """The op on one CPU device: the sharded runs use the CPU devices, so the reference must
+    too (on a GPU machine the default device would run the other kernel, not bit-equal)."""
+    return jax.jit(decode_step)(*jax.device_put(args, jax.devices("cpu")[0]))
+
+
 def assert_same(sharded, unsharded, *, same_schedule=True):
     """Bit-equal when both runs split the requests identically (head-parallel). A batch split
     recomputes each shard's schedule for its own requests, so split points, and with them the
@@ -67,7 +73,7 @@ def test_head_parallel(rng):
     sharded, hlo = run_sharded(mesh, (P(None, None, "tp", None), P(), P(), P()), args)
     assert sharded[0].sharding.spec[2] == "tp"
     assert_no_collectives(hlo)
-    assert_same(sharded, jax.jit(decode_step)(*args))
+    assert_same(sharded, unsharded(*args))
 
 
 def test_batch_parallel_with_shard_local_pools(rng):
@@ -91,8 +97,8 @@ def test_batch_parallel_with_shard_local_pools(rng):
     shard_of_row = np.repeat(np.arange(DEVICES), 2)[:, None]
     global_tables = np.where((np.asarray(local_tables) >= 0) & (np.asarray(local_tables) < blocks),
                              np.asarray(local_tables) + shard_of_row * blocks, -1)
-    assert_same(sharded, jax.jit(decode_step)(q, k_cache, jnp.asarray(global_tables, jnp.int32),
-                                              seqlens), same_schedule=False)
+    assert_same(sharded, unsharded(q, k_cache, jnp.asarray(global_tables, jnp.int32), seqlens),
+                same_schedule=False)
 
 
 def test_batch_and_head_parallel_together(rng):
@@ -104,7 +110,7 @@ def test_batch_and_head_parallel_together(rng):
     mesh = cpu_mesh((2, 4), ("dp", "tp"))
     sharded, hlo = run_sharded(mesh, (P("dp", None, "tp", None), P(), P("dp"), P("dp")), args)
     assert_no_collectives(hlo)
-    assert_same(sharded, jax.jit(decode_step)(*args), same_schedule=False)
+    assert_same(sharded, unsharded(*args), same_schedule=False)
 
 
 def test_tensor_parallel_deepseek_step_keeps_the_cache_in_place(rng):
