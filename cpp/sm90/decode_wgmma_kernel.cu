@@ -49,9 +49,11 @@ constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 static_assert(kBlockN == kTokensPerTile, "a tile is one unit of the schedule");
 // Registers: the producer needs few, the math warpgroups hold a 64 x 256 float accumulator
-// each (128 a thread) plus scores and addresses: 48 + 2 * 232 = 512 per thread slot.
-constexpr uint32_t kProducerRegisters = 48;
-constexpr uint32_t kMathRegisters = 232;
+// each (128 a thread) plus scores and addresses. The CTA starts at 65536 / 384 = 168 a thread
+// and setmaxnreg.inc only takes what .dec gave back, so 128 (168 - p) >= 256 (m - 168), i.e.
+// p + 2m <= 504 (more and the math warpgroups would wait forever for registers).
+constexpr uint32_t kProducerRegisters = 56;
+constexpr uint32_t kMathRegisters = 224;
 // Named barriers (0 is __syncthreads): among the producer's threads, among the math threads.
 constexpr int kProducerBarrier = 1;
 constexpr int kMathBarrier = 2;
