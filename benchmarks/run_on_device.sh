@@ -36,7 +36,7 @@ step_build() {
 # Several pytest workers: the GPU cases are bound by XLA compilation on the host, not by the
 # GPU. Each worker allocates GPU memory on demand instead of preallocating 75% of it.
 step_test() {
-  XLA_PYTHON_CLIENT_PREALLOCATE=false python3 -m pytest -q -m gpu -p no:cacheprovider \
+  XLA_PYTHON_CLIENT_PREALLOCATE=false timeout "${TEST_TIMEOUT:-500}" python3 -m pytest -q -m gpu -p no:cacheprovider \
     -n "${TEST_WORKERS:-8}" tests 2>&1 | tee "$OUT/pytest_gpu.log" | grep -v -i benchmark | tail -40
   return "${PIPESTATUS[0]}"
 }
@@ -63,13 +63,13 @@ step_devicetest() {
 
 # Fast correctness pass for kernel iterations: the FlashMLA shape grid only.
 step_quicktest() {
-  XLA_PYTHON_CLIENT_PREALLOCATE=false python3 -m pytest -q -m gpu -p no:cacheprovider \
+  XLA_PYTHON_CLIENT_PREALLOCATE=false timeout "${TEST_TIMEOUT:-300}" python3 -m pytest -q -m gpu -p no:cacheprovider \
     -n "${TEST_WORKERS:-8}" -k flashmla_grid tests 2>&1 | tee "$OUT/pytest_quick.log" | tail -15
   return "${PIPESTATUS[0]}"
 }
 
 step_quickbench() {
-  python3 -m jax_flash_mla bench --quick --out "$OUT" 2>&1 | tee "$OUT/bench_quick.log" | tail -40
+  timeout "${BENCH_TIMEOUT:-300}" python3 -m jax_flash_mla bench --quick --out "$OUT" 2>&1 | tee "$OUT/bench_quick.log" | tail -40
   return "${PIPESTATUS[0]}"
 }
 
