@@ -20,14 +20,19 @@ ffi::Error cuda_error(const char* what, cudaError_t err) {
                               cudaGetErrorString(err));
 }
 
-// JAX_FLASH_MLA_KERNEL=simple selects the CUDA-core kernel (for comparisons while the
-// tensor-core kernel is being validated); read once per process.
-bool use_wgmma_kernel() {
-  static const bool wgmma = [] {
-    const char* choice = std::getenv("JAX_FLASH_MLA_KERNEL");
-    return choice == nullptr || std::string(choice) != "simple";
+// JAX_FLASH_MLA_KERNEL selects the split-KV kernel, for comparisons: "simple" is the first
+// (CUDA-core) kernel, "cpasync" the tensor-core kernel with its cp.async key gather for every
+// page size; unset, the tensor-core kernel gathers with TMA where it can. Read once per process.
+enum class KernelChoice { kSimple, kCpAsync, kTma };
+
+KernelChoice kernel_choice() {
+  static const KernelChoice choice = [] {
+    const char* name = std::getenv("JAX_FLASH_MLA_KERNEL");
+    if (name != nullptr && std::string(name) == "simple") return KernelChoice::kSimple;
+    if (name != nullptr && std::string(name) == "cpasync") return KernelChoice::kCpAsync;
+    return KernelChoice::kTma;
   }();
-  return wgmma;
+  return choice;
 }
 
 ffi::Error GetMlaMetadataImpl(cudaStream_t stream, ffi::AnyBuffer cache_seqlens,
@@ -60,8 +65,11 @@ ffi::Error DecodeImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k_ca
                                      head_dim_v, out, lse, o_accum, lse_accum, &params);
       err.failure())
     return err;
-  cudaError_t err = use_wgmma_kernel() ? launch_split_kv_decode_wgmma(params, stream)
-                                       : launch_split_kv_decode(params, stream);
+  const KernelChoice choice = kernel_choice();
+  cudaError_t err =
+      choice == KernelChoice::kSimple
+          ? launch_split_kv_decode(params, stream)
+          : launch_split_kv_decode_wgmma(params, choice == KernelChoice::kTma, stream);
   if (err != cudaSuccess) return cuda_error("split-KV decode kernel", err);
   err = launch_combine(params, stream);
   if (err != cudaSuccess) return cuda_error("combine kernel", err);

@@ -30,6 +30,7 @@
 
 #include "../common/split_kv.h"
 #include "kernels.h"
+#include "paged_kv_tensor_map.h"
 
 namespace jax_flash_mla {
 namespace {
@@ -86,7 +87,8 @@ struct SharedStorage {
   alignas(1024) Element q[cosize_v<typename L::Q>];
   alignas(1024) Element k[kStages][cosize_v<typename L::K>];
   alignas(1024) Element p[cosize_v<typename L::P>];
-  int64_t token_offset[kStages][kBlockN];  // k_cache offset of each key of a stage, -1: masked
+  int64_t token_offset[kStages][kBlockN];  // cp.async gather: k_cache offset of each key, -1: none
+  uint8_t key_valid[kStages][kBlockN];     // the key exists (in the segment, on a valid page)
   float row_max[kMathWarpGroups][kBlockM];  // per-warpgroup tile maxima, exchanged
   float row_sum[kMathWarpGroups][kBlockM];  // per-warpgroup softmax denominators, at the end
   uint64_t k_full[kStages];   // a stage's keys (and their offsets) have landed
@@ -95,9 +97,11 @@ struct SharedStorage {
   uint64_t q_empty;           // both math warpgroups are done with the query rows
 };
 
-// mbarrier arrivals: every producer thread's copies, plus one plain arrival that publishes
-// the key offsets; one arrival per math warp.
-constexpr uint32_t kFullArrivals = kProducerThreads + 1;
+// mbarrier arrivals of a stage's "full" barrier: with TMA, one arrival that also expects the
+// tile's bytes; with cp.async, every producer thread's copies plus one plain arrival that
+// publishes the key offsets. "Empty" barriers: one arrival per math warp.
+constexpr uint32_t kFullArrivalsCpAsync = kProducerThreads + 1;
+constexpr uint32_t kFullArrivalsTma = 1;
 constexpr uint32_t kEmptyArrivals = kMathThreads / 32;
 
 using Barrier = cutlass::arch::ClusterBarrier;
@@ -167,7 +171,8 @@ __device__ __forceinline__ int num_tiles_of(const Segment& seg) {
 // Producer threads 0..63 look up where each key of a tile lives; -1 for keys that must not
 // be read.
 __device__ __forceinline__ void plan_tile(const DecodeParams& p, const Segment& seg, int kv_head,
-                                          int tile_begin, int64_t* token_offset, int thread) {
+                                          int tile_begin, int64_t* token_offset,
+                                          uint8_t* key_valid, int thread) {
   if (thread < kBlockN) {
     const int token = tile_begin + thread;
     int64_t offset = -1;
@@ -176,6 +181,42 @@ __device__ __forceinline__ void plan_tile(const DecodeParams& p, const Segment& 
       if (page >= 0) offset = k_offset(p, page, token, kv_head);
     }
     token_offset[thread] = offset;
+    key_valid[thread] = offset >= 0;
+  }
+}
+
+// TMA gather of one tile by one producer warp: which keys exist (for the math warpgroups'
+// masks), then one box of tokens_per_box token slots per (page run, 64 columns). A box whose
+// tokens are past the segment or on an invalid page is sent past the tensor's last token slot:
+// TMA fills it with zeros and never reads memory for it. Keys past the segment inside a valid
+// box are read (they exist in memory) and zeroed by the math warpgroups (see zero_missing_keys).
+template <typename Element, int kHeadDim, typename SmemTensor>
+__device__ __forceinline__ void load_tile_tma(const DecodeParams& p, const CUtensorMap& k_map,
+                                              const Segment& seg, int kv_head, int tile_begin,
+                                              uint8_t* key_valid, uint64_t* full,
+                                              SmemTensor& s_k) {
+  const int lane = threadIdx.x % 32;
+  for (int key = lane; key < kBlockN; key += 32) {
+    const int token = tile_begin + key;
+    key_valid[key] = token < seg.token_end && page_of_token(p, seg.batch_idx, token) >= 0;
+  }
+  __syncwarp();  // the flags are published by lane 0's (release) arrival
+  constexpr uint32_t kTileBytes = kBlockN * kHeadDim * sizeof(Element);
+  if (lane == 0) cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(full, kTileBytes);
+  __syncwarp();
+  const int tokens_per_box = tma_tokens_per_box(p.page_block_size);
+  const int32_t past_end = p.num_blocks * p.page_block_size;
+  for (int first = lane * tokens_per_box; first < kBlockN; first += 32 * tokens_per_box) {
+    const int token = tile_begin + first;
+    int32_t slot = past_end;
+    if (token < seg.token_end) {
+      const int page = page_of_token(p, seg.batch_idx, token);
+      if (page >= 0) slot = page * p.page_block_size + token % p.page_block_size;
+    }
+    CUTE_UNROLL
+    for (int column = 0; column < kHeadDim; column += 64)
+      SM90_TMA_LOAD_3D::copy(&k_map, full, static_cast<uint64_t>(TMA::CacheHintSm90::EVICT_NORMAL),
+                             &s_k(first, column), column, kv_head, slot);
   }
 }
 
@@ -218,9 +259,10 @@ __device__ __forceinline__ void load_query_rows(const DecodeParams& p, const Seg
 // The producer warpgroup: for each segment, its query rows (once the math warpgroups are done
 // with the previous ones), then its key tiles, each as soon as a stage frees.
 template <typename Element, int kHeadDim>
-__device__ void produce_segment(const DecodeParams& p, const Segment& seg, int kv_head,
-                                int row_base, SharedStorage<Element, kHeadDim>& smem,
-                                RingPosition& ring, uint32_t& q_phase) {
+__device__ void produce_segment(const DecodeParams& p, const CUtensorMap& k_map, bool use_tma,
+                                const Segment& seg, int kv_head, int row_base,
+                                SharedStorage<Element, kHeadDim>& smem, RingPosition& ring,
+                                uint32_t& q_phase) {
   using L = Layouts<Element, kHeadDim>;
   const int thread = threadIdx.x;  // 0..127
   const int num_tiles = num_tiles_of(seg);
@@ -230,10 +272,23 @@ __device__ void produce_segment(const DecodeParams& p, const Segment& seg, int k
   Tensor s_q = make_tensor(make_smem_ptr(smem.q), typename L::Q{});
   load_query_rows<kHeadDim>(p, seg, kv_head, row_base, s_q, thread);
   arrive_when_copies_land(&smem.q_full);
+  if (use_tma) {
+    // One warp drives the TMA engine; the others only stage query rows.
+    if (thread >= 32) return;
+    for (int tile = 0; tile < num_tiles; ++tile) {
+      Barrier::wait(&smem.k_empty[ring.stage], ring.phase ^ 1);
+      Tensor s_k = make_tensor(make_smem_ptr(smem.k[ring.stage]), typename L::K{});
+      load_tile_tma<Element, kHeadDim>(p, k_map, seg, kv_head, seg.token_begin + tile * kBlockN,
+                                       smem.key_valid[ring.stage], &smem.k_full[ring.stage], s_k);
+      ring.advance();
+    }
+    return;
+  }
   for (int tile = 0; tile < num_tiles; ++tile) {
     Barrier::wait(&smem.k_empty[ring.stage], ring.phase ^ 1);
     int64_t* offsets = smem.token_offset[ring.stage];
-    plan_tile(p, seg, kv_head, seg.token_begin + tile * kBlockN, offsets, thread);
+    plan_tile(p, seg, kv_head, seg.token_begin + tile * kBlockN, offsets,
+              smem.key_valid[ring.stage], thread);
     named_barrier_sync(kProducerBarrier, kProducerThreads);
     Tensor s_k = make_tensor(make_smem_ptr(smem.k[ring.stage]), typename L::K{});
     load_tile<kHeadDim>(p, offsets, s_k, thread);
@@ -247,9 +302,29 @@ __device__ void produce_segment(const DecodeParams& p, const Segment& seg, int k
 
 // A math warpgroup's share of one segment: the online softmax over its tiles, then the
 // output rows (or the split's float32 partial).
+// TMA reads whole boxes: keys of the last tile past the segment's end (on a valid page) hold
+// whatever the cache holds there, NaN included. Their scores are masked, but P V would still
+// multiply 0 by them: math warpgroup w zeroes the value columns of its own keys once its
+// scores are computed (the other warpgroup never reads them for S).
+template <int kHeadDim, typename SmemTensor>
+__device__ __forceinline__ void zero_missing_keys(const Segment& seg, int tile_begin, int wg,
+                                                  int wg_thread, SmemTensor& s_k) {
+  const int first_missing = seg.token_end - tile_begin;
+  if (first_missing >= kBlockN) return;
+  constexpr int chunks_per_row = kHeadDimV / kChunkElems;
+  constexpr int keys_per_wg = kBlockN / kMathWarpGroups;
+  const int begin = max(first_missing, wg * keys_per_wg);
+  const int end = (wg + 1) * keys_per_wg;
+  for (int c = (begin - wg * keys_per_wg) * chunks_per_row + wg_thread;
+       c < (end - wg * keys_per_wg) * chunks_per_row; c += 128) {
+    const int key = wg * keys_per_wg + c / chunks_per_row;
+    *reinterpret_cast<uint4*>(&s_k(key, c % chunks_per_row * kChunkElems)) = make_uint4(0, 0, 0, 0);
+  }
+}
+
 template <typename Element, int kHeadDim>
-__device__ void attend_segment(const DecodeParams& p, const Segment& seg, int kv_head,
-                               int row_base, SharedStorage<Element, kHeadDim>& smem,
+__device__ void attend_segment(const DecodeParams& p, bool use_tma, const Segment& seg,
+                               int kv_head, int row_base, SharedStorage<Element, kHeadDim>& smem,
                                RingPosition& ring, uint32_t& q_phase) {
   using L = Layouts<Element, kHeadDim>;
   const int wg = (threadIdx.x - kProducerThreads) / 128;
@@ -305,7 +380,7 @@ __device__ void attend_segment(const DecodeParams& p, const Segment& seg, int kv
 
   for (int tile = 0; tile < num_tiles; ++tile) {
     const int stage = ring.stage;
-    const int64_t* tile_offsets = smem.token_offset[stage];
+    const uint8_t* key_valid = smem.key_valid[stage];
     const int tile_begin = seg.token_begin + tile * kBlockN;
     Barrier::wait(&smem.k_full[stage], ring.phase);
     // cp.async writes through the generic proxy; wgmma reads through the async proxy.
@@ -318,6 +393,7 @@ __device__ void attend_segment(const DecodeParams& p, const Segment& seg, int kv
     warpgroup_gemm<true>(mma_s, frag_q, frag_k, acc_s);
     // The last tile's scores are the last use of Q: the producer may stage the next segment's.
     if (tile == num_tiles - 1) warp_release(&smem.q_empty);
+    if (use_tma) zero_missing_keys<kHeadDim>(seg, tile_begin, wg, wg_thread, s_k);
 
     // Mask, scale into the log2 domain, and take this warpgroup's row maxima.
     float tile_max[2] = {-INFINITY, -INFINITY};
@@ -325,7 +401,7 @@ __device__ void attend_segment(const DecodeParams& p, const Segment& seg, int kv
     for (int i = 0; i < size(acc_s); ++i) {
       const int half = row_half(i);
       const int key = wg * (kBlockN / kMathWarpGroups) + get<1>(coord_s(i));
-      const bool visible = tile_offsets[key] >= 0 && tile_begin + key < key_limit[half];
+      const bool visible = key_valid[key] && tile_begin + key < key_limit[half];
       const float s = visible ? acc_s(i) * scale_log2 : -INFINITY;
       acc_s(i) = s;
       tile_max[half] = fmaxf(tile_max[half], s);
@@ -353,6 +429,8 @@ __device__ void attend_segment(const DecodeParams& p, const Segment& seg, int kv
       running_sum[half] += prob;
       p_out(i) = static_cast<Element>(prob);
     }
+    // P (and any zeroed keys) were written through the generic proxy; wgmma reads them
+    // through the async proxy.
     cutlass::arch::fence_view_async_shared();
     named_barrier_sync(kMathBarrier, kMathThreads);
 
@@ -413,12 +491,13 @@ __device__ void attend_segment(const DecodeParams& p, const Segment& seg, int kv
 
 template <typename Element, int kHeadDim>
 __global__ void __launch_bounds__(kThreads, 1)
-    split_kv_decode_wgmma_kernel(const __grid_constant__ DecodeParams params) {
+    split_kv_decode_wgmma_kernel(const __grid_constant__ DecodeParams params,
+                                 const __grid_constant__ CUtensorMap k_map, bool use_tma) {
   extern __shared__ __align__(1024) unsigned char smem_bytes[];
   auto& smem = *reinterpret_cast<SharedStorage<Element, kHeadDim>*>(smem_bytes);
   if (threadIdx.x == 0) {
     for (int s = 0; s < kStages; ++s) {
-      Barrier::init(&smem.k_full[s], kFullArrivals);
+      Barrier::init(&smem.k_full[s], use_tma ? kFullArrivalsTma : kFullArrivalsCpAsync);
       Barrier::init(&smem.k_empty[s], kEmptyArrivals);
     }
     Barrier::init(&smem.q_full, kProducerThreads);
@@ -440,8 +519,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     cutlass::arch::warpgroup_reg_dealloc<kProducerRegisters>();
     for (int b = first; b <= last; ++b) {
       if (!request_has_splits(params, b)) continue;
-      produce_segment(params, segment_of_piece(params, piece, b), kv_head, row_base, smem, ring,
-                      q_phase);
+      produce_segment(params, k_map, use_tma, segment_of_piece(params, piece, b), kv_head,
+                      row_base, smem, ring, q_phase);
     }
     // Copies still in flight must land before their issuing threads exit.
     cp_async_wait<0>();
@@ -449,33 +528,37 @@ __global__ void __launch_bounds__(kThreads, 1)
     cutlass::arch::warpgroup_reg_alloc<kMathRegisters>();
     for (int b = first; b <= last; ++b) {
       if (!request_has_splits(params, b)) continue;
-      attend_segment(params, segment_of_piece(params, piece, b), kv_head, row_base, smem, ring,
-                     q_phase);
+      attend_segment(params, use_tma, segment_of_piece(params, piece, b), kv_head, row_base,
+                     smem, ring, q_phase);
     }
   }
 }
 
 template <typename Element, int kHeadDim>
-cudaError_t launch_instance(const DecodeParams& params, dim3 grid, cudaStream_t stream) {
+cudaError_t launch_instance(const DecodeParams& params, const CUtensorMap& k_map, bool use_tma,
+                            dim3 grid, cudaStream_t stream) {
   constexpr size_t smem_size = sizeof(SharedStorage<Element, kHeadDim>);
   static_assert(smem_size <= 227 * 1024, "over the 227 KiB a Hopper CTA may use");
   const auto kernel = split_kv_decode_wgmma_kernel<Element, kHeadDim>;
   const cudaError_t err =
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_size);
   if (err != cudaSuccess) return err;
-  kernel<<<grid, kThreads, smem_size, stream>>>(params);
+  kernel<<<grid, kThreads, smem_size, stream>>>(params, k_map, use_tma);
   return cudaGetLastError();
 }
 
 template <typename Element>
-cudaError_t launch_for_element(const DecodeParams& params, dim3 grid, cudaStream_t stream) {
-  return params.head_dim == 576 ? launch_instance<Element, 576>(params, grid, stream)
-                                : launch_instance<Element, 512>(params, grid, stream);
+cudaError_t launch_for_element(const DecodeParams& params, const CUtensorMap& k_map,
+                               bool use_tma, dim3 grid, cudaStream_t stream) {
+  return params.head_dim == 576
+             ? launch_instance<Element, 576>(params, k_map, use_tma, grid, stream)
+             : launch_instance<Element, 512>(params, k_map, use_tma, grid, stream);
 }
 
 }  // namespace
 
-cudaError_t launch_split_kv_decode_wgmma(const DecodeParams& params, cudaStream_t stream) {
+cudaError_t launch_split_kv_decode_wgmma(const DecodeParams& params, bool allow_tma,
+                                         cudaStream_t stream) {
   if ((params.head_dim != 576 && params.head_dim != 512) ||
       params.head_dim_v != kHeadDimV || params.num_sm_parts <= 0 || params.num_heads_k <= 0)
     return cudaErrorInvalidValue;
@@ -483,9 +566,11 @@ cudaError_t launch_split_kv_decode_wgmma(const DecodeParams& params, cudaStream_
   const int64_t row_blocks = (static_cast<int64_t>(params.rows_per_kv) + kBlockM - 1) / kBlockM;
   if (params.num_heads_k > 65535 || row_blocks > 65535) return cudaErrorInvalidConfiguration;
   const dim3 grid(params.num_sm_parts, params.num_heads_k, static_cast<unsigned>(row_blocks));
+  CUtensorMap k_map = {};
+  const bool use_tma = allow_tma && make_paged_kv_tensor_map(params, &k_map);
   return params.dtype == ElementType::kBF16
-             ? launch_for_element<cutlass::bfloat16_t>(params, grid, stream)
-             : launch_for_element<cutlass::half_t>(params, grid, stream);
+             ? launch_for_element<cutlass::bfloat16_t>(params, k_map, use_tma, grid, stream)
+             : launch_for_element<cutlass::half_t>(params, k_map, use_tma, grid, stream);
 }
 
 }  // namespace jax_flash_mla

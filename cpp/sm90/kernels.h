@@ -20,9 +20,11 @@ cudaError_t launch_tile_schedule(const int32_t* cache_seqlens, int batch, int nu
 // Attention of every piece of the schedule: final (out, lse) for requests with one split,
 // float32 partials in (o_accum, lse_accum) for the others.
 // Two implementations: CUDA cores (decode_kernel.cu, the first version) and Hopper tensor
-// cores (decode_wgmma_kernel.cu).
+// cores (decode_wgmma_kernel.cu), which gathers keys with TMA where the page size allows and
+// `allow_tma`, else with cp.async.
 cudaError_t launch_split_kv_decode(const DecodeParams& params, cudaStream_t stream);
-cudaError_t launch_split_kv_decode_wgmma(const DecodeParams& params, cudaStream_t stream);
+cudaError_t launch_split_kv_decode_wgmma(const DecodeParams& params, bool allow_tma,
+                                         cudaStream_t stream);
 
 // Merges the partials of split requests into (out, lse) and writes the empty output of
 // requests with no keys. Must run after launch_split_kv_decode on the same stream.

@@ -1,0 +1,72 @@
+// The TMA descriptor of the paged latent cache, built on the host for each call.
+//
+// k_cache [num_blocks, page_block_size, num_heads_k, head_dim] is seen as a 3-D tensor
+// (head_dim, num_heads_k, num_blocks * page_block_size): a box of (64 columns, 1 head,
+// `tokens_per_box` consecutive token slots) is 64 x 128-byte rows that land in shared memory
+// already in the 128-byte swizzled layout wgmma reads. A box never crosses a page (it starts
+// on a multiple of tokens_per_box, which divides the page), so a 64-key tile is gathered
+// through the block table with 64 / tokens_per_box boxes per 64 columns.
+#pragma once
+
+#include <cuda.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "../common/host_device.h"
+#include "../common/params.h"
+
+namespace jax_flash_mla {
+
+// Token slots per box: the largest power of two dividing both the page and the 64-key tile.
+// Boxes of fewer than 8 rows would start inside a 1024-byte swizzle period, which the
+// shared-memory layout does not allow; such page sizes use the cp.async gather instead.
+FMLA_HOST_DEVICE int tma_tokens_per_box(int page_block_size) {
+  int tokens = 64;
+  while (tokens > 1 && page_block_size % tokens != 0) tokens /= 2;
+  return tokens;
+}
+
+// The driver function's own type (cuda.h declares it; the entry point avoids linking libcuda).
+using TensorMapEncoder = decltype(&cuTensorMapEncodeTiled);
+
+inline TensorMapEncoder tensor_map_encoder() {
+  static const TensorMapEncoder encode = [] {
+    void* fn = nullptr;
+    cudaDriverEntryPointQueryResult status;
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault,
+                                         &status) != cudaSuccess ||
+        status != cudaDriverEntryPointSuccess)
+      return static_cast<TensorMapEncoder>(nullptr);
+    return reinterpret_cast<TensorMapEncoder>(fn);
+  }();
+  return encode;
+}
+
+// False when TMA cannot express this cache (page not a multiple of 8 tokens, more token slots
+// than an int32 coordinate reaches, or no driver entry point): the caller gathers with cp.async.
+inline bool make_paged_kv_tensor_map(const DecodeParams& p, CUtensorMap* map) {
+  const int tokens_per_box = tma_tokens_per_box(p.page_block_size);
+  const int64_t token_slots = static_cast<int64_t>(p.num_blocks) * p.page_block_size;
+  if (tokens_per_box < 8 || token_slots >= INT32_MAX || token_slots <= 0) return false;
+  const TensorMapEncoder encode = tensor_map_encoder();
+  if (encode == nullptr) return false;
+  const cuuint64_t sizes[3] = {static_cast<cuuint64_t>(p.head_dim),
+                               static_cast<cuuint64_t>(p.num_heads_k),
+                               static_cast<cuuint64_t>(token_slots)};
+  const cuuint64_t row_bytes = static_cast<cuuint64_t>(p.head_dim) * 2;
+  const cuuint64_t strides[2] = {row_bytes, row_bytes * p.num_heads_k};  // dims 1 and 2
+  const cuuint32_t box[3] = {64, 1, static_cast<cuuint32_t>(tokens_per_box)};
+  const cuuint32_t element_strides[3] = {1, 1, 1};
+  const CUtensorMapDataType type = p.dtype == ElementType::kBF16
+                                       ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16
+                                       : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
+  // Out-of-range boxes (invalid pages, keys past the request) read as zeros: the tile's rows
+  // are then finite, so P (0 for them) times V adds nothing.
+  return encode(map, type, 3, const_cast<void*>(p.k_cache), sizes, strides, box, element_strides,
+                CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+}
+
+}  // namespace jax_flash_mla
