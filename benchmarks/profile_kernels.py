@@ -5,7 +5,9 @@
 
 Complements jax_flash_mla/benchmark.py (which times many calls inside one jitted function): this shows
 how a call's time divides between the schedule, split-KV and combine kernels.
-Rows may be given as arguments, `b,h_q,s_k` each (default: ROWS).
+Rows may be given as arguments, `b,h_q,s_k` each (default: ROWS). With `--calls N`, each row
+runs the benchmark's jitted function of N back-to-back calls instead of one call, so that a
+timeline (nsys) or a list of every kernel (ncu without -k) shows what one call costs in there.
 """
 
 import sys
@@ -15,12 +17,13 @@ import jax.numpy as jnp
 import numpy as np
 
 import jax_flash_mla
+from jax_flash_mla.benchmark import make_many_calls
 
 ROWS = [(1, 16, 4096), (1, 128, 4096), (64, 16, 4096), (64, 128, 4096), (128, 128, 4096)]
 PAGE, D, DV = 64, 576, 512
 
 
-def main(rows):
+def main(rows, calls):
     rng = np.random.default_rng(0)
     for b, h_q, s_k in rows:
         max_blocks = s_k // PAGE
@@ -29,12 +32,20 @@ def main(rows):
         q = jax.random.normal(jax.random.key(1), (b, 1, h_q, D), jnp.bfloat16)
         seqlens = jnp.full((b,), s_k, jnp.int32)
         metadata = jax_flash_mla.get_mla_metadata(seqlens, h_q, 1)
-        decode = jax.jit(jax_flash_mla.flash_mla_with_kvcache, static_argnums=(4,))
-        for _ in range(2):
-            jax.block_until_ready(decode(q, pool, table, seqlens, DV, metadata))
+        if calls:
+            many = make_many_calls(jax_flash_mla.flash_mla_with_kvcache, calls, 1, False)
+            for _ in range(3):
+                jax.block_until_ready(many(q, pool, (table,), seqlens, metadata))
+        else:
+            decode = jax.jit(jax_flash_mla.flash_mla_with_kvcache, static_argnums=(4,))
+            for _ in range(2):
+                jax.block_until_ready(decode(q, pool, table, seqlens, DV, metadata))
         print(f"profiled b={b} h_q={h_q} s_k={s_k} num_sm_parts="
               f"{metadata.tile_scheduler_metadata.shape[0]}", flush=True)
 
 
 if __name__ == "__main__":
-    main([tuple(int(x) for x in arg.split(",")) for arg in sys.argv[1:]] or ROWS)
+    args = sys.argv[1:]
+    calls = int(args[args.index("--calls") + 1]) if "--calls" in args else 0
+    rows = [a for i, a in enumerate(args) if a != "--calls" and (i == 0 or args[i - 1] != "--calls")]
+    main([tuple(int(x) for x in arg.split(",")) for arg in rows] or ROWS, calls)

@@ -5,7 +5,7 @@
 # Editable, so that python run from the repository root imports the built package.
 #
 #   bash benchmarks/run_on_device.sh [build] [test] [quicktest] [main] [sanitize] [profile]
-#                                    [devicetest] [detail] [graphs] [demo] [bench] [quickbench]
+#                                    [devicetest] [detail] [timeline] [graphs] [demo] [bench] [quickbench]
 #   (default: build test main sanitize)
 # Logs go under $OUT (the device tool brings that folder back).
 set -uo pipefail
@@ -95,6 +95,24 @@ step_detail() {
     --section SpeedOfLight --section ComputeWorkloadAnalysis --section WarpStateStats \
     python3 benchmarks/profile_kernels.py 64,128,4096 >"$OUT/ncu_detail_h128.log" 2>&1
   grep -E "Throughput|Pipe|Stall|Busy|Bandwidth|Duration|Warp Cycles|Issued" "$OUT"/ncu_detail_h16.log | head -40
+}
+
+# What one call costs inside the benchmark's jitted function of back-to-back calls (b = 1 and
+# b = 64): every kernel XLA runs, with nsys (start times show gaps) when the machine has it,
+# else ncu durations (no cache flush).
+step_timeline() {
+  local rows="1,16,4096 64,16,4096"
+  if command -v nsys >/dev/null; then
+    timeout 240 nsys profile -t cuda -o "$OUT/timeline" -f true \
+      python3 benchmarks/profile_kernels.py --calls 6 $rows >"$OUT/nsys.log" 2>&1
+    nsys stats -r cuda_gpu_trace -f csv -o "$OUT/gpu_trace" "$OUT/timeline.nsys-rep" >/dev/null 2>&1
+    rm -f "$OUT"/timeline.sqlite
+    tail -45 "$OUT"/gpu_trace*.csv | cut -c1-200
+  else
+    timeout 240 ncu --clock-control none --cache-control none --metrics gpu__time_duration.sum \
+      python3 benchmarks/profile_kernels.py --calls 3 $rows >"$OUT/ncu_all.log" 2>&1
+    grep -E "profiled|^  [a-zA-Z_]|gpu__time_duration" "$OUT/ncu_all.log" | cut -c1-110 | tail -70
+  fi
 }
 
 # CUDA graphs: the DeepSeek-style step with XLA command buffers on and off.

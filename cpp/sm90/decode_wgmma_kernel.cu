@@ -267,37 +267,39 @@ __device__ void produce_segment(const DecodeParams& p, const CUtensorMap& k_map,
   const int thread = threadIdx.x;  // 0..127
   const int num_tiles = num_tiles_of(seg);
   if (num_tiles == 0) return;
+  // With TMA one warp drives the copy engine for the keys; with cp.async all producer threads
+  // gather them. Every producer thread stages query rows.
+  const bool loads_keys = !use_tma || thread < 32;
+  const auto load_keys = [&](int tile) {
+    Barrier::wait(&smem.k_empty[ring.stage], ring.phase ^ 1);
+    Tensor s_k = make_tensor(make_smem_ptr(smem.k[ring.stage]), typename L::K{});
+    const int tile_begin = seg.token_begin + tile * kBlockN;
+    if (use_tma) {
+      load_tile_tma<Element, kHeadDim>(p, k_map, seg, kv_head, tile_begin,
+                                       smem.key_valid[ring.stage], &smem.k_full[ring.stage], s_k);
+    } else {
+      int64_t* offsets = smem.token_offset[ring.stage];
+      plan_tile(p, seg, kv_head, tile_begin, offsets, smem.key_valid[ring.stage], thread);
+      named_barrier_sync(kProducerBarrier, kProducerThreads);
+      load_tile<kHeadDim>(p, offsets, s_k, thread);
+      arrive_when_copies_land(&smem.k_full[ring.stage]);
+      // The offsets were written with plain stores: one plain (release) arrival publishes
+      // them to the math warpgroups, after the barrier above ordered every writer before it.
+      if (thread == 0) Barrier::arrive(&smem.k_full[ring.stage]);
+    }
+    ring.advance();
+  };
+  // The first tile's keys go before the query rows: their stage frees once the previous
+  // segment's next-to-last tile is done, the query buffer only after its last tile's scores,
+  // so the new segment's first keys are in flight while the previous one finishes.
+  if (loads_keys) load_keys(0);
   Barrier::wait(&smem.q_empty, q_phase ^ 1);
   q_phase ^= 1;
   Tensor s_q = make_tensor(make_smem_ptr(smem.q), typename L::Q{});
   load_query_rows<kHeadDim>(p, seg, kv_head, row_base, s_q, thread);
   arrive_when_copies_land(&smem.q_full);
-  if (use_tma) {
-    // One warp drives the TMA engine; the others only stage query rows.
-    if (thread >= 32) return;
-    for (int tile = 0; tile < num_tiles; ++tile) {
-      Barrier::wait(&smem.k_empty[ring.stage], ring.phase ^ 1);
-      Tensor s_k = make_tensor(make_smem_ptr(smem.k[ring.stage]), typename L::K{});
-      load_tile_tma<Element, kHeadDim>(p, k_map, seg, kv_head, seg.token_begin + tile * kBlockN,
-                                       smem.key_valid[ring.stage], &smem.k_full[ring.stage], s_k);
-      ring.advance();
-    }
-    return;
-  }
-  for (int tile = 0; tile < num_tiles; ++tile) {
-    Barrier::wait(&smem.k_empty[ring.stage], ring.phase ^ 1);
-    int64_t* offsets = smem.token_offset[ring.stage];
-    plan_tile(p, seg, kv_head, seg.token_begin + tile * kBlockN, offsets,
-              smem.key_valid[ring.stage], thread);
-    named_barrier_sync(kProducerBarrier, kProducerThreads);
-    Tensor s_k = make_tensor(make_smem_ptr(smem.k[ring.stage]), typename L::K{});
-    load_tile<kHeadDim>(p, offsets, s_k, thread);
-    arrive_when_copies_land(&smem.k_full[ring.stage]);
-    // The offsets were written with plain stores: one plain (release) arrival publishes them
-    // to the math warpgroups, after the barrier above ordered every writer before it.
-    if (thread == 0) Barrier::arrive(&smem.k_full[ring.stage]);
-    ring.advance();
-  }
+  if (!loads_keys) return;
+  for (int tile = 1; tile < num_tiles; ++tile) load_keys(tile);
 }
 
 // A math warpgroup's share of one segment: the online softmax over its tiles, then the
