@@ -26,7 +26,11 @@
 #include <cutlass/arch/reg_reconfig.h>
 #include <cutlass/numeric_types.h>
 
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
 #include <cstdint>
+#include <type_traits>
 
 #include "../common/split_kv.h"
 #include "kernels.h"
@@ -475,18 +479,37 @@ __device__ void attend_segment(const DecodeParams& p, bool use_tma, const Segmen
         p.lse_accum[accum_row_index(p, seg.slot, kv_head, row)] = saw_key[h] ? lse[h] : -INFINITY;
     }
   }
+  // Each thread's two rows: where they go is computed once (index math per element made the
+  // epilogue thousands of instructions long, ~10 us a segment). Elements i and i + 1 (i even)
+  // are adjacent columns of one row in wgmma's C layout: stored as one pair.
   const int column_base = wg * (kHeadDimV / kMathWarpGroups);
+  Element* out_row[2];
+  float* partial_row[2];
+  bool row_live[2];
+  for (int h = 0; h < 2; ++h) {
+    const int row = row_base + my_row[h];
+    row_live[h] = row < p.rows_per_kv && (seg.is_only_split || write_partial);
+    const int safe_row = row_live[h] ? row : 0;
+    out_row[h] = static_cast<Element*>(p.out) + out_offset(p, seg.batch_idx, kv_head, safe_row);
+    partial_row[h] = p.o_accum + (write_partial ? accum_row_index(p, seg.slot, kv_head, safe_row)
+                                                 : 0) * kHeadDimV;
+  }
   CUTE_UNROLL
-  for (int i = 0; i < size(acc_o); ++i) {
-    const int row = row_base + get<0>(coord_o(i));
-    if (row >= p.rows_per_kv) continue;
+  for (int i = 0; i < size(acc_o); i += 2) {
+    const int h = row_half(i);
+    if (!row_live[h]) continue;
     const int column = column_base + get<1>(coord_o(i));
-    const float value = acc_o(i) * inv_sum[row_half(i)];
+    const float v0 = acc_o(i) * inv_sum[h];
+    const float v1 = acc_o(i + 1) * inv_sum[h];
     if (seg.is_only_split) {
-      static_cast<Element*>(p.out)[out_offset(p, seg.batch_idx, kv_head, row) + column] =
-          static_cast<Element>(value);
-    } else if (write_partial) {
-      p.o_accum[accum_row_index(p, seg.slot, kv_head, row) * p.head_dim_v + column] = value;
+      using Pair = std::conditional_t<std::is_same_v<Element, cutlass::bfloat16_t>,
+                                      __nv_bfloat162, __half2>;
+      Pair pair;
+      reinterpret_cast<Element*>(&pair)[0] = static_cast<Element>(v0);
+      reinterpret_cast<Element*>(&pair)[1] = static_cast<Element>(v1);
+      *reinterpret_cast<Pair*>(out_row[h] + column) = pair;
+    } else {
+      *reinterpret_cast<float2*>(partial_row[h] + column) = make_float2(v0, v1);
     }
   }
 }
