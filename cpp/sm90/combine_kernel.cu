@@ -94,6 +94,8 @@ __device__ void combine_row(const DecodeParams& params, int64_t global_row, Comb
     for (int s = slot_begin + threadIdx.x; s < slot_end; s += kCombineThreads)
       sum += expf(params.lse_accum[accum_row_index(params, s, kv_head, row)] - max_lse);
     lse = max_lse + logf(block_reduce<false>(sum, smem.reduce));
+    // Unrolled so that several splits' loads are in flight at once (each is an L2 round trip).
+#pragma unroll 4
     for (int s = slot_begin + warp; s < slot_end; s += kCombineWarps) {
       const int64_t accum_row = accum_row_index(params, s, kv_head, row);
       const float weight = expf(params.lse_accum[accum_row] - lse);
