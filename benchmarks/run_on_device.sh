@@ -5,7 +5,7 @@
 # Editable, so that python run from the repository root imports the built package.
 #
 #   bash benchmarks/run_on_device.sh [build] [test] [quicktest] [main] [sanitize] [profile]
-#                                    [devicetest] [detail] [timeline] [graphs] [demo] [bench] [quickbench]
+#                                    [devicetest] [detail] [timeline] [graphbench] [graphs] [demo] [bench] [quickbench]
 #   (default: build test main sanitize)
 # Logs go under $OUT (the device tool brings that folder back).
 set -uo pipefail
@@ -124,6 +124,18 @@ step_graphs() {
 step_demo() {
   python3 -m jax_flash_mla demo --batch 64 --tokens 64 --layers 8 --heads 16 2>&1 | tee "$OUT/demo.log" | tail -8
   return "${PIPESTATUS[0]}"
+}
+
+# Does XLA's command buffer (CUDA graph) around the calls change the figure? b = 1 and b = 64
+# rows with command buffers off, with XLA's defaults, and with no minimum graph size.
+step_graphbench() {
+  for flags in "--xla_gpu_enable_command_buffer=" "" "--xla_gpu_graph_min_graph_size=1"; do
+    for b in 1 64; do
+      echo "--- XLA_FLAGS='$flags' b=$b"
+      XLA_FLAGS="$flags" timeout 120 python3 -m jax_flash_mla bench --quick --batch $b \
+        --out "$OUT/graphbench" 2>&1 | grep -E "^ +[0-9]+ +[0-9]+ "
+    done
+  done | tee "$OUT/graphbench.log"
 }
 
 step_bench() {

@@ -183,6 +183,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--calls", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--quick", action="store_true", help="target rows only, no reference")
+    parser.add_argument("--batch", type=int, default=None,
+                        help="only the target rows of this batch size (with --quick)")
 
 
 def run(args) -> int:
@@ -194,8 +196,9 @@ def run(args) -> int:
     print(f"device: {device.device_kind}; measured copy {copy_gbps:.0f} GB/s, "
           f"bf16 matmul {mm_tflops:.0f} TFLOP/s; FlashMLA figures: {kind}")
     rng = np.random.default_rng(0)
+    rows = [row for row in TARGET_ROWS if args.batch is None or row[0] == args.batch]
     sections = {"target rows (page 64)": [measure(rng, row, 64, args, l2_bytes, not args.quick)
-                                          for row in TARGET_ROWS]}
+                                          for row in rows]}
     if not args.quick:
         sections["page-size sweep"] = [measure(rng, (64, 16, s_k, 1, False, False), page, args,
                                                l2_bytes, False)
