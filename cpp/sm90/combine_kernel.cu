@@ -138,6 +138,18 @@ cudaError_t launch_combine(const DecodeParams& params, cudaStream_t stream) {
   if (total_rows <= 0) return cudaSuccess;
   const unsigned blocks = static_cast<unsigned>(total_rows < kMaxCombineBlocks ? total_rows
                                                                                : kMaxCombineBlocks);
+  // The split-KV kernel runs with the largest shared-memory carveout; asking the same here
+  // spares the SMs a reconfiguration of the L1/shared split between the two kernels.
+  const auto kernel = params.dtype == ElementType::kBF16 ? combine_kernel<__nv_bfloat16>
+                                                        : combine_kernel<__half>;
+  static const cudaError_t carveout_bf16 = cudaFuncSetAttribute(
+      combine_kernel<__nv_bfloat16>, cudaFuncAttributePreferredSharedMemoryCarveout,
+      cudaSharedmemCarveoutMaxShared);
+  static const cudaError_t carveout_fp16 = cudaFuncSetAttribute(
+      combine_kernel<__half>, cudaFuncAttributePreferredSharedMemoryCarveout,
+      cudaSharedmemCarveoutMaxShared);
+  if (carveout_bf16 != cudaSuccess) return carveout_bf16;
+  if (carveout_fp16 != cudaSuccess) return carveout_fp16;
   // Programmatic dependent launch: the launch and the CTAs' start overlap the split-KV
   // kernel's tail (at b = 1 the whole call is a few microseconds of latency).
   cudaLaunchAttribute attribute;
@@ -149,9 +161,7 @@ cudaError_t launch_combine(const DecodeParams& params, cudaStream_t stream) {
   config.stream = stream;
   config.attrs = &attribute;
   config.numAttrs = 1;
-  return params.dtype == ElementType::kBF16
-             ? cudaLaunchKernelEx(&config, combine_kernel<__nv_bfloat16>, params, total_rows)
-             : cudaLaunchKernelEx(&config, combine_kernel<__half>, params, total_rows);
+  return cudaLaunchKernelEx(&config, kernel, params, total_rows);
 }
 
 }  // namespace jax_flash_mla
