@@ -137,11 +137,10 @@ __device__ __forceinline__ void warp_release(uint64_t* barrier) {
   if (threadIdx.x % 32 == 0) Barrier::arrive(barrier);
 }
 
-// C (+)= A B, issued by one warpgroup as one wgmma batch; completes at the next
-// warpgroup_wait (and warpgroup_fence_operand(c) after it).
+// C (+)= A B, issued by one warpgroup, waited for.
 template <bool kZeroInit, typename TiledMma, typename FragA, typename FragB, typename FragC>
-__device__ __forceinline__ void warpgroup_gemm_issue(TiledMma& mma, const FragA& a,
-                                                     const FragB& b, FragC& c) {
+__device__ __forceinline__ void warpgroup_gemm(TiledMma& mma, const FragA& a, const FragB& b,
+                                               FragC& c) {
   warpgroup_fence_operand(c);
   warpgroup_arrive();
   if constexpr (kZeroInit) mma.accumulate_ = GMMA::ScaleOut::Zero;
@@ -151,6 +150,8 @@ __device__ __forceinline__ void warpgroup_gemm_issue(TiledMma& mma, const FragA&
     mma.accumulate_ = GMMA::ScaleOut::One;
   }
   warpgroup_commit_batch();
+  warpgroup_wait<0>();
+  warpgroup_fence_operand(c);
 }
 
 // Which of a thread's two accumulator rows element i of a wgmma C fragment is on; a
@@ -383,31 +384,21 @@ __device__ void attend_segment(const DecodeParams& p, bool use_tma, const Segmen
     q_phase ^= 1;
   }
 
-  // S = Q K^T of the tile in `position`'s stage, once its keys have landed. Issued for tile
-  // i + 1 right behind tile i's P V, so the tensor cores run both back to back while the
-  // stage wait and the wgmma start-up overlap P V.
-  const auto issue_scores = [&](const RingPosition& position) {
-    Barrier::wait(&smem.k_full[position.stage], position.phase);
-    // The keys were written by TMA or cp.async; wgmma reads through the async proxy.
-    cutlass::arch::fence_view_async_shared();
-    Tensor s_k = make_tensor(make_smem_ptr(smem.k[position.stage]), typename L::K{});
-    Tensor s_k_half = local_tile(s_k, Shape<Int<kBlockN / kMathWarpGroups>, Int<kHeadDim>>{},
-                                 make_coord(wg, 0));
-    Tensor frag_k = thr_s.partition_fragment_B(s_k_half);
-    warpgroup_gemm_issue<true>(mma_s, frag_q, frag_k, acc_s);
-  };
-  if (num_tiles > 0) {
-    issue_scores(ring);
-    warpgroup_wait<0>();
-    warpgroup_fence_operand(acc_s);
-  }
-
   for (int tile = 0; tile < num_tiles; ++tile) {
     const int stage = ring.stage;
     const uint8_t* key_valid = smem.key_valid[stage];
     const int tile_begin = seg.token_begin + tile * kBlockN;
+    Barrier::wait(&smem.k_full[stage], ring.phase);
+    // The keys were written by TMA or cp.async; wgmma reads through the async proxy.
+    cutlass::arch::fence_view_async_shared();
+    // Scores of this tile only: issuing the next tile's behind this tile's P V (tried) holds
+    // this stage until the next tile has landed, so with 2 stages the next load cannot start
+    // early; b >= 32 rows lost 20-30%.
     Tensor s_k = make_tensor(make_smem_ptr(smem.k[stage]), typename L::K{});
-    // This tile's scores are complete (waited at the end of the previous iteration).
+    Tensor s_k_half = local_tile(s_k, Shape<Int<kBlockN / kMathWarpGroups>, Int<kHeadDim>>{},
+                                 make_coord(wg, 0));
+    Tensor frag_k = thr_s.partition_fragment_B(s_k_half);
+    warpgroup_gemm<true>(mma_s, frag_q, frag_k, acc_s);
     // The last tile's scores are the last use of Q: the producer may stage the next segment's.
     if (tile == num_tiles - 1) warp_release(&smem.q_empty);
     if (use_tma) zero_missing_keys<kHeadDim>(seg, tile_begin, wg, wg_thread, s_k);
@@ -457,17 +448,10 @@ __device__ void attend_segment(const DecodeParams& p, bool use_tma, const Segmen
     Tensor s_vt_half = local_tile(s_vt, Shape<Int<kHeadDimV / kMathWarpGroups>, Int<kBlockN>>{},
                                   make_coord(wg, 0));
     Tensor frag_v = thr_o.partition_fragment_B(s_vt_half);
-    warpgroup_gemm_issue<false>(mma_o, frag_p, frag_v, acc_o);
-    RingPosition next = ring;
-    next.advance();
-    // acc_s is free: this tile's scores became P above.
-    if (tile + 1 < num_tiles) issue_scores(next);
-    warpgroup_wait<0>();
-    warpgroup_fence_operand(acc_o);
-    warpgroup_fence_operand(acc_s);
+    warpgroup_gemm<false>(mma_o, frag_p, frag_v, acc_o);
     // This warp's P V wgmma has completed: its reads of the stage (and of P) are over.
     warp_release(&smem.k_empty[stage]);
-    ring = next;
+    ring.advance();
   }
 
   // Denominators: the quad's partial sums, then the other warpgroup's keys.
