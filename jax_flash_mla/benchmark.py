@@ -197,17 +197,17 @@ def run(args) -> int:
           f"bf16 matmul {mm_tflops:.0f} TFLOP/s; FlashMLA figures: {kind}")
     rng = np.random.default_rng(0)
     rows = [row for row in TARGET_ROWS if args.batch is None or row[0] == args.batch]
-    sections = {"target rows (page 64)": [measure(rng, row, 64, args, l2_bytes, not args.quick)
-                                          for row in rows]}
+    jobs = {"target rows (page 64)": [(row, 64, not args.quick) for row in rows]}
     if not args.quick:
-        sections["page-size sweep"] = [measure(rng, (64, 16, s_k, 1, False, False), page, args,
-                                               l2_bytes, False)
-                                       for s_k in (4096, 16384) for page in PAGE_SWEEP]
-        sections["s_k sweep (b=64, h_q=16)"] = [measure(rng, (64, 16, s_k, 1, False, False), 64,
-                                                        args, l2_bytes, False)
-                                                for s_k in SK_SWEEP]
-    for title, results in sections.items():
-        print_table(title, results, copy_gbps, mm_tflops, anchors)
+        jobs["page-size sweep"] = [((64, 16, s_k, 1, False, False), page, False)
+                                   for s_k in (4096, 16384) for page in PAGE_SWEEP]
+        jobs["s_k sweep (b=64, h_q=16)"] = [((64, 16, s_k, 1, False, False), 64, False)
+                                            for s_k in SK_SWEEP]
+    sections = {}
+    for title, section_jobs in jobs.items():  # each table printed as soon as it is measured
+        sections[title] = [measure(rng, row, page, args, l2_bytes, with_reference)
+                           for row, page, with_reference in section_jobs]
+        print_table(title, sections[title], copy_gbps, mm_tflops, anchors)
     all_rows = [dict(r, section=t) for t, rs in sections.items() for r in rs]
     with open(os.path.join(args.out, "bench.json"), "w") as f:
         json.dump(dict(device=device.device_kind, copy_gbps=copy_gbps, matmul_tflops=mm_tflops,

@@ -137,6 +137,17 @@ FMLA_HOST_DEVICE Segment segment_of_piece(const DecodeParams& p, const int32_t* 
   return s;
 }
 
+// Calls visit(segment) for each segment of the piece whose metadata row is `row`, in request
+// order: the one walk over a piece, shared by the CPU path and every kernel (and both roles of
+// the warp-specialized one, whose pipelines stay in step because they visit the same list).
+template <typename Visit>
+FMLA_HOST_DEVICE void for_each_segment(const DecodeParams& p, const int32_t* row, Visit&& visit) {
+  int first, last;
+  piece_request_range(p, row, &first, &last);
+  for (int b = first; b <= last; ++b)
+    if (request_has_splits(p, b)) visit(segment_of_piece(p, row, b));
+}
+
 // Split slots of request `batch_idx` that may be read, clamped to the buffer whatever
 // num_splits holds; `splits` is the unclamped count (0: empty request, 1: no combine needed).
 FMLA_HOST_DEVICE void split_slot_range(const DecodeParams& p, int batch_idx, int* begin, int* end,

@@ -104,19 +104,15 @@ void split_kv_decode_cpu(const DecodeParams& p) {
   std::vector<float> q(p.head_dim), acc(p.head_dim_v), scores;
   for (int part = 0; part < p.num_sm_parts; ++part) {
     const int32_t* row_meta = p.tile_scheduler_metadata + static_cast<int64_t>(part) * kMetadataInts;
-    int first, last;
-    piece_request_range(p, row_meta, &first, &last);
-    for (int b = first; b <= last; ++b) {
-      if (!request_has_splits(p, b)) continue;
-      const Segment seg = segment_of_piece(p, row_meta, b);
-      const int seqlen = clamped_seqlen(p, b);
+    for_each_segment(p, row_meta, [&](const Segment& seg) {
+      const int seqlen = clamped_seqlen(p, seg.batch_idx);
       for (int kv_head = 0; kv_head < p.num_heads_k; ++kv_head) {
         load_segment_keys(p, seg, kv_head, &keys);
         scores.resize(keys.token.size());
         for (int row = 0; row < p.rows_per_kv; ++row)
           attend_row(p, seg, kv_head, row, seqlen, keys, q, scores, acc);
       }
-    }
+    });
   }
 }
 

@@ -8,8 +8,6 @@
 
 namespace jax_flash_mla {
 
-void tile_schedule_cpu(const int32_t* cache_seqlens, int batch, int num_sm_parts,
-                       int32_t* tile_scheduler_metadata, int32_t* num_splits);
 void split_kv_decode_cpu(const DecodeParams& params);
 void combine_cpu(const DecodeParams& params);
 

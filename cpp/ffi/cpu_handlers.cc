@@ -2,6 +2,7 @@
 // the CPU schedule, split-KV step and combine.
 #include <cstdint>
 
+#include "../common/tile_scheduler.h"
 #include "../cpu/decode_cpu.h"
 #include "decode_args.h"
 #include "xla/ffi/api/ffi.h"
@@ -15,11 +16,11 @@ ffi::Error GetMlaMetadataCpuImpl(ffi::AnyBuffer cache_seqlens,
   if (ffi::Error error = check_metadata_args(cache_seqlens, tile_scheduler_metadata, num_splits);
       error.failure())
     return error;
-  tile_schedule_cpu(static_cast<const int32_t*>(cache_seqlens.untyped_data()),
-                    static_cast<int>(cache_seqlens.dimensions()[0]),
-                    static_cast<int>(tile_scheduler_metadata->dimensions()[0]),
-                    static_cast<int32_t*>(tile_scheduler_metadata->untyped_data()),
-                    static_cast<int32_t*>(num_splits->untyped_data()));
+  build_tile_schedule(static_cast<const int32_t*>(cache_seqlens.untyped_data()),
+                      static_cast<int>(cache_seqlens.dimensions()[0]),
+                      static_cast<int>(tile_scheduler_metadata->dimensions()[0]),
+                      static_cast<int32_t*>(tile_scheduler_metadata->untyped_data()),
+                      static_cast<int32_t*>(num_splits->untyped_data()));
   return ffi::Error::Success();
 }
 

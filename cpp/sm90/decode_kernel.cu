@@ -332,13 +332,9 @@ __global__ void __launch_bounds__(kThreads, 2)
   auto& smem = *reinterpret_cast<SharedStorage<Element>*>(smem_bytes);
   const int32_t* piece =
       params.tile_scheduler_metadata + static_cast<int64_t>(blockIdx.x) * kMetadataInts;
-  int first, last;
-  piece_request_range(params, piece, &first, &last);
-  for (int b = first; b <= last; ++b) {
-    if (!request_has_splits(params, b)) continue;
-    attend_segment(params, segment_of_piece(params, piece, b), blockIdx.y,
-                   blockIdx.z * kRowsPerCta, smem);
-  }
+  for_each_segment(params, piece, [&](const Segment& seg) {
+    attend_segment(params, seg, blockIdx.y, blockIdx.z * kRowsPerCta, smem);
+  });
 }
 
 template <typename Element>

@@ -535,8 +535,6 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   const int32_t* piece =
       params.tile_scheduler_metadata + static_cast<int64_t>(blockIdx.x) * kMetadataInts;
-  int first, last;
-  piece_request_range(params, piece, &first, &last);
   RingPosition ring;
   uint32_t q_phase = 0;
   const int kv_head = blockIdx.y;
@@ -544,20 +542,16 @@ __global__ void __launch_bounds__(kThreads, 1)
   // Both roles walk the same segments in the same order, so their ring positions agree.
   if (threadIdx.x < kProducerThreads) {
     cutlass::arch::warpgroup_reg_dealloc<kProducerRegisters>();
-    for (int b = first; b <= last; ++b) {
-      if (!request_has_splits(params, b)) continue;
-      produce_segment(params, k_map, use_tma, segment_of_piece(params, piece, b), kv_head,
-                      row_base, smem, ring, q_phase);
-    }
+    for_each_segment(params, piece, [&](const Segment& seg) {
+      produce_segment(params, k_map, use_tma, seg, kv_head, row_base, smem, ring, q_phase);
+    });
     // Copies still in flight must land before their issuing threads exit.
     cp_async_wait<0>();
   } else {
     cutlass::arch::warpgroup_reg_alloc<kMathRegisters>();
-    for (int b = first; b <= last; ++b) {
-      if (!request_has_splits(params, b)) continue;
-      attend_segment(params, use_tma, segment_of_piece(params, piece, b), kv_head, row_base,
-                     smem, ring, q_phase);
-    }
+    for_each_segment(params, piece, [&](const Segment& seg) {
+      attend_segment(params, use_tma, seg, kv_head, row_base, smem, ring, q_phase);
+    });
   }
 }
 
