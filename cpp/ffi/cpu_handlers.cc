@@ -28,11 +28,11 @@ ffi::Error FlashMlaDecodeCpuImpl(ffi::AnyBuffer q, ffi::AnyBuffer k_cache,
                                  ffi::AnyBuffer block_table, ffi::AnyBuffer cache_seqlens,
                                  ffi::AnyBuffer tile_scheduler_metadata, ffi::AnyBuffer num_splits,
                                  std::optional<ffi::AnyBuffer> /*initial_out*/,
-                                 std::optional<ffi::AnyBuffer> /*initial_lse*/,
-                                 ffi::Result<ffi::AnyBuffer> out, ffi::Result<ffi::AnyBuffer> lse,
+                                 std::optional<ffi::AnyBuffer> /*initial_lse*/, float softmax_scale,
+                                 bool causal, int32_t head_dim_v, ffi::Result<ffi::AnyBuffer> out,
+                                 ffi::Result<ffi::AnyBuffer> lse,
                                  ffi::Result<ffi::AnyBuffer> o_accum,
-                                 ffi::Result<ffi::AnyBuffer> lse_accum, float softmax_scale,
-                                 bool causal, int32_t head_dim_v) {
+                                 ffi::Result<ffi::AnyBuffer> lse_accum) {
   DecodeParams params;
   if (ffi::Error error = decode_params(q, k_cache, block_table, cache_seqlens,
                                        tile_scheduler_metadata, num_splits, softmax_scale, causal,
@@ -49,25 +49,7 @@ ffi::Error FlashMlaDecodeCpuImpl(ffi::AnyBuffer q, ffi::AnyBuffer k_cache,
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jax_flash_mla_get_mla_metadata_cpu,
                               jax_flash_mla::GetMlaMetadataCpuImpl,
-                              xla::ffi::Ffi::Bind()
-                                  .Arg<xla::ffi::AnyBuffer>()   // cache_seqlens
-                                  .Ret<xla::ffi::AnyBuffer>()   // tile_scheduler_metadata
-                                  .Ret<xla::ffi::AnyBuffer>());  // num_splits
+                              jax_flash_mla::bind_metadata_operands(xla::ffi::Ffi::Bind()));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jax_flash_mla_decode_cpu, jax_flash_mla::FlashMlaDecodeCpuImpl,
-                              xla::ffi::Ffi::Bind()
-                                  .Arg<xla::ffi::AnyBuffer>()          // q
-                                  .Arg<xla::ffi::AnyBuffer>()          // k_cache
-                                  .Arg<xla::ffi::AnyBuffer>()          // block_table
-                                  .Arg<xla::ffi::AnyBuffer>()          // cache_seqlens
-                                  .Arg<xla::ffi::AnyBuffer>()          // tile_scheduler_metadata
-                                  .Arg<xla::ffi::AnyBuffer>()          // num_splits
-                                  .OptionalArg<xla::ffi::AnyBuffer>()  // initial out (aliased)
-                                  .OptionalArg<xla::ffi::AnyBuffer>()  // initial lse (aliased)
-                                  .Ret<xla::ffi::AnyBuffer>()          // out
-                                  .Ret<xla::ffi::AnyBuffer>()          // lse
-                                  .Ret<xla::ffi::AnyBuffer>()          // o_accum
-                                  .Ret<xla::ffi::AnyBuffer>()          // lse_accum
-                                  .Attr<float>("softmax_scale")
-                                  .Attr<bool>("causal")
-                                  .Attr<int32_t>("head_dim_v"));
+                              jax_flash_mla::bind_decode_operands(xla::ffi::Ffi::Bind()));

@@ -79,33 +79,14 @@ ffi::Error DecodeImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k_ca
 }  // namespace
 }  // namespace jax_flash_mla
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(jax_flash_mla_get_mla_metadata_cuda,
-                              jax_flash_mla::GetMlaMetadataImpl,
-                              xla::ffi::Ffi::Bind()
-                                  .Ctx<xla::ffi::PlatformStream<cudaStream_t>>()  // stream
-                                  .Arg<xla::ffi::AnyBuffer>()  // cache_seqlens [batch] int32
-                                  .Ret<xla::ffi::AnyBuffer>()  // tile_scheduler_metadata
-                                  .Ret<xla::ffi::AnyBuffer>(),  // num_splits [batch + 1]
-                              {xla::ffi::Traits::kCmdBufferCompatible});
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    jax_flash_mla_get_mla_metadata_cuda, jax_flash_mla::GetMlaMetadataImpl,
+    jax_flash_mla::bind_metadata_operands(
+        xla::ffi::Ffi::Bind().Ctx<xla::ffi::PlatformStream<cudaStream_t>>()),
+    {xla::ffi::Traits::kCmdBufferCompatible});
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(jax_flash_mla_decode_cuda, jax_flash_mla::DecodeImpl,
-                              xla::ffi::Ffi::Bind()
-                                  .Ctx<xla::ffi::PlatformStream<cudaStream_t>>()  // stream
-                                  .Arg<xla::ffi::AnyBuffer>()  // q
-                                  .Arg<xla::ffi::AnyBuffer>()  // k_cache
-                                  .Arg<xla::ffi::AnyBuffer>()  // block_table
-                                  .Arg<xla::ffi::AnyBuffer>()  // cache_seqlens
-                                  .Arg<xla::ffi::AnyBuffer>()  // tile_scheduler_metadata
-                                  .Arg<xla::ffi::AnyBuffer>()  // num_splits
-                                  // initial out and lse, aliased to out and lse when given
-                                  // (tests poison them); the kernels write every element.
-                                  .OptionalArg<xla::ffi::AnyBuffer>()  // initial_out
-                                  .OptionalArg<xla::ffi::AnyBuffer>()  // initial_lse
-                                  .Attr<float>("softmax_scale")
-                                  .Attr<bool>("causal")
-                                  .Attr<int32_t>("head_dim_v")
-                                  .Ret<xla::ffi::AnyBuffer>()   // out
-                                  .Ret<xla::ffi::AnyBuffer>()   // lse
-                                  .Ret<xla::ffi::AnyBuffer>()   // o_accum (split scratch)
-                                  .Ret<xla::ffi::AnyBuffer>(),  // lse_accum (split scratch)
-                              {xla::ffi::Traits::kCmdBufferCompatible});
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    jax_flash_mla_decode_cuda, jax_flash_mla::DecodeImpl,
+    jax_flash_mla::bind_decode_operands(
+        xla::ffi::Ffi::Bind().Ctx<xla::ffi::PlatformStream<cudaStream_t>>()),
+    {xla::ffi::Traits::kCmdBufferCompatible});

@@ -5,6 +5,7 @@
 
 #include <cstdint>
 #include <string>
+#include <utility>
 
 #include "../common/params.h"
 #include "../common/tile_scheduler.h"
@@ -182,6 +183,36 @@ inline ffi::Error check_metadata_args(ffi::AnyBuffer cache_seqlens,
   if (!has_shape(num_splits->dimensions(), {batch + 1}))
     return shape_error("num_splits", shape_string({batch + 1}), num_splits->dimensions());
   return ffi::Error::Success();
+}
+
+// The operands of the two targets, in the order both platforms' handlers take them (the CUDA
+// handlers bind their stream first): one list, so the CPU and CUDA targets cannot drift apart.
+template <typename Binding>
+auto bind_metadata_operands(Binding binding) {
+  return std::move(binding).template Arg<ffi::AnyBuffer>()  // cache_seqlens [batch] int32
+      .template Ret<ffi::AnyBuffer>()            // tile_scheduler_metadata
+      .template Ret<ffi::AnyBuffer>();           // num_splits [batch + 1]
+}
+
+// Initial out and lse are aliased to out and lse when given (tests poison them; the kernels
+// write every element); o_accum and lse_accum are the split scratch, owned by XLA.
+template <typename Binding>
+auto bind_decode_operands(Binding binding) {
+  return std::move(binding).template Arg<ffi::AnyBuffer>()  // q
+      .template Arg<ffi::AnyBuffer>()            // k_cache
+      .template Arg<ffi::AnyBuffer>()            // block_table
+      .template Arg<ffi::AnyBuffer>()            // cache_seqlens
+      .template Arg<ffi::AnyBuffer>()            // tile_scheduler_metadata
+      .template Arg<ffi::AnyBuffer>()            // num_splits
+      .template OptionalArg<ffi::AnyBuffer>()    // initial_out
+      .template OptionalArg<ffi::AnyBuffer>()    // initial_lse
+      .template Attr<float>("softmax_scale")
+      .template Attr<bool>("causal")
+      .template Attr<int32_t>("head_dim_v")
+      .template Ret<ffi::AnyBuffer>()   // out
+      .template Ret<ffi::AnyBuffer>()   // lse
+      .template Ret<ffi::AnyBuffer>()   // o_accum
+      .template Ret<ffi::AnyBuffer>();  // lse_accum
 }
 
 }  // namespace jax_flash_mla
