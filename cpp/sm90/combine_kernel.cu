@@ -18,6 +18,7 @@
 
 #include "../common/split_kv.h"
 #include "kernels.h"
+#include "once_per_device.h"
 
 namespace jax_flash_mla {
 namespace {
@@ -142,14 +143,16 @@ cudaError_t launch_combine(const DecodeParams& params, cudaStream_t stream) {
   // spares the SMs a reconfiguration of the L1/shared split between the two kernels.
   const auto kernel = params.dtype == ElementType::kBF16 ? combine_kernel<__nv_bfloat16>
                                                         : combine_kernel<__half>;
-  static const cudaError_t carveout_bf16 = cudaFuncSetAttribute(
-      combine_kernel<__nv_bfloat16>, cudaFuncAttributePreferredSharedMemoryCarveout,
-      cudaSharedmemCarveoutMaxShared);
-  static const cudaError_t carveout_fp16 = cudaFuncSetAttribute(
-      combine_kernel<__half>, cudaFuncAttributePreferredSharedMemoryCarveout,
-      cudaSharedmemCarveoutMaxShared);
-  if (carveout_bf16 != cudaSuccess) return carveout_bf16;
-  if (carveout_fp16 != cudaSuccess) return carveout_fp16;
+  const cudaError_t carveout = once_per_device([] {
+    const cudaError_t bf16 = cudaFuncSetAttribute(combine_kernel<__nv_bfloat16>,
+                                                  cudaFuncAttributePreferredSharedMemoryCarveout,
+                                                  cudaSharedmemCarveoutMaxShared);
+    return bf16 != cudaSuccess ? bf16
+                               : cudaFuncSetAttribute(combine_kernel<__half>,
+                                                      cudaFuncAttributePreferredSharedMemoryCarveout,
+                                                      cudaSharedmemCarveoutMaxShared);
+  });
+  if (carveout != cudaSuccess) return carveout;
   // Programmatic dependent launch: the launch and the CTAs' start overlap the split-KV
   // kernel's tail (at b = 1 the whole call is a few microseconds of latency).
   cudaLaunchAttribute attribute;

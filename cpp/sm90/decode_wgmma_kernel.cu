@@ -34,6 +34,7 @@
 
 #include "../common/split_kv.h"
 #include "kernels.h"
+#include "once_per_device.h"
 #include "paged_kv_tensor_map.h"
 
 namespace jax_flash_mla {
@@ -561,9 +562,9 @@ cudaError_t launch_instance(const DecodeParams& params, const CUtensorMap& k_map
   constexpr size_t smem_size = sizeof(SharedStorage<Element, kHeadDim>);
   static_assert(smem_size <= 227 * 1024, "over the 227 KiB a Hopper CTA may use");
   const auto kernel = split_kv_decode_wgmma_kernel<Element, kHeadDim>;
-  // Once per process and instantiation (a driver call each time is host latency per decode).
-  static const cudaError_t err =
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_size);
+  const cudaError_t err = once_per_device([&] {
+    return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_size);
+  });
   if (err != cudaSuccess) return err;
   kernel<<<grid, kThreads, smem_size, stream>>>(params, k_map, use_tma);
   return cudaGetLastError();
