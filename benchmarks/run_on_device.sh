@@ -5,7 +5,7 @@
 # Editable, so that python run from the repository root imports the built package.
 #
 #   bash benchmarks/run_on_device.sh [build] [test] [quicktest] [main] [sanitize] [profile]
-#                                    [devicetest] [detail] [timeline] [graphbench] [graphs] [demo] [bench] [quickbench]
+#                                    [devicetest] [detail] [timeline] [graphbench] [multigpu] [graphs] [demo] [bench] [quickbench]
 #   (default: build test main sanitize)
 # Logs go under $OUT (the device tool brings that folder back).
 set -uo pipefail
@@ -136,6 +136,17 @@ step_graphbench() {
         --out "$OUT/graphbench" 2>&1 | grep -E "^ +[0-9]+ +[0-9]+ "
     done
   done | tee "$OUT/graphbench.log"
+}
+
+# Multi-GPU (issue 5): the demo's decode loop with heads split over every GPU and with one
+# engine per GPU, each first checked against one GPU.
+step_multigpu() {
+  nvidia-smi -L
+  for layout in tp dp; do
+    timeout 240 python3 -m jax_flash_mla demo --parallel $layout --check --batch 64 \
+      --tokens 64 --layers 8 --heads 128 --max-prompt 256 2>&1 | tee "$OUT/demo_$layout.log" | \
+      grep -v "^decode \["
+  done
 }
 
 step_bench() {

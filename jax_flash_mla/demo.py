@@ -1,6 +1,10 @@
 """`jax-flash-mla demo`: a small DeepSeek-style model decoding a ragged batch on whatever JAX
 has (CPU or GPU): prefill, then a jitted decode loop over the paged cache with the kernel,
-a progress bar, and tokens/s and per-step latency at the end."""
+a progress bar, and tokens/s and per-step latency at the end.
+
+`--parallel tp` splits the heads over every local device, `--parallel dp` gives each device its
+own requests and page pool (see models/parallel.py); `--check` compares the first step's
+logits with one device decoding the same batch."""
 
 from __future__ import annotations
 
@@ -12,8 +16,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
 from jax_flash_mla import cache as paged
-from jax_flash_mla.models import deepseek
+from jax_flash_mla.models import deepseek, parallel
 
 
 def add_arguments(parser) -> None:
@@ -25,6 +31,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--page-size", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--parallel", choices=("none", "tp", "dp"), default="none",
+                        help="over every local device: tp splits heads, dp splits requests")
+    parser.add_argument("--check", action="store_true",
+                        help="compare the first step's logits with one device")
 
 
 def _progress(step, total, latency_ms, width=30):
@@ -39,16 +49,73 @@ def _progress(step, total, latency_ms, width=30):
         print(line)
 
 
+def _prefill(params, prompts, config, args, engines):
+    """The prefilled cache: one pool, or (dp) one pool per engine, stacked."""
+    per_engine = len(prompts) // engines
+    blocks_per_seq = -(-(args.max_prompt + args.tokens) // args.page_size)
+    caches = []
+    for e in range(engines):
+        cache = paged.init_cache(config.num_layers, per_engine * blocks_per_seq, args.page_size,
+                                 per_engine, blocks_per_seq, config.latent_dim, jnp.bfloat16)
+        caches.append(deepseek.prefill(params, cache, prompts[e * per_engine:(e + 1) * per_engine],
+                                       config))
+    if engines == 1:
+        return caches[0]
+    return (parallel.stack_engine_caches([c for c, _ in caches]),
+            jnp.concatenate([logits for _, logits in caches]))
+
+
+def _placed_step(args, config, params, cache):
+    """(step, params, cache, place, what) for the chosen layout: step(params, cache, tokens,
+    active) returns (cache, logits, ok) with the cache donated; place() puts per-request arrays
+    where the step's own outputs will be (so the second step does not compile again)."""
+    devices = jax.devices()
+    if args.parallel == "none":
+        step = jax.jit(lambda p, c, t, a: deepseek.decode_step(p, c, t, a, config),
+                       donate_argnums=1)
+        return step, params, cache, lambda x: x, "one device"
+    mesh = Mesh(np.array(devices), (args.parallel,))
+    if args.parallel == "tp":
+        return (parallel.tensor_parallel_step(config),
+                parallel.head_sharded_params(params, mesh, "tp"), parallel.replicated(cache, mesh),
+                lambda x: parallel.replicated(x, mesh),
+                f"tensor parallel over {len(devices)} devices, "
+                f"{config.num_heads // len(devices)} heads each")
+    by_request = NamedSharding(mesh, PartitionSpec("dp"))
+    return (parallel.data_parallel_step(config, mesh, "dp"), params, cache,
+            lambda x: jax.device_put(x, by_request),
+            f"data parallel over {len(devices)} devices, "
+            f"{args.batch // len(devices)} requests and their pages each")
+
+
+def _check_against_one_device(args, config, params, cache, tokens, active, logits):
+    """Max |difference| of the first step's logits from one device decoding the same batch
+    from one pool, relative to their largest magnitude; False above one bf16 rounding (the
+    layouts sum in another order and schedule splits differently)."""
+    one_pool = parallel.as_one_pool(cache, len(jax.devices())) if args.parallel == "dp" else cache
+    device = jax.devices()[0]
+    _, want, _ = jax.jit(lambda p, c, t, a: deepseek.decode_step(p, c, t, a, config))(
+        *jax.device_put((params, one_pool, tokens, active), device))
+    want, got = np.asarray(want), np.asarray(logits)
+    error = float(np.max(np.abs(got - want)) / np.max(np.abs(want)))
+    same = error <= 2.0**-7
+    print(f"first step against one device: max |logits difference| / max |logits| = "
+          f"{error:.2e}: {'OK' if same else 'MISMATCH'}")
+    return same
+
+
 def run(args) -> int:
     config = deepseek.Config(hidden=args.hidden, num_layers=args.layers, num_heads=args.heads)
+    engines = len(jax.devices()) if args.parallel == "dp" else 1
+    if args.parallel == "tp" and config.num_heads % len(jax.devices()):
+        raise SystemExit(f"--parallel tp: --heads {config.num_heads} must divide over "
+                         f"{len(jax.devices())} devices")
+    if args.batch % engines:
+        raise SystemExit(f"--parallel dp: --batch {args.batch} must divide over {engines} devices")
     rng = np.random.default_rng(args.seed)
     params = deepseek.init_params(config, jax.random.key(args.seed))
     prompts = [list(rng.integers(0, config.vocab_size, size=int(n)))
                for n in rng.integers(1, args.max_prompt + 1, size=args.batch)]
-    max_tokens = args.max_prompt + args.tokens
-    blocks_per_seq = -(-max_tokens // args.page_size)
-    cache = paged.init_cache(config.num_layers, args.batch * blocks_per_seq, args.page_size,
-                             args.batch, blocks_per_seq, config.latent_dim, jnp.bfloat16)
     device = jax.devices()[0]
     print(f"device: {device.device_kind} ({device.platform}); model: {config.num_layers} layers, "
           f"{config.num_heads} heads, hidden {config.hidden}, MLA latent {config.latent_dim}")
@@ -56,22 +123,28 @@ def run(args) -> int:
           f"{args.tokens} new tokens each, page {args.page_size}")
 
     start = time.perf_counter()
-    cache, logits = deepseek.prefill(params, cache, prompts, config)
+    cache, logits = _prefill(params, prompts, config, args, engines)
     jax.block_until_ready(logits)
     print(f"prefill: {time.perf_counter() - start:.2f} s")
 
     active = jnp.ones((args.batch,), bool)
-
-    def step(cache, tokens):
-        cache, logits, ok = deepseek.decode_step(params, cache, tokens, active, config)
-        return cache, jnp.argmax(logits, axis=-1).astype(jnp.int32), ok
-
-    step = jax.jit(step, donate_argnums=0)
     tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    step, placed_params, cache, place, layout = _placed_step(args, config, params, cache)
+    print(f"decode: {layout}")
+    # The one-device reference reads the cache before the first (donating) step does.
+    reference = (params, cache, tokens, active) if args.check else None
+    if reference is not None:
+        reference = jax.tree_util.tree_map(lambda x: jnp.array(x, copy=True), reference)
+    tokens, active = place(tokens), place(active)
+    next_tokens = jax.jit(lambda logits: jnp.argmax(logits, axis=-1).astype(jnp.int32))
     latencies, generated = [], []
     for i in range(args.tokens):
         t0 = time.perf_counter()
-        cache, tokens, ok = step(cache, tokens)
+        cache, logits, ok = step(placed_params, cache, tokens, active)
+        if i == 0 and reference is not None:
+            if not _check_against_one_device(args, config, *reference, logits):
+                return 1
+        tokens = next_tokens(logits)
         tokens.block_until_ready()
         latencies.append(time.perf_counter() - t0)
         generated.append(np.asarray(tokens))

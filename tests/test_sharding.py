@@ -118,7 +118,7 @@ def test_tensor_parallel_deepseek_step_keeps_the_cache_in_place(rng):
     weights, replicated latent cache): same logits as one device, and the only collective
     is the reduction of the output projection over heads, never a gather of the cache."""
     from jax_flash_mla import cache as paged
-    from jax_flash_mla.models import deepseek
+    from jax_flash_mla.models import deepseek, parallel
 
     config = deepseek.Config(vocab_size=128, hidden=128, num_layers=2, num_heads=16,
                              q_lora_rank=64, mlp_hidden=256)
@@ -128,34 +128,22 @@ def test_tensor_parallel_deepseek_step_keeps_the_cache_in_place(rng):
     cache, logits = deepseek.prefill(params, cache, prompts, config)
     tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     active = jnp.ones((4,), bool)
-    step = lambda params, cache, tokens: deepseek.decode_step(params, cache, tokens, active,
-                                                              config)[1]
+    _, want, _ = jax.jit(lambda c, t: deepseek.decode_step(params, c, t, active, config))(
+        cache, tokens)
 
     mesh = cpu_mesh((DEVICES,), ("tp",))
-    head_axis = {"w_uq": 1, "w_uk": 1, "w_uv": 1, "w_o": 0}
-
-    def spec(path, leaf):
-        name = getattr(path[-1], "key", None)
-        axes = [None] * leaf.ndim
-        if name in head_axis:
-            axes[head_axis[name]] = "tp"
-        return NamedSharding(mesh, P(*axes))
-
-    sharded_params = jax.tree_util.tree_map_with_path(
-        lambda path, leaf: jax.device_put(leaf, spec(path, leaf)), params)
-    replicated = NamedSharding(mesh, P())
-    sharded_cache = jax.device_put(cache, replicated)
-    compiled = jax.jit(step).lower(sharded_params, sharded_cache,
-                                   jax.device_put(tokens, replicated)).compile()
-    hlo = compiled.as_text()
+    step = parallel.tensor_parallel_step(config)
+    args = (parallel.head_sharded_params(params, mesh, "tp"), parallel.replicated(cache, mesh),
+            parallel.replicated(tokens, mesh), parallel.replicated(active, mesh))
+    hlo = step.lower(*args).compile().as_text()
     pool_shape = "bf16[2,32,8,1,576]"
     gathers = [line for line in hlo.splitlines() if "all-gather" in line and pool_shape in line]
     assert not gathers, gathers
     decode = [line for line in hlo.splitlines() if "jax_flash_mla_decode" in line
               and "custom-call(" in line]
     assert decode and all("bf16[4,1,2,576]" in line for line in decode), "q not split on heads"
-    got = compiled(sharded_params, sharded_cache, jax.device_put(tokens, replicated))
-    want = jax.jit(step)(params, cache, tokens)
+    _, got, ok = step(*args)
+    assert bool(jnp.all(ok))
     # Sharded einsums sum in another order: float32 differences that flip some bf16 roundings
     # of the kernel's q and cache reads, so logits agree to one bf16 rounding of their scale.
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0,
@@ -167,7 +155,7 @@ def test_data_parallel_deepseek_step_one_engine_per_device(rng):
     (its own page pool, local page ids) and decodes them alone. Logits match one device
     decoding the whole batch from one pool."""
     from jax_flash_mla import cache as paged
-    from jax_flash_mla.models import deepseek
+    from jax_flash_mla.models import deepseek, parallel
 
     config = deepseek.Config(vocab_size=128, hidden=128, num_layers=2, num_heads=16,
                              q_lora_rank=64, mlp_hidden=256)
@@ -189,26 +177,31 @@ def test_data_parallel_deepseek_step_one_engine_per_device(rng):
     shards = [deepseek.prefill(params, make_cache(per_device, 12),
                                prompts[d * per_device:(d + 1) * per_device], config)[0]
               for d in range(DEVICES)]
-    stacked = paged.PagedLatentCache(
-        pool=jnp.concatenate([s.pool for s in shards], axis=1),
-        block_table=jnp.concatenate([s.block_table for s in shards]),
-        seqlens=jnp.concatenate([s.seqlens for s in shards]),
-        page_owner=jnp.concatenate([s.page_owner for s in shards]))
+    stacked = parallel.stack_engine_caches(shards)
     mesh = cpu_mesh((DEVICES,), ("dp",))
-    cache_specs = paged.PagedLatentCache(pool=P(None, "dp"), block_table=P("dp"),
-                                         seqlens=P("dp"), page_owner=P("dp"))
-
-    def engine(cache, tokens):
-        _, logits, ok = deepseek.decode_step(params, cache, tokens,
-                                             jnp.ones(tokens.shape, bool), config)
-        return logits, ok
-
-    step = jax.jit(jax.shard_map(engine, mesh=mesh, in_specs=(cache_specs, P("dp")),
-                                 out_specs=(P("dp"), P("dp"))))
-    got, ok = step(stacked, tokens)
-    assert bool(jnp.all(ok))
-    hlo = step.lower(stacked, tokens).compile().as_text()
+    step = parallel.data_parallel_step(config, mesh, "dp")
+    active = jnp.ones(tokens.shape, bool)
+    hlo = step.lower(params, stacked, tokens, active).compile().as_text()
     assert_no_collectives(hlo)
+    _, got, ok = step(params, stacked, tokens, active)
+    assert bool(jnp.all(ok))
     # Each engine schedules its own requests: other split points, other bf16 roundings.
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0,
                                atol=2.0**-8 * float(jnp.max(jnp.abs(want))))
+
+
+@pytest.mark.parametrize("layout", ["tp", "dp"])
+def test_demo_spreads_over_every_device_and_matches_one(layout, capsys):
+    """`jax-flash-mla demo --parallel tp|dp --check` on the 8 host devices: the decode loop runs
+    and its first step's logits match one device decoding the same batch."""
+    import argparse
+
+    from jax_flash_mla import demo
+
+    parser = argparse.ArgumentParser()
+    demo.add_arguments(parser)
+    args = parser.parse_args(["--parallel", layout, "--check", "--batch", "8", "--tokens", "2",
+                              "--layers", "1", "--hidden", "64", "--max-prompt", "6"])
+    assert demo.run(args) == 0
+    out = capsys.readouterr().out
+    assert f"over {len(jax.devices())} devices" in out and ": OK" in out, out
