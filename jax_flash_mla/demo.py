@@ -76,7 +76,7 @@ def _placed_step(args, config, params, cache):
         return step, params, cache, lambda x: x, "one device"
     mesh = Mesh(np.array(devices), (args.parallel,))
     if args.parallel == "tp":
-        return (parallel.tensor_parallel_step(config),
+        return (parallel.tensor_parallel_step(config, len(devices)),
                 parallel.head_sharded_params(params, mesh, "tp"), parallel.replicated(cache, mesh),
                 lambda x: parallel.replicated(x, mesh),
                 f"tensor parallel over {len(devices)} devices, "

@@ -114,13 +114,15 @@ def test_batch_and_head_parallel_together(rng):
 
 
 def test_tensor_parallel_deepseek_step_keeps_the_cache_in_place(rng):
-    """The DeepSeek-style decode step with its heads split over 8 devices (head-sharded
-    weights, replicated latent cache): same logits as one device, and the only collective
-    is the reduction of the output projection over heads, never a gather of the cache."""
+    """The DeepSeek-style decode step with its 128 heads split over 8 devices (head-sharded
+    weights, replicated latent cache): same logits as one device, the only collective is the
+    reduction of the output projection over heads, never a gather of the cache, and the
+    schedule is sized for a device's 16 heads (one row block: 16 pieces on 16 virtual SMs),
+    not for all 128 (two row blocks: 8 pieces)."""
     from jax_flash_mla import cache as paged
     from jax_flash_mla.models import deepseek, parallel
 
-    config = deepseek.Config(vocab_size=128, hidden=128, num_layers=2, num_heads=16,
+    config = deepseek.Config(vocab_size=128, hidden=128, num_layers=2, num_heads=128,
                              q_lora_rank=64, mlp_hidden=256)
     params = deepseek.init_params(config, jax.random.key(1))
     prompts = [list(rng.integers(0, config.vocab_size, size=n)) for n in (9, 3, 20, 14)]
@@ -132,7 +134,7 @@ def test_tensor_parallel_deepseek_step_keeps_the_cache_in_place(rng):
         cache, tokens)
 
     mesh = cpu_mesh((DEVICES,), ("tp",))
-    step = parallel.tensor_parallel_step(config)
+    step = parallel.tensor_parallel_step(config, DEVICES)
     args = (parallel.head_sharded_params(params, mesh, "tp"), parallel.replicated(cache, mesh),
             parallel.replicated(tokens, mesh), parallel.replicated(active, mesh))
     hlo = step.lower(*args).compile().as_text()
@@ -141,7 +143,8 @@ def test_tensor_parallel_deepseek_step_keeps_the_cache_in_place(rng):
     assert not gathers, gathers
     decode = [line for line in hlo.splitlines() if "jax_flash_mla_decode" in line
               and "custom-call(" in line]
-    assert decode and all("bf16[4,1,2,576]" in line for line in decode), "q not split on heads"
+    assert decode and all("bf16[4,1,16,576]" in line for line in decode), "q not split on heads"
+    assert all("s32[16,8]" in line for line in decode), "schedule not sized for 16 heads"
     _, got, ok = step(*args)
     assert bool(jnp.all(ok))
     # Sharded einsums sum in another order: float32 differences that flip some bf16 roundings

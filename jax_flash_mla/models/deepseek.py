@@ -176,17 +176,20 @@ def prefill(params, cache: paged.PagedLatentCache, prompts, c: Config):
     return paged.advance(cache, lengths), jnp.stack(last_logits)
 
 
-def decode_step(params, cache: paged.PagedLatentCache, tokens, active, c: Config):
+def decode_step(params, cache: paged.PagedLatentCache, tokens, active, c: Config,
+                head_shards: int = 1):
     """One token for every active request: tokens [R] int32, active [R] bool.
 
     Returns (cache, logits [R, vocab], ok): the new tokens' latents are written (in place when
     the cache is donated), attention runs through the kernel over the paged cache with one
-    schedule shared by every layer."""
+    schedule shared by every layer. `head_shards`: devices the heads are split over (tensor
+    parallel); the schedule is sized for the heads one device computes (sized for all of them,
+    128 heads over 8 GPUs would fill half of each GPU's SMs)."""
     counts = active.astype(jnp.int32)
     cache, ok = paged.reserve(cache, counts)
     positions = cache.seqlens  # the new token's position
     seqlens_after = cache.seqlens + counts
-    metadata = jax_flash_mla.get_mla_metadata(seqlens_after, c.num_heads, 1)
+    metadata = jax_flash_mla.get_mla_metadata(seqlens_after, c.num_heads // head_shards, 1)
     h = params["embed"][tokens]
     for i, layer in enumerate(params["layers"]):
         x = rms_norm(h, layer["attn_norm"], c.rms_eps)

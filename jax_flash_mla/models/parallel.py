@@ -35,11 +35,12 @@ def head_sharded_params(params, mesh: Mesh, axis: str = "tp"):
     return jax.tree_util.tree_map_with_path(place, params)
 
 
-def tensor_parallel_step(config: deepseek.Config):
-    """The decode step for head-sharded params and a replicated cache (see head_sharded_params
-    and replicated); jitted, cache donated. Returns (cache, logits, ok) like decode_step."""
+def tensor_parallel_step(config: deepseek.Config, head_shards: int):
+    """The decode step for params split on heads over `head_shards` devices and a replicated
+    cache (see head_sharded_params and replicated); jitted, cache donated. Returns (cache,
+    logits, ok) like decode_step."""
     def step(params, cache, tokens, active):
-        return deepseek.decode_step(params, cache, tokens, active, config)
+        return deepseek.decode_step(params, cache, tokens, active, config, head_shards)
     return jax.jit(step, donate_argnums=1)
 
 
