@@ -1,11 +1,13 @@
 // Split-KV MLA decode on Hopper tensor cores (wgmma through CuTe), warp-specialized.
 //
 // One CTA = (piece of the schedule, KV head, block of kBlockM = 64 query rows), 3 warpgroups:
-//   producer      warpgroup 0 gathers the keys of every tile into a 2-stage shared-memory ring
-//                 (72 KiB a stage) and the segment's 64 query rows (72 KiB), with cp.async;
-//                 each copy arrives on the stage's "full" mbarrier when it lands, and a stage
-//                 is refilled as soon as both math warpgroups arrive on its "empty" mbarrier.
-//                 It gives up registers (setmaxnreg) to the math warpgroups.
+//   producer      warpgroup 0 stages the segment's 64 query rows (72 KiB, cp.async) and gathers
+//                 the keys of every tile into a 2-stage shared-memory ring (72 KiB a stage):
+//                 with TMA boxes through the block table (its first warp; see
+//                 paged_kv_tensor_map.h), or with cp.async one token row at a time for page
+//                 sizes TMA cannot box. A stage's "full" mbarrier completes when its bytes have
+//                 landed; the stage is refilled as soon as both math warpgroups arrive on its
+//                 "empty" mbarrier. It gives up registers (setmaxnreg) to the math warpgroups.
 //   math 0 and 1  warpgroups 1 and 2 compute, per tile:
 //     S = Q K^T     math warpgroup w: the scores of keys [32w, 32w + 32) (m64n32k16, K = 576)
 //     softmax       row maxima are exchanged through shared memory, so both keep the same
@@ -14,13 +16,14 @@
 //     O += P V      math warpgroup w owns value columns [256w, 256w + 256) (m64n256k16, K = 64
 //                   keys), reading the whole P and the V^T view of the same key tile
 // so no FLOP is done twice and the 64 x 512 float accumulator is split 128 registers a thread.
-// Loads no longer wait on the math warpgroups' barriers (the first version issued them from
-// the math threads after a CTA-wide barrier): the next stage's copies are in flight the
+// Loads never wait on the math warpgroups' barriers: the next stage's copies are in flight the
 // moment a stage frees, and the math warpgroups sync only with each other (named barrier).
 //
-// Keys are gathered one token row (1152 bytes) at a time, so any page size works. A key that
-// must not be read (past the segment, past the length, on an invalid page) is zero-filled by
-// cp.async with a zero source size (its memory is never touched) and its score is -inf.
+// Masking: a key past the segment, past the length or on an invalid page scores -inf. Its
+// value row must still be finite (P = 0 times NaN is NaN): TMA boxes of invalid pages are
+// fetched out of range (TMA writes zeros), keys past the end inside a valid box are zeroed by
+// the math warpgroups, and the cp.async gather zero-fills them (a zero source size: their
+// memory is never touched).
 #include <cute/tensor.hpp>
 #include <cutlass/arch/barrier.h>
 #include <cutlass/arch/reg_reconfig.h>
