@@ -138,10 +138,13 @@ step_graphbench() {
   done | tee "$OUT/graphbench.log"
 }
 
-# Multi-GPU (issue 5): the demo's decode loop with heads split over every GPU and with one
-# engine per GPU, each first checked against one GPU.
+# Multi-GPU (issue 5): the b=64 h_q=128 rows with heads split over every GPU next to one GPU
+# running one shard's heads (bench --tp), then the demo's decode loop with heads split over
+# every GPU and with one engine per GPU, each first checked against one GPU.
 step_multigpu() {
   nvidia-smi -L
+  timeout 200 python3 -m jax_flash_mla bench --quick --batch 64 --tp --out "$OUT/tp" 2>&1 | \
+    tee "$OUT/bench_tp.log" | tail -12
   for layout in tp dp; do
     timeout 240 python3 -m jax_flash_mla demo --parallel $layout --check --batch 64 \
       --tokens 64 --layers 8 --heads 128 --max-prompt 256 2>&1 | tee "$OUT/demo_$layout.log" | \

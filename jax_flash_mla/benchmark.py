@@ -25,6 +25,7 @@ import time
 import numpy as np
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import jax_flash_mla
 
@@ -103,10 +104,17 @@ def make_many_calls(impl, calls, copies, causal):
     return jax.jit(many)
 
 
-def measure(rng, row, page, args, l2_bytes, with_reference):
+def measure(rng, row, page, args, l2_bytes, with_reference, head_shards=1):
+    """One row's time per call; with head_shards > 1, q (and out, lse) split on heads over that
+    many devices (tensor parallel), the cache replicated, the schedule sized for one shard."""
     b, h_q, s_k, s_q, varlen, causal = row
     q, pool, tables, lengths, copies = build_case(rng, b, h_q, s_k, s_q, varlen, page, l2_bytes)
-    metadata = jax_flash_mla.get_mla_metadata(lengths, s_q * h_q, 1)
+    metadata = jax_flash_mla.get_mla_metadata(lengths, s_q * h_q // head_shards, 1)
+    if head_shards > 1:
+        mesh = Mesh(np.array(jax.devices()[:head_shards]), ("tp",))
+        q = jax.device_put(q, NamedSharding(mesh, P(None, None, "tp", None)))
+        pool, tables, lengths, metadata = jax.device_put((pool, tables, lengths, metadata),
+                                                         NamedSharding(mesh, P()))
     fn = make_many_calls(jax_flash_mla.flash_mla_with_kvcache, args.calls, copies, causal)
     ours = time_function(fn, (q, pool, tables, lengths, metadata), args.repeats) / args.calls
     ref = None
@@ -120,7 +128,7 @@ def measure(rng, row, page, args, l2_bytes, with_reference):
             print(f"  reference failed: {type(e).__name__}")
     nbytes, flops = traffic(np.asarray(lengths), b, h_q, s_q)
     return dict(b=b, h_q=h_q, s_k=s_k, s_q=s_q, varlen=varlen, causal=causal, page=page,
-                us=ours * 1e6, gbps=nbytes / ours / 1e9, tflops=flops / ours / 1e12,
+                devices=head_shards, us=ours * 1e6, gbps=nbytes / ours / 1e9, tflops=flops / ours / 1e12,
                 ref_us=None if ref is None else ref * 1e6)
 
 
@@ -148,16 +156,17 @@ def load_anchors(gpu_name):
 
 def print_table(title, results, copy_gbps, mm_tflops, anchors):
     print(f"\n{title}")
-    print(f"{'b':>4} {'h_q':>4} {'s_k':>6} {'s_q':>3} {'var':>3} {'page':>4} | {'us':>8} "
+    print(f"{'b':>4} {'h_q':>4} {'s_k':>6} {'s_q':>3} {'var':>3} {'page':>4} {'dev':>3} | {'us':>8} "
           f"{'GB/s':>7} {'TFLOP/s':>7} {'%roof':>5} | {'FlashMLA':>8} {'ratio':>5} | {'jnp ref':>8}")
     for r in results:
         key = (r["b"], r["h_q"], r["s_k"], r["s_q"], r["varlen"], r["causal"])
-        roof = max(r["gbps"] / copy_gbps, r["tflops"] / mm_tflops) * 100
+        devices = r.get("devices", 1)  # GB/s and TFLOP/s are of the whole call; the roof is per device
+        roof = max(r["gbps"] / copy_gbps, r["tflops"] / mm_tflops) / devices * 100
         fm = anchors.get(key) if r["page"] == 64 else None
         fm_s = f"{fm:8.1f} {fm / r['us']:5.2f}" if fm else f"{'-':>8} {'-':>5}"
         ref_s = f"{r['ref_us']:8.1f}" if r.get("ref_us") else f"{'-':>8}"
         print(f"{r['b']:>4} {r['h_q']:>4} {r['s_k']:>6} {r['s_q']:>3} {'v' if r['varlen'] else '':>3} "
-              f"{r['page']:>4} | {r['us']:8.1f} {r['gbps']:7.0f} {r['tflops']:7.1f} {roof:5.0f} | "
+              f"{r['page']:>4} {devices:>3} | {r['us']:8.1f} {r['gbps']:7.0f} {r['tflops']:7.1f} {roof:5.0f} | "
               f"{fm_s} | {ref_s}")
 
 
@@ -185,6 +194,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--quick", action="store_true", help="target rows only, no reference")
     parser.add_argument("--batch", type=int, default=None,
                         help="only the target rows of this batch size (with --quick)")
+    parser.add_argument("--tp", action="store_true",
+                        help="also the h_q = 128 rows with heads split over every local device, "
+                             "next to one device running one shard's heads")
 
 
 def run(args) -> int:
@@ -203,10 +215,19 @@ def run(args) -> int:
                                    for s_k in (4096, 16384) for page in PAGE_SWEEP]
         jobs["s_k sweep (b=64, h_q=16)"] = [((64, 16, s_k, 1, False, False), 64, False)
                                             for s_k in SK_SWEEP]
+    jobs = {title: [(row, page, ref, 1) for row, page, ref in rows_]
+            for title, rows_ in jobs.items()}
+    devices = len(jax.devices())
+    if args.tp and devices > 1:
+        shard_rows = [row for row in rows if row[1] == 128 and row[3] == 1 and row[0] >= 32]
+        jobs[f"tensor parallel: h_q 128 over {devices} devices, then one device with "
+             f"{128 // devices} heads"] = (
+            [(row, 64, False, devices) for row in shard_rows] +
+            [((row[0], 128 // devices) + row[2:], 64, False, 1) for row in shard_rows])
     sections = {}
     for title, section_jobs in jobs.items():  # each table printed as soon as it is measured
-        sections[title] = [measure(rng, row, page, args, l2_bytes, with_reference)
-                           for row, page, with_reference in section_jobs]
+        sections[title] = [measure(rng, row, page, args, l2_bytes, with_reference, shards)
+                           for row, page, with_reference, shards in section_jobs]
         print_table(title, sections[title], copy_gbps, mm_tflops, anchors)
     all_rows = [dict(r, section=t) for t, rs in sections.items() for r in rs]
     with open(os.path.join(args.out, "bench.json"), "w") as f:

@@ -3,7 +3,9 @@ counts bytes and FLOPs by the documented formulas. Timings are reported, never a
 
 import argparse
 
+import jax
 import numpy as np
+import pytest
 
 from jax_flash_mla import benchmark
 
@@ -20,3 +22,13 @@ def test_one_row_runs_with_the_reference(rng):
     row = benchmark.measure(rng, (2, 16, 64, 1, False, False), 16, args, l2_bytes=1 << 20,
                             with_reference=True)
     assert row["us"] > 0 and row["ref_us"] > 0 and row["gbps"] > 0 and row["tflops"] > 0
+
+
+@pytest.mark.skipif(len(jax.devices()) < 8, reason="needs 8 devices (the 8 host devices of CI)")
+def test_one_row_split_on_heads_over_devices(rng):
+    """The tensor-parallel row (bench --tp): q split on heads over 8 host devices, the
+    schedule sized for one shard; it runs and reports the device count."""
+    args = argparse.Namespace(calls=2, repeats=1)
+    row = benchmark.measure(rng, (2, 16, 64, 1, False, False), 16, args, l2_bytes=1 << 20,
+                            with_reference=False, head_shards=8)
+    assert row["devices"] == 8 and row["us"] > 0
