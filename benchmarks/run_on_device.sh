@@ -33,12 +33,21 @@ step_build() {
   python3 -c "import jax, jax_flash_mla as m; print(jax.__version__, jax.devices(), 'cuda handlers:', m.BUILT_WITH_CUDA)"
 }
 
+# run_pytest LOG SECONDS LINES PYTEST_ARGS...: the suite under a time limit, its whole output
+# in $OUT/LOG and its last LINES on the console (without pytest-benchmark's xdist warnings).
 # Several pytest workers: the GPU cases are bound by XLA compilation on the host, not by the
 # GPU. Each worker allocates GPU memory on demand instead of preallocating 75% of it.
-step_test() {
-  XLA_PYTHON_CLIENT_PREALLOCATE=false timeout "${TEST_TIMEOUT:-500}" python3 -m pytest -q -m gpu -p no:cacheprovider \
-    -n "${TEST_WORKERS:-8}" tests 2>&1 | tee "$OUT/pytest_gpu.log" | grep -v -i benchmark | tail -40
+run_pytest() {
+  local log=$1 seconds=$2 lines=$3
+  shift 3
+  XLA_PYTHON_CLIENT_PREALLOCATE=false timeout "$seconds" python3 -m pytest -q -p no:cacheprovider \
+    -n "${TEST_WORKERS:-8}" "$@" tests 2>&1 | tee "$OUT/$log" | \
+    grep -v -e PytestBenchmarkWarning -e "warner(" | tail -"$lines"
   return "${PIPESTATUS[0]}"
+}
+
+step_test() {
+  run_pytest pytest_gpu.log "${TEST_TIMEOUT:-500}" 40 -m gpu
 }
 
 step_main() {
@@ -56,16 +65,12 @@ step_sanitize() {
 # The rest of the suite (vmap, cache, DeepSeek model, export, README) with the GPU as JAX's
 # default device: the same tests CI runs on the CPU, now through the CUDA lowering.
 step_devicetest() {
-  XLA_PYTHON_CLIENT_PREALLOCATE=false python3 -m pytest -q -m "not gpu" -p no:cacheprovider \
-    -n "${TEST_WORKERS:-8}" tests 2>&1 | tee "$OUT/pytest_default_device.log" | tail -25
-  return "${PIPESTATUS[0]}"
+  run_pytest pytest_default_device.log "${TEST_TIMEOUT:-500}" 25 -m "not gpu"
 }
 
 # Fast correctness pass for kernel iterations: the FlashMLA shape grid only.
 step_quicktest() {
-  XLA_PYTHON_CLIENT_PREALLOCATE=false timeout "${TEST_TIMEOUT:-300}" python3 -m pytest -q -m gpu -p no:cacheprovider \
-    -n "${TEST_WORKERS:-8}" -k flashmla_grid tests 2>&1 | tee "$OUT/pytest_quick.log" | tail -15
-  return "${PIPESTATUS[0]}"
+  run_pytest pytest_quick.log "${TEST_TIMEOUT:-300}" 15 -m gpu -k flashmla_grid
 }
 
 step_quickbench() {
