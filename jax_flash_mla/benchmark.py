@@ -209,14 +209,13 @@ def run(args) -> int:
           f"bf16 matmul {mm_tflops:.0f} TFLOP/s; FlashMLA figures: {kind}")
     rng = np.random.default_rng(0)
     rows = [row for row in TARGET_ROWS if args.batch is None or row[0] == args.batch]
-    jobs = {"target rows (page 64)": [(row, 64, not args.quick) for row in rows]}
+    # Per section: (row, page, with the plain-JAX reference, devices the heads are split over).
+    jobs = {"target rows (page 64)": [(row, 64, not args.quick, 1) for row in rows]}
     if not args.quick:
-        jobs["page-size sweep"] = [((64, 16, s_k, 1, False, False), page, False)
+        jobs["page-size sweep"] = [((64, 16, s_k, 1, False, False), page, False, 1)
                                    for s_k in (4096, 16384) for page in PAGE_SWEEP]
-        jobs["s_k sweep (b=64, h_q=16)"] = [((64, 16, s_k, 1, False, False), 64, False)
+        jobs["s_k sweep (b=64, h_q=16)"] = [((64, 16, s_k, 1, False, False), 64, False, 1)
                                             for s_k in SK_SWEEP]
-    jobs = {title: [(row, page, ref, 1) for row, page, ref in rows_]
-            for title, rows_ in jobs.items()}
     devices = len(jax.devices())
     if args.tp and devices > 1:
         shard_rows = [row for row in rows if row[1] == 128 and row[3] == 1 and row[0] >= 32]

@@ -132,9 +132,8 @@ def run(args) -> int:
     step, placed_params, cache, place, layout = _placed_step(args, config, params, cache)
     print(f"decode: {layout}")
     # The one-device reference reads the cache before the first (donating) step does.
-    reference = (params, cache, tokens, active) if args.check else None
-    if reference is not None:
-        reference = jax.tree_util.tree_map(lambda x: jnp.array(x, copy=True), reference)
+    reference = (jax.tree_util.tree_map(lambda x: jnp.array(x, copy=True),
+                                        (params, cache, tokens, active)) if args.check else None)
     tokens, active = place(tokens), place(active)
     next_tokens = jax.jit(lambda logits: jnp.argmax(logits, axis=-1).astype(jnp.int32))
     latencies, generated = [], []
