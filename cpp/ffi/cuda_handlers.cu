@@ -21,15 +21,18 @@ ffi::Error cuda_error(const char* what, cudaError_t err) {
 }
 
 // JAX_FLASH_MLA_KERNEL selects the split-KV kernel, for comparisons: "simple" is the first
-// (CUDA-core) kernel, "cpasync" the tensor-core kernel with its cp.async key gather for every
-// page size; unset, the tensor-core kernel gathers with TMA where it can. Read once per process.
-enum class KernelChoice { kSimple, kCpAsync, kTma };
+// (CUDA-core) kernel, "cpasync" the tensor-core kernels with their cp.async key gather for
+// every page size, "wide" the 64-row tensor-core kernel for every head count; unset, the
+// tensor-core kernels gather with TMA where they can and at most kNarrowMaxRows query rows per
+// KV head go to the narrow kernel. Read once per process.
+enum class KernelChoice { kSimple, kCpAsync, kWide, kTma };
 
 KernelChoice kernel_choice() {
   static const KernelChoice choice = [] {
     const char* name = std::getenv("JAX_FLASH_MLA_KERNEL");
     if (name != nullptr && std::string(name) == "simple") return KernelChoice::kSimple;
     if (name != nullptr && std::string(name) == "cpasync") return KernelChoice::kCpAsync;
+    if (name != nullptr && std::string(name) == "wide") return KernelChoice::kWide;
     return KernelChoice::kTma;
   }();
   return choice;
@@ -66,10 +69,14 @@ ffi::Error DecodeImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k_ca
       err.failure())
     return err;
   const KernelChoice choice = kernel_choice();
-  cudaError_t err =
-      choice == KernelChoice::kSimple
-          ? launch_split_kv_decode(params, stream)
-          : launch_split_kv_decode_wgmma(params, choice == KernelChoice::kTma, stream);
+  const bool allow_tma = choice != KernelChoice::kCpAsync;
+  cudaError_t err;
+  if (choice == KernelChoice::kSimple)
+    err = launch_split_kv_decode(params, stream);
+  else if (choice != KernelChoice::kWide && params.rows_per_kv <= kNarrowMaxRows)
+    err = launch_split_kv_decode_narrow(params, allow_tma, stream);
+  else
+    err = launch_split_kv_decode_wgmma(params, allow_tma, stream);
   if (err != cudaSuccess) return cuda_error("split-KV decode kernel", err);
   err = launch_combine(params, stream);
   if (err != cudaSuccess) return cuda_error("combine kernel", err);

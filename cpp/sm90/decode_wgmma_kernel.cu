@@ -37,6 +37,7 @@
 
 #include "../common/split_kv.h"
 #include "kernels.h"
+#include "key_tile_pipeline.h"
 #include "once_per_device.h"
 #include "paged_kv_tensor_map.h"
 
@@ -44,41 +45,31 @@ namespace jax_flash_mla {
 namespace {
 
 using namespace cute;
+using namespace sm90;
 
 constexpr int kBlockM = 64;    // query rows per CTA: one wgmma M
-constexpr int kBlockN = 64;    // keys per tile
-constexpr int kHeadDimV = 512;
 constexpr int kMathWarpGroups = 2;
 constexpr int kMathThreads = 128 * kMathWarpGroups;
-constexpr int kProducerThreads = 128;
 constexpr int kThreads = kProducerThreads + kMathThreads;
-constexpr int kStages = 2;
-constexpr int kChunkElems = 8;  // 16-byte cp.async chunks
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
-static_assert(kBlockN == kTokensPerTile, "a tile is one unit of the schedule");
 // Registers: the producer needs few, the math warpgroups hold a 64 x 256 float accumulator
 // each (128 a thread) plus scores and addresses. The CTA starts at 65536 / 384 = 168 a thread
 // and setmaxnreg.inc only takes what .dec gave back, so 128 (168 - p) >= 256 (m - 168), i.e.
 // p + 2m <= 504 (more and the math warpgroups would wait forever for registers).
 constexpr uint32_t kProducerRegisters = 56;
 constexpr uint32_t kMathRegisters = 224;
-// Named barriers (0 is __syncthreads): among the producer's threads, among the math threads.
-constexpr int kProducerBarrier = 1;
-constexpr int kMathBarrier = 2;
+// Named barrier among the math threads (after the producer's, key_tile_pipeline.h).
+constexpr int kMathBarrier = kProducerBarrier + 1;
 
 // kHeadDim (576 or 512) is a template parameter so that every k-loop over it unrolls: a
 // run-time trip count made ptxas serialize the wgmma chain (warning C7515).
+// kHeadDim (576 or 512) is a template parameter so that every k-loop over it unrolls: a
+// run-time trip count made ptxas serialize the wgmma chain (warning C7515).
 template <typename Element, int kHeadDim>
-struct Layouts {
-  // 128-byte swizzled, K-major: the layout wgmma reads without bank conflicts.
+struct Layouts : TileLayouts<Element, kHeadDim, kBlockM> {
   using Atom = GMMA::Layout_K_SW128_Atom<Element>;
-  using Q = decltype(tile_to_shape(Atom{}, Shape<Int<kBlockM>, Int<kHeadDim>>{}));
-  using K = decltype(tile_to_shape(Atom{}, Shape<Int<kBlockN>, Int<kHeadDim>>{}));
   using P = decltype(tile_to_shape(Atom{}, Shape<Int<kBlockM>, Int<kBlockN>>{}));
-  // V^T (value columns x keys) over the very bytes of a K tile: MN-major for the P V wgmma.
-  using Vt = decltype(composition(
-      K{}, make_ordered_layout(Shape<Int<kHeadDimV>, Int<kBlockN>>{}, Step<_2, _1>{})));
   using MmaS = decltype(make_tiled_mma(
       GMMA::ss_op_selector<Element, Element, float,
                            Shape<Int<kBlockM>, Int<kBlockN / kMathWarpGroups>, Int<kHeadDim>>>()));
@@ -89,74 +80,12 @@ struct Layouts {
 };
 
 template <typename Element, int kHeadDim>
-struct SharedStorage {
+struct SharedStorage : PipelineStorage<Element, kHeadDim, kBlockM> {
   using L = Layouts<Element, kHeadDim>;
-  // Swizzled buffers must start on 1024-byte boundaries (the swizzle pattern's period).
-  alignas(1024) Element q[cosize_v<typename L::Q>];
-  alignas(1024) Element k[kStages][cosize_v<typename L::K>];
   alignas(1024) Element p[cosize_v<typename L::P>];
-  int64_t token_offset[kStages][kBlockN];  // cp.async gather: k_cache offset of each key, -1: none
-  uint8_t key_valid[kStages][kBlockN];     // the key exists (in the segment, on a valid page)
   float row_max[kMathWarpGroups][kBlockM];  // per-warpgroup tile maxima, exchanged
   float row_sum[kMathWarpGroups][kBlockM];  // per-warpgroup softmax denominators, at the end
-  uint64_t k_full[kStages];   // a stage's keys (and their offsets) have landed
-  uint64_t k_empty[kStages];  // both math warpgroups are done with a stage
-  uint64_t q_full;            // the segment's query rows have landed
-  uint64_t q_empty;           // both math warpgroups are done with the query rows
 };
-
-// mbarrier arrivals of a stage's "full" barrier: with TMA, one arrival that also expects the
-// tile's bytes; with cp.async, every producer thread's copies plus one plain arrival that
-// publishes the key offsets. "Empty" barriers: one arrival per math warp.
-constexpr uint32_t kFullArrivalsCpAsync = kProducerThreads + 1;
-constexpr uint32_t kFullArrivalsTma = 1;
-constexpr uint32_t kEmptyArrivals = kMathThreads / 32;
-
-using Barrier = cutlass::arch::ClusterBarrier;
-
-// Stage index and mbarrier phase of the ring, advanced identically by producer and consumers.
-struct RingPosition {
-  int stage = 0;
-  uint32_t phase = 0;
-  __device__ void advance() {
-    if (++stage == kStages) {
-      stage = 0;
-      phase ^= 1;
-    }
-  }
-};
-
-__device__ __forceinline__ void named_barrier_sync(int id, int threads) {
-  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
-}
-
-// The calling thread's earlier cp.async copies arrive on `barrier` when they land.
-__device__ __forceinline__ void arrive_when_copies_land(uint64_t* barrier) {
-  cutlass::arch::cpasync_barrier_arrive_noinc(barrier);
-}
-
-// Once per warp, after the warp's own wgmmas on the buffer have completed.
-__device__ __forceinline__ void warp_release(uint64_t* barrier) {
-  __syncwarp();
-  if (threadIdx.x % 32 == 0) Barrier::arrive(barrier);
-}
-
-// C (+)= A B, issued by one warpgroup, waited for.
-template <bool kZeroInit, typename TiledMma, typename FragA, typename FragB, typename FragC>
-__device__ __forceinline__ void warpgroup_gemm(TiledMma& mma, const FragA& a, const FragB& b,
-                                               FragC& c) {
-  warpgroup_fence_operand(c);
-  warpgroup_arrive();
-  if constexpr (kZeroInit) mma.accumulate_ = GMMA::ScaleOut::Zero;
-  CUTE_UNROLL
-  for (int k = 0; k < size<2>(a); ++k) {
-    cute::gemm(mma, a(_, _, k), b(_, _, k), c);
-    mma.accumulate_ = GMMA::ScaleOut::One;
-  }
-  warpgroup_commit_batch();
-  warpgroup_wait<0>();
-  warpgroup_fence_operand(c);
-}
 
 // Which of a thread's two accumulator rows element i of a wgmma C fragment is on; a
 // compile-time function of i, so per-row arrays stay in registers.
@@ -170,144 +99,6 @@ __device__ __forceinline__ float quad_max(float x) {
 __device__ __forceinline__ float quad_sum(float x) {
   x += __shfl_xor_sync(0xffffffffu, x, 1);
   return x + __shfl_xor_sync(0xffffffffu, x, 2);
-}
-
-__device__ __forceinline__ int num_tiles_of(const Segment& seg) {
-  return (seg.token_end - seg.token_begin + kBlockN - 1) / kBlockN;
-}
-
-// Producer threads 0..63 look up where each key of a tile lives; -1 for keys that must not
-// be read.
-__device__ __forceinline__ void plan_tile(const DecodeParams& p, const Segment& seg, int kv_head,
-                                          int tile_begin, int64_t* token_offset,
-                                          uint8_t* key_valid, int thread) {
-  if (thread < kBlockN) {
-    const int token = tile_begin + thread;
-    int64_t offset = -1;
-    if (token < seg.token_end) {
-      const int page = page_of_token(p, seg.batch_idx, token);
-      if (page >= 0) offset = k_offset(p, page, token, kv_head);
-    }
-    token_offset[thread] = offset;
-    key_valid[thread] = offset >= 0;
-  }
-}
-
-// TMA gather of one tile by one producer warp: which keys exist (for the math warpgroups'
-// masks), then one box of tokens_per_box token slots per (page run, 64 columns). A box whose
-// tokens are past the segment or on an invalid page is sent past the tensor's last token slot:
-// TMA fills it with zeros and never reads memory for it. Keys past the segment inside a valid
-// box are read (they exist in memory) and zeroed by the math warpgroups (see zero_missing_keys).
-template <typename Element, int kHeadDim, typename SmemTensor>
-__device__ __forceinline__ void load_tile_tma(const DecodeParams& p, const CUtensorMap& k_map,
-                                              const Segment& seg, int kv_head, int tile_begin,
-                                              uint8_t* key_valid, uint64_t* full,
-                                              SmemTensor& s_k) {
-  const int lane = threadIdx.x % 32;
-  for (int key = lane; key < kBlockN; key += 32) {
-    const int token = tile_begin + key;
-    key_valid[key] = token < seg.token_end && page_of_token(p, seg.batch_idx, token) >= 0;
-  }
-  __syncwarp();  // the flags are published by lane 0's (release) arrival
-  constexpr uint32_t kTileBytes = kBlockN * kHeadDim * sizeof(Element);
-  if (lane == 0) cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(full, kTileBytes);
-  __syncwarp();
-  const int tokens_per_box = tma_tokens_per_box(p.page_block_size);
-  const int32_t past_end = p.num_blocks * p.page_block_size;
-  for (int first = lane * tokens_per_box; first < kBlockN; first += 32 * tokens_per_box) {
-    const int token = tile_begin + first;
-    int32_t slot = past_end;
-    if (token < seg.token_end) {
-      const int page = page_of_token(p, seg.batch_idx, token);
-      if (page >= 0) slot = page * p.page_block_size + token % p.page_block_size;
-    }
-    CUTE_UNROLL
-    for (int column = 0; column < kHeadDim; column += 64)
-      SM90_TMA_LOAD_3D::copy(&k_map, full, static_cast<uint64_t>(TMA::CacheHintSm90::EVICT_NORMAL),
-                             &s_k(first, column), column, kv_head, slot);
-  }
-}
-
-template <int kHeadDim, typename SmemTensor>
-__device__ __forceinline__ void load_tile(const DecodeParams& p, const int64_t* token_offset,
-                                          SmemTensor& s_k, int thread) {
-  const uint128_t* k_cache = static_cast<const uint128_t*>(p.k_cache);
-  constexpr int chunks_per_row = kHeadDim / kChunkElems;
-  CUTE_UNROLL
-  for (int c = thread; c < kBlockN * chunks_per_row; c += kProducerThreads) {
-    const int token = c / chunks_per_row;
-    const int chunk = c % chunks_per_row;
-    const int64_t offset = token_offset[token];
-    const bool valid = offset >= 0;
-    const uint128_t* src = k_cache + (valid ? offset / kChunkElems + chunk : 0);
-    SM80_CP_ASYNC_CACHEGLOBAL_ZFILL<uint128_t>::copy(
-        *src, *reinterpret_cast<uint128_t*>(&s_k(token, chunk * kChunkElems)), valid);
-  }
-}
-
-template <int kHeadDim, typename SmemTensor>
-__device__ __forceinline__ void load_query_rows(const DecodeParams& p, const Segment& seg,
-                                                int kv_head, int row_base, SmemTensor& s_q,
-                                                int thread) {
-  const uint128_t* q = static_cast<const uint128_t*>(p.q);
-  constexpr int chunks_per_row = kHeadDim / kChunkElems;
-  CUTE_UNROLL
-  for (int c = thread; c < kBlockM * chunks_per_row; c += kProducerThreads) {
-    const int r = c / chunks_per_row;
-    const int chunk = c % chunks_per_row;
-    const int row = row_base + r;
-    const bool valid = row < p.rows_per_kv;
-    const uint128_t* src =
-        q + (valid ? q_offset(p, seg.batch_idx, kv_head, row) / kChunkElems + chunk : 0);
-    SM80_CP_ASYNC_CACHEGLOBAL_ZFILL<uint128_t>::copy(
-        *src, *reinterpret_cast<uint128_t*>(&s_q(r, chunk * kChunkElems)), valid);
-  }
-}
-
-// The producer warpgroup: for each segment, its query rows (once the math warpgroups are done
-// with the previous ones), then its key tiles, each as soon as a stage frees.
-template <typename Element, int kHeadDim>
-__device__ void produce_segment(const DecodeParams& p, const CUtensorMap& k_map, bool use_tma,
-                                const Segment& seg, int kv_head, int row_base,
-                                SharedStorage<Element, kHeadDim>& smem, RingPosition& ring,
-                                uint32_t& q_phase) {
-  using L = Layouts<Element, kHeadDim>;
-  const int thread = threadIdx.x;  // 0..127
-  const int num_tiles = num_tiles_of(seg);
-  if (num_tiles == 0) return;
-  // With TMA one warp drives the copy engine for the keys; with cp.async all producer threads
-  // gather them. Every producer thread stages query rows.
-  const bool loads_keys = !use_tma || thread < 32;
-  const auto load_keys = [&](int tile) {
-    Barrier::wait(&smem.k_empty[ring.stage], ring.phase ^ 1);
-    Tensor s_k = make_tensor(make_smem_ptr(smem.k[ring.stage]), typename L::K{});
-    const int tile_begin = seg.token_begin + tile * kBlockN;
-    if (use_tma) {
-      load_tile_tma<Element, kHeadDim>(p, k_map, seg, kv_head, tile_begin,
-                                       smem.key_valid[ring.stage], &smem.k_full[ring.stage], s_k);
-    } else {
-      int64_t* offsets = smem.token_offset[ring.stage];
-      plan_tile(p, seg, kv_head, tile_begin, offsets, smem.key_valid[ring.stage], thread);
-      named_barrier_sync(kProducerBarrier, kProducerThreads);
-      load_tile<kHeadDim>(p, offsets, s_k, thread);
-      arrive_when_copies_land(&smem.k_full[ring.stage]);
-      // The offsets were written with plain stores: one plain (release) arrival publishes
-      // them to the math warpgroups, after the barrier above ordered every writer before it.
-      if (thread == 0) Barrier::arrive(&smem.k_full[ring.stage]);
-    }
-    ring.advance();
-  };
-  // The first tile's keys go before the query rows: their stage frees once the previous
-  // segment's next-to-last tile is done, the query buffer only after its last tile's scores,
-  // so the new segment's first keys are in flight while the previous one finishes.
-  if (loads_keys) load_keys(0);
-  Barrier::wait(&smem.q_empty, q_phase ^ 1);
-  q_phase ^= 1;
-  Tensor s_q = make_tensor(make_smem_ptr(smem.q), typename L::Q{});
-  load_query_rows<kHeadDim>(p, seg, kv_head, row_base, s_q, thread);
-  arrive_when_copies_land(&smem.q_full);
-  if (!loads_keys) return;
-  for (int tile = 1; tile < num_tiles; ++tile) load_keys(tile);
 }
 
 // A math warpgroup's share of one segment: the online softmax over its tiles, then the
@@ -526,15 +317,7 @@ __global__ void __launch_bounds__(kThreads, 1)
                                  const __grid_constant__ CUtensorMap k_map, bool use_tma) {
   extern __shared__ __align__(1024) unsigned char smem_bytes[];
   auto& smem = *reinterpret_cast<SharedStorage<Element, kHeadDim>*>(smem_bytes);
-  if (threadIdx.x == 0) {
-    for (int s = 0; s < kStages; ++s) {
-      Barrier::init(&smem.k_full[s], use_tma ? kFullArrivalsTma : kFullArrivalsCpAsync);
-      Barrier::init(&smem.k_empty[s], kEmptyArrivals);
-    }
-    Barrier::init(&smem.q_full, kProducerThreads);
-    Barrier::init(&smem.q_empty, kEmptyArrivals);
-    cutlass::arch::fence_barrier_init();
-  }
+  if (threadIdx.x == 0) init_pipeline_barriers(smem, use_tma, kMathThreads / 32);
   __syncthreads();
 
   const int32_t* piece =
@@ -547,7 +330,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   if (threadIdx.x < kProducerThreads) {
     cutlass::arch::warpgroup_reg_dealloc<kProducerRegisters>();
     for_each_segment(params, piece, [&](const Segment& seg) {
-      produce_segment(params, k_map, use_tma, seg, kv_head, row_base, smem, ring, q_phase);
+      produce_segment<Element, kHeadDim, kBlockM>(params, k_map, use_tma, seg, kv_head,
+                                                  row_base, smem, ring, q_phase);
     });
     // Copies still in flight must land before their issuing threads exit.
     cp_async_wait<0>();

@@ -25,6 +25,11 @@ cudaError_t launch_tile_schedule(const int32_t* cache_seqlens, int batch, int nu
 cudaError_t launch_split_kv_decode(const DecodeParams& params, cudaStream_t stream);
 cudaError_t launch_split_kv_decode_wgmma(const DecodeParams& params, bool allow_tma,
                                          cudaStream_t stream);
+// The same for at most kNarrowMaxRows query rows per KV head (decode_narrow_kernel.cu): the
+// products transposed so that keys and value columns fill wgmma's M of 64, not padded rows.
+constexpr int kNarrowMaxRows = 32;
+cudaError_t launch_split_kv_decode_narrow(const DecodeParams& params, bool allow_tma,
+                                          cudaStream_t stream);
 
 // Merges the partials of split requests into (out, lse) and writes the empty output of
 // requests with no keys. Must run after launch_split_kv_decode on the same stream.

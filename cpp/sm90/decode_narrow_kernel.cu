@@ -1,0 +1,382 @@
+// Split-KV MLA decode on Hopper tensor cores for at most 32 query rows per KV head (h_q s_q
+// <= 32: the tensor-parallel shards of DeepSeek-V3's 128 heads over 4-8 GPUs).
+//
+// Why a second kernel: wgmma's M is 64. With the query rows as M (decode_wgmma_kernel.cu), 16
+// rows pay for 64, and a 64-key tile costs ~3 us of tensor work on every row, more than the
+// 2.4 us its 72 KiB take to arrive at the chip's copy rate (benchmarks/NOTES.md, v7). Here the
+// products are transposed so that the keys and the value columns fill M and the query rows are
+// N (16 or 32):
+//     S^T = K Q^T     m64 x kRows, K = 576: the tile's keys are A, the query rows B
+//     O^T += V^T P^T  m512 x kRows, K = 64 keys: V^T (the MN-major view of the same key tile)
+//                     is A, P^T (bf16/fp16 in shared memory) is B
+// A tile is then ~170 KB of shared-memory operand reads and no padded rows: ~0.8 us, under
+// its load time, so the kernel is bound by memory, not by the tensor cores.
+//
+// One CTA = (piece of the schedule, KV head, block of kRows query rows), 2 warpgroups:
+//   producer  warpgroup 0: query rows and key tiles (key_tile_pipeline.h)
+//   math      warpgroup 1: the online softmax. In S^T's C layout a query row is a column: its
+//             64 keys are spread over 8 lanes of each warp and the 4 warps, so a tile's row
+//             maxima are reduced by shuffles, then across warps through shared memory (one
+//             warpgroup barrier); the row sums stay per thread until the segment's end.
+#include <cute/tensor.hpp>
+#include <cutlass/arch/barrier.h>
+#include <cutlass/numeric_types.h>
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+
+#include "../common/split_kv.h"
+#include "kernels.h"
+#include "key_tile_pipeline.h"
+#include "once_per_device.h"
+#include "paged_kv_tensor_map.h"
+
+namespace jax_flash_mla {
+namespace {
+
+using namespace cute;
+using namespace sm90;
+
+constexpr int kMathThreads = 128;
+constexpr int kMathWarps = kMathThreads / 32;
+constexpr int kThreads = kProducerThreads + kMathThreads;
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+// Named barrier among the math threads (after the producer's, key_tile_pipeline.h).
+constexpr int kMathBarrier = kProducerBarrier + 1;
+
+template <typename Element, int kHeadDim, int kRows>
+struct NarrowLayouts : TileLayouts<Element, kHeadDim, kRows> {
+  // P^T as wgmma's B operand (N = query rows, K = keys), K-major: a row's 64 probabilities
+  // are one 128-byte swizzled line.
+  using Pt = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<Element>{},
+                                    Shape<Int<kRows>, Int<kBlockN>>{}));
+  // The same bytes seen as (keys, query rows): the shape of S^T, so that a thread writes its
+  // own scores' places.
+  using PtByKey = decltype(composition(
+      Pt{}, make_layout(Shape<_64, Int<kRows>>{}, Stride<Int<kRows>, _1>{})));
+  // S^T: keys (A, K-major as the tile lands) times query rows (B, K-major as staged).
+  using MmaS = decltype(make_tiled_mma(
+      GMMA::ss_op_selector<Element, Element, float, Shape<_64, Int<kRows>, Int<kHeadDim>>>()));
+  // O^T: value columns (A, the MN-major V^T view) times query rows (B = P^T, K-major).
+  using MmaO = decltype(make_tiled_mma(
+      GMMA::ss_op_selector<Element, Element, float, Shape<_64, Int<kRows>, Int<kBlockN>>,
+                           GMMA::Major::MN, GMMA::Major::K>()));
+};
+
+template <typename Element, int kHeadDim, int kRows>
+struct NarrowStorage : PipelineStorage<Element, kHeadDim, kRows> {
+  using L = NarrowLayouts<Element, kHeadDim, kRows>;
+  alignas(1024) Element pt[cosize_v<typename L::Pt>];
+  float warp_max[kMathWarps][kRows];  // each warp's tile maxima of every query row
+  float warp_sum[kMathWarps][kRows];  // each warp's softmax denominators, at a segment's end
+};
+
+__device__ __forceinline__ void math_barrier() {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(kMathBarrier), "r"(kMathThreads) : "memory");
+}
+
+// The reduction over the 8 lanes of a warp that share lane % 4 (the lanes holding one query
+// row's keys in a wgmma C fragment whose N is the query rows).
+__device__ __forceinline__ float column_max(float x) {
+  x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 4));
+  x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 8));
+  return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 16));
+}
+
+__device__ __forceinline__ float column_sum(float x) {
+  x += __shfl_xor_sync(0xffffffffu, x, 4);
+  x += __shfl_xor_sync(0xffffffffu, x, 8);
+  return x + __shfl_xor_sync(0xffffffffu, x, 16);
+}
+
+// wgmma's C layout with the query rows as N: value v of a thread's fragment (per M block) is
+// on query row 2 (lane % 4) + v % 2 + 8 (v / 4) and on M row 16 warp + lane / 4 + 8 ((v / 2) % 2).
+// row_slot(v) numbers a thread's kRows / 4 query rows; compile-time in v, so per-row arrays
+// stay in registers.
+__host__ __device__ constexpr int row_slot(int v) { return v % 2 + 2 * (v / 4); }
+__device__ __forceinline__ int row_of_slot(int slot) {
+  return 2 * (threadIdx.x % 4) + slot % 2 + 8 * (slot / 2);
+}
+
+// Keys of the last tile past the segment's end inside a valid TMA box hold whatever the cache
+// holds (NaN included): their scores are masked, but P^T's zeros would still multiply them in
+// O^T, so their value columns are zeroed once this tile's scores are computed.
+template <typename SmemTensor>
+__device__ __forceinline__ bool zero_missing_keys(const Segment& seg, int tile_begin,
+                                                  int math_thread, SmemTensor& s_k) {
+  const int first_missing = seg.token_end - tile_begin;
+  if (first_missing >= kBlockN) return false;
+  constexpr int chunks_per_row = kHeadDimV / kChunkElems;
+  for (int c = first_missing * chunks_per_row + math_thread; c < kBlockN * chunks_per_row;
+       c += kMathThreads) {
+    *reinterpret_cast<uint4*>(&s_k(c / chunks_per_row, c % chunks_per_row * kChunkElems)) =
+        make_uint4(0, 0, 0, 0);
+  }
+  return true;
+}
+
+template <typename Element, int kHeadDim, int kRows>
+__device__ void attend_segment_narrow(const DecodeParams& p, bool use_tma, const Segment& seg,
+                                      int kv_head, int row_base,
+                                      NarrowStorage<Element, kHeadDim, kRows>& smem,
+                                      RingPosition& ring, uint32_t& q_phase) {
+  using L = NarrowLayouts<Element, kHeadDim, kRows>;
+  constexpr int kRowSlots = kRows / 4;
+  const int math_thread = threadIdx.x - kProducerThreads;
+  const int warp = math_thread / 32;
+
+  Tensor s_q = make_tensor(make_smem_ptr(smem.q), typename L::Q{});
+  Tensor s_pt = make_tensor(make_smem_ptr(smem.pt), typename L::Pt{});
+  Tensor s_pt_by_key = make_tensor(make_smem_ptr(smem.pt), typename L::PtByKey{});
+
+  typename L::MmaS mma_s;
+  typename L::MmaO mma_o;
+  auto thr_s = mma_s.get_thread_slice(math_thread);
+  auto thr_o = mma_o.get_thread_slice(math_thread);
+
+  Tensor acc_s = partition_fragment_C(mma_s, Shape<_64, Int<kRows>>{});
+  Tensor coord_s = thr_s.partition_C(make_identity_tensor(Shape<_64, Int<kRows>>{}));
+  Tensor acc_o = partition_fragment_C(mma_o, Shape<Int<kHeadDimV>, Int<kRows>>{});
+  Tensor coord_o = thr_o.partition_C(make_identity_tensor(Shape<Int<kHeadDimV>, Int<kRows>>{}));
+  clear(acc_o);
+  constexpr int kValuesPerBlock = decltype(size<0>(acc_o))::value;
+  static_assert(decltype(size<0>(acc_s))::value == kValuesPerBlock &&
+                    kValuesPerBlock == 2 * kRowSlots,
+                "one C layout for S^T and O^T: 2 M rows x kRows / 4 query rows a thread");
+
+  Tensor frag_q = thr_s.partition_fragment_B(s_q);
+  Tensor frag_pt = thr_o.partition_fragment_B(s_pt);
+  Tensor p_out = thr_s.partition_C(s_pt_by_key);
+
+  const int seqlen = clamped_seqlen(p, seg.batch_idx);
+  int key_limit[kRowSlots];
+  float running_max[kRowSlots];
+  float running_sum[kRowSlots];  // this thread's keys only, until the segment's end
+  CUTE_UNROLL
+  for (int j = 0; j < kRowSlots; ++j) {
+    const int row = row_base + row_of_slot(j);
+    key_limit[j] = row < p.rows_per_kv ? min(key_limit_for_row(p, seqlen, row), seg.token_end) : 0;
+    running_max[j] = -INFINITY;
+    running_sum[j] = 0.f;
+  }
+  const float scale_log2 = p.softmax_scale * kLog2e;
+
+  const int num_tiles = num_tiles_of(seg);
+  // The previous segment's warp_sum may still be being read.
+  math_barrier();
+  if (num_tiles > 0) {
+    Barrier::wait(&smem.q_full, q_phase);
+    q_phase ^= 1;
+  }
+
+  for (int tile = 0; tile < num_tiles; ++tile) {
+    const int stage = ring.stage;
+    const uint8_t* key_valid = smem.key_valid[stage];
+    const int tile_begin = seg.token_begin + tile * kBlockN;
+    Barrier::wait(&smem.k_full[stage], ring.phase);
+    // The keys were written by TMA or cp.async; wgmma reads through the async proxy.
+    cutlass::arch::fence_view_async_shared();
+    Tensor s_k = make_tensor(make_smem_ptr(smem.k[stage]), typename L::K{});
+    Tensor frag_k = thr_s.partition_fragment_A(s_k);
+    warpgroup_gemm<true>(mma_s, frag_k, frag_q, acc_s);
+    // The last tile's scores are the last use of Q: the producer may stage the next segment's.
+    if (tile == num_tiles - 1) warp_release(&smem.q_empty);
+    if (use_tma) zero_missing_keys(seg, tile_begin, math_thread, s_k);
+
+    // Mask, scale into the log2 domain, and take this thread's maxima of each query row.
+    float tile_max[kRowSlots];
+    CUTE_UNROLL
+    for (int j = 0; j < kRowSlots; ++j) tile_max[j] = -INFINITY;
+    CUTE_UNROLL
+    for (int i = 0; i < size(acc_s); ++i) {
+      const int j = row_slot(i);
+      const int key = get<0>(coord_s(i));
+      const bool visible = key_valid[key] && tile_begin + key < key_limit[j];
+      const float s = visible ? acc_s(i) * scale_log2 : -INFINITY;
+      acc_s(i) = s;
+      tile_max[j] = fmaxf(tile_max[j], s);
+    }
+    CUTE_UNROLL
+    for (int j = 0; j < kRowSlots; ++j) {
+      tile_max[j] = column_max(tile_max[j]);
+      if (threadIdx.x % 32 < 4) smem.warp_max[warp][row_of_slot(j)] = tile_max[j];
+    }
+    math_barrier();
+    float rescale[kRowSlots];
+    float reference[kRowSlots];
+    CUTE_UNROLL
+    for (int j = 0; j < kRowSlots; ++j) {
+      const int row = row_of_slot(j);
+      float new_max = running_max[j];
+      CUTE_UNROLL
+      for (int w = 0; w < kMathWarps; ++w) new_max = fmaxf(new_max, smem.warp_max[w][row]);
+      // A row that has seen no key yet measures from 0, so exp2 of -inf stays 0 (not NaN).
+      reference[j] = new_max == -INFINITY ? 0.f : new_max;
+      rescale[j] = exp2f(running_max[j] - reference[j]);
+      running_max[j] = new_max;
+      running_sum[j] *= rescale[j];
+    }
+    CUTE_UNROLL
+    for (int i = 0; i < size(acc_s); ++i) {
+      const int j = row_slot(i);
+      const float prob = exp2f(acc_s(i) - reference[j]);
+      running_sum[j] += prob;
+      p_out(i) = static_cast<Element>(prob);
+    }
+    // P^T (and any zeroed keys) were written through the generic proxy; wgmma reads them
+    // through the async proxy, after every math thread's writes (and reads of warp_max).
+    cutlass::arch::fence_view_async_shared();
+    math_barrier();
+
+    CUTE_UNROLL
+    for (int i = 0; i < size(acc_o); ++i) acc_o(i) *= rescale[row_slot(i % kValuesPerBlock)];
+    Tensor s_vt = make_tensor(make_smem_ptr(smem.k[stage]), typename L::Vt{});
+    Tensor frag_vt = thr_o.partition_fragment_A(s_vt);
+    warpgroup_gemm<false>(mma_o, frag_vt, frag_pt, acc_o);
+    // This warp's O^T wgmma has completed: its reads of the stage (and of P^T) are over.
+    warp_release(&smem.k_empty[stage]);
+    ring.advance();
+  }
+
+  // Denominators: this thread's keys, the warp's, then the 4 warps'.
+  CUTE_UNROLL
+  for (int j = 0; j < kRowSlots; ++j) {
+    const float warp_total = column_sum(running_sum[j]);
+    if (threadIdx.x % 32 < 4) smem.warp_sum[warp][row_of_slot(j)] = warp_total;
+  }
+  math_barrier();
+  float inv_sum[kRowSlots];
+  float lse[kRowSlots];
+  bool saw_key[kRowSlots];
+  CUTE_UNROLL
+  for (int j = 0; j < kRowSlots; ++j) {
+    float total = 0.f;
+    CUTE_UNROLL
+    for (int w = 0; w < kMathWarps; ++w) total += smem.warp_sum[w][row_of_slot(j)];
+    saw_key[j] = running_max[j] != -INFINITY;
+    inv_sum[j] = saw_key[j] ? 1.f / total : 0.f;
+    lse[j] = (running_max[j] + log2f(total)) * kLn2;
+  }
+
+  const bool write_partial = !seg.is_only_split && slot_in_range(p, seg.slot);
+  if (math_thread < 4) {
+    CUTE_UNROLL
+    for (int j = 0; j < kRowSlots; ++j) {
+      const int row = row_base + row_of_slot(j);
+      if (row >= p.rows_per_kv) continue;
+      if (seg.is_only_split)
+        p.lse[lse_offset(p, seg.batch_idx, kv_head, row)] = saw_key[j] ? lse[j] : INFINITY;
+      else if (write_partial)
+        p.lse_accum[accum_row_index(p, seg.slot, kv_head, row)] = saw_key[j] ? lse[j] : -INFINITY;
+    }
+  }
+  // Each query row's destination is computed once; element i of the fragment is at value
+  // column get<0>(coord_o(i)) of row slot row_slot(i % kValuesPerBlock).
+  Element* out_row[kRowSlots];
+  float* partial_row[kRowSlots];
+  bool row_live[kRowSlots];
+  CUTE_UNROLL
+  for (int j = 0; j < kRowSlots; ++j) {
+    const int row = row_base + row_of_slot(j);
+    row_live[j] = row < p.rows_per_kv && (seg.is_only_split || write_partial);
+    const int safe_row = row_live[j] ? row : 0;
+    out_row[j] = static_cast<Element*>(p.out) + out_offset(p, seg.batch_idx, kv_head, safe_row);
+    partial_row[j] = p.o_accum + (write_partial ? accum_row_index(p, seg.slot, kv_head, safe_row)
+                                                 : 0) * kHeadDimV;
+  }
+  CUTE_UNROLL
+  for (int i = 0; i < size(acc_o); ++i) {
+    const int j = row_slot(i % kValuesPerBlock);
+    if (!row_live[j]) continue;
+    const int column = get<0>(coord_o(i));
+    const float value = acc_o(i) * inv_sum[j];
+    if (seg.is_only_split)
+      out_row[j][column] = static_cast<Element>(value);
+    else
+      partial_row[j][column] = value;
+  }
+}
+
+template <typename Element, int kHeadDim, int kRows>
+__global__ void __launch_bounds__(kThreads, 1)
+    split_kv_decode_narrow_kernel(const __grid_constant__ DecodeParams params,
+                                  const __grid_constant__ CUtensorMap k_map, bool use_tma) {
+  extern __shared__ __align__(1024) unsigned char smem_bytes[];
+  auto& smem = *reinterpret_cast<NarrowStorage<Element, kHeadDim, kRows>*>(smem_bytes);
+  if (threadIdx.x == 0) init_pipeline_barriers(smem, use_tma, kMathWarps);
+  __syncthreads();
+
+  const int32_t* piece =
+      params.tile_scheduler_metadata + static_cast<int64_t>(blockIdx.x) * kMetadataInts;
+  RingPosition ring;
+  uint32_t q_phase = 0;
+  const int kv_head = blockIdx.y;
+  const int row_base = blockIdx.z * kRows;
+  // Both roles walk the same segments in the same order, so their ring positions agree.
+  if (threadIdx.x < kProducerThreads) {
+    for_each_segment(params, piece, [&](const Segment& seg) {
+      produce_segment<Element, kHeadDim, kRows>(params, k_map, use_tma, seg, kv_head, row_base,
+                                                smem, ring, q_phase);
+    });
+    // Copies still in flight must land before their issuing threads exit.
+    cp_async_wait<0>();
+  } else {
+    for_each_segment(params, piece, [&](const Segment& seg) {
+      attend_segment_narrow<Element, kHeadDim, kRows>(params, use_tma, seg, kv_head, row_base,
+                                                      smem, ring, q_phase);
+    });
+  }
+}
+
+template <typename Element, int kHeadDim, int kRows>
+cudaError_t launch_instance(const DecodeParams& params, const CUtensorMap& k_map, bool use_tma,
+                            dim3 grid, cudaStream_t stream) {
+  constexpr size_t smem_size = sizeof(NarrowStorage<Element, kHeadDim, kRows>);
+  static_assert(smem_size <= 227 * 1024, "over the 227 KiB a Hopper CTA may use");
+  const auto kernel = split_kv_decode_narrow_kernel<Element, kHeadDim, kRows>;
+  const cudaError_t err = once_per_device([&] {
+    return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_size);
+  });
+  if (err != cudaSuccess) return err;
+  kernel<<<grid, kThreads, smem_size, stream>>>(params, k_map, use_tma);
+  return cudaGetLastError();
+}
+
+template <typename Element, int kRows>
+cudaError_t launch_for_rows(const DecodeParams& params, const CUtensorMap& k_map, bool use_tma,
+                            dim3 grid, cudaStream_t stream) {
+  return params.head_dim == 576
+             ? launch_instance<Element, 576, kRows>(params, k_map, use_tma, grid, stream)
+             : launch_instance<Element, 512, kRows>(params, k_map, use_tma, grid, stream);
+}
+
+template <typename Element>
+cudaError_t launch_for_element(const DecodeParams& params, const CUtensorMap& k_map,
+                               bool use_tma, dim3 grid, cudaStream_t stream) {
+  return params.rows_per_kv <= 16
+             ? launch_for_rows<Element, 16>(params, k_map, use_tma, grid, stream)
+             : launch_for_rows<Element, 32>(params, k_map, use_tma, grid, stream);
+}
+
+}  // namespace
+
+cudaError_t launch_split_kv_decode_narrow(const DecodeParams& params, bool allow_tma,
+                                          cudaStream_t stream) {
+  if ((params.head_dim != 576 && params.head_dim != 512) ||
+      params.head_dim_v != kHeadDimV || params.num_sm_parts <= 0 || params.num_heads_k <= 0 ||
+      params.rows_per_kv > kNarrowMaxRows)
+    return cudaErrorInvalidValue;
+  if (params.batch <= 0 || params.rows_per_kv <= 0) return cudaSuccess;
+  if (params.num_heads_k > 65535) return cudaErrorInvalidConfiguration;
+  const dim3 grid(params.num_sm_parts, params.num_heads_k, 1);
+  CUtensorMap k_map = {};
+  const bool use_tma = allow_tma && make_paged_kv_tensor_map(params, &k_map);
+  return params.dtype == ElementType::kBF16
+             ? launch_for_element<cutlass::bfloat16_t>(params, k_map, use_tma, grid, stream)
+             : launch_for_element<cutlass::half_t>(params, k_map, use_tma, grid, stream);
+}
+
+}  // namespace jax_flash_mla

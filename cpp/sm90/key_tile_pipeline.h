@@ -1,0 +1,268 @@
+// The load side of the sm90 decode kernels, shared by the 64-row kernel
+// (decode_wgmma_kernel.cu) and the narrow one (decode_narrow_kernel.cu): a producer warpgroup
+// stages a segment's query rows and gathers its 64-key tiles into a 2-stage shared-memory ring
+// (72 KiB a stage at d = 576), with TMA boxes through the block table (its first warp; see
+// paged_kv_tensor_map.h) or, for page sizes TMA cannot box, with cp.async one token row at a
+// time. A stage's "full" mbarrier completes when its bytes have landed; the stage is refilled
+// as soon as every math warp has arrived on its "empty" mbarrier.
+//
+// Masking contract with the math warpgroups: key_valid[stage][key] says whether a key exists
+// (in the segment, on a valid page). TMA boxes of invalid pages are fetched out of range (TMA
+// writes zeros); keys past the segment inside a valid box are read and must be zeroed by the
+// math side before P V; the cp.async gather zero-fills every missing key.
+#pragma once
+
+#include <cute/tensor.hpp>
+#include <cutlass/arch/barrier.h>
+
+#include <cstdint>
+
+#include "../common/split_kv.h"
+#include "paged_kv_tensor_map.h"
+
+namespace jax_flash_mla {
+namespace sm90 {
+
+using namespace cute;
+
+constexpr int kBlockN = 64;  // keys per tile
+constexpr int kHeadDimV = 512;  // value columns: the first 512 of a key row
+constexpr int kStages = 2;
+constexpr int kChunkElems = 8;  // 16-byte cp.async chunks
+constexpr int kProducerThreads = 128;
+// Named barrier among the producer's threads (0 is __syncthreads; kernels number theirs after).
+constexpr int kProducerBarrier = 1;
+static_assert(kBlockN == kTokensPerTile, "a tile is one unit of the schedule");
+
+// 128-byte swizzled, K-major: the layout wgmma reads without bank conflicts, and the layout a
+// TMA box of 64 columns lands in.
+template <typename Element, int kHeadDim, int kQueryRows>
+struct TileLayouts {
+  using Atom = GMMA::Layout_K_SW128_Atom<Element>;
+  using Q = decltype(tile_to_shape(Atom{}, Shape<Int<kQueryRows>, Int<kHeadDim>>{}));
+  using K = decltype(tile_to_shape(Atom{}, Shape<Int<kBlockN>, Int<kHeadDim>>{}));
+  // V^T (value columns x keys) over the very bytes of a K tile: MN-major.
+  using Vt = decltype(composition(
+      K{}, make_ordered_layout(Shape<Int<kHeadDimV>, Int<kBlockN>>{}, Step<_2, _1>{})));
+};
+
+// The shared memory the producer fills; a kernel's own storage derives from it.
+template <typename Element, int kHeadDim, int kQueryRows>
+struct PipelineStorage {
+  using L = TileLayouts<Element, kHeadDim, kQueryRows>;
+  // Swizzled buffers must start on 1024-byte boundaries (the swizzle pattern's period).
+  alignas(1024) Element q[cosize_v<typename L::Q>];
+  alignas(1024) Element k[kStages][cosize_v<typename L::K>];
+  int64_t token_offset[kStages][kBlockN];  // cp.async gather: k_cache offset of each key, -1: none
+  uint8_t key_valid[kStages][kBlockN];     // the key exists (in the segment, on a valid page)
+  uint64_t k_full[kStages];   // a stage's keys (and their offsets) have landed
+  uint64_t k_empty[kStages];  // every math warp is done with a stage
+  uint64_t q_full;            // the segment's query rows have landed
+  uint64_t q_empty;           // every math warp is done with the query rows
+};
+
+using Barrier = cutlass::arch::ClusterBarrier;
+using cutlass::arch::ClusterBarrier;
+
+// Stage index and mbarrier phase of the ring, advanced identically by producer and consumers.
+struct RingPosition {
+  int stage = 0;
+  uint32_t phase = 0;
+  __device__ void advance() {
+    if (++stage == kStages) {
+      stage = 0;
+      phase ^= 1;
+    }
+  }
+};
+
+__device__ __forceinline__ void named_barrier_sync(int id, int threads) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+
+// The calling thread's earlier cp.async copies arrive on `barrier` when they land.
+__device__ __forceinline__ void arrive_when_copies_land(uint64_t* barrier) {
+  cutlass::arch::cpasync_barrier_arrive_noinc(barrier);
+}
+
+// Once per warp, after the warp's own wgmmas on the buffer have completed.
+__device__ __forceinline__ void warp_release(uint64_t* barrier) {
+  __syncwarp();
+  if (threadIdx.x % 32 == 0) Barrier::arrive(barrier);
+}
+
+
+// mbarrier arrivals of a stage's "full" barrier: with TMA, one arrival that also expects the
+// tile's bytes; with cp.async, every producer thread's copies plus one plain arrival that
+// publishes the key offsets. "Empty" barriers: one arrival per math warp. By thread 0, before
+// the CTA's first __syncthreads.
+template <typename Storage>
+__device__ __forceinline__ void init_pipeline_barriers(Storage& smem, bool use_tma,
+                                                       uint32_t math_warps) {
+  for (int s = 0; s < kStages; ++s) {
+    ClusterBarrier::init(&smem.k_full[s], use_tma ? 1 : kProducerThreads + 1);
+    ClusterBarrier::init(&smem.k_empty[s], math_warps);
+  }
+  ClusterBarrier::init(&smem.q_full, kProducerThreads);
+  ClusterBarrier::init(&smem.q_empty, math_warps);
+  cutlass::arch::fence_barrier_init();
+}
+
+// C (+)= A B, issued by one warpgroup, waited for.
+template <bool kZeroInit, typename TiledMma, typename FragA, typename FragB, typename FragC>
+__device__ __forceinline__ void warpgroup_gemm(TiledMma& mma, const FragA& a, const FragB& b,
+                                               FragC& c) {
+  warpgroup_fence_operand(c);
+  warpgroup_arrive();
+  if constexpr (kZeroInit) mma.accumulate_ = GMMA::ScaleOut::Zero;
+  CUTE_UNROLL
+  for (int k = 0; k < size<2>(a); ++k) {
+    cute::gemm(mma, a(_, _, k), b(_, _, k), c);
+    mma.accumulate_ = GMMA::ScaleOut::One;
+  }
+  warpgroup_commit_batch();
+  warpgroup_wait<0>();
+  warpgroup_fence_operand(c);
+}
+
+__device__ __forceinline__ int num_tiles_of(const Segment& seg) {
+  return (seg.token_end - seg.token_begin + kBlockN - 1) / kBlockN;
+}
+
+
+// Producer threads 0..63 look up where each key of a tile lives; -1 for keys that must not
+// be read.
+__device__ __forceinline__ void plan_tile(const DecodeParams& p, const Segment& seg, int kv_head,
+                                          int tile_begin, int64_t* token_offset,
+                                          uint8_t* key_valid, int thread) {
+  if (thread < kBlockN) {
+    const int token = tile_begin + thread;
+    int64_t offset = -1;
+    if (token < seg.token_end) {
+      const int page = page_of_token(p, seg.batch_idx, token);
+      if (page >= 0) offset = k_offset(p, page, token, kv_head);
+    }
+    token_offset[thread] = offset;
+    key_valid[thread] = offset >= 0;
+  }
+}
+
+// TMA gather of one tile by one producer warp: which keys exist (for the math warpgroups'
+// masks), then one box of tokens_per_box token slots per (page run, 64 columns). A box whose
+// tokens are past the segment or on an invalid page is sent past the tensor's last token slot:
+// TMA fills it with zeros and never reads memory for it. Keys past the segment inside a valid
+// box are read (they exist in memory) and zeroed by the math warpgroups (see zero_missing_keys).
+template <typename Element, int kHeadDim, typename SmemTensor>
+__device__ __forceinline__ void load_tile_tma(const DecodeParams& p, const CUtensorMap& k_map,
+                                              const Segment& seg, int kv_head, int tile_begin,
+                                              uint8_t* key_valid, uint64_t* full,
+                                              SmemTensor& s_k) {
+  const int lane = threadIdx.x % 32;
+  for (int key = lane; key < kBlockN; key += 32) {
+    const int token = tile_begin + key;
+    key_valid[key] = token < seg.token_end && page_of_token(p, seg.batch_idx, token) >= 0;
+  }
+  __syncwarp();  // the flags are published by lane 0's (release) arrival
+  constexpr uint32_t kTileBytes = kBlockN * kHeadDim * sizeof(Element);
+  if (lane == 0) cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(full, kTileBytes);
+  __syncwarp();
+  const int tokens_per_box = tma_tokens_per_box(p.page_block_size);
+  const int32_t past_end = p.num_blocks * p.page_block_size;
+  for (int first = lane * tokens_per_box; first < kBlockN; first += 32 * tokens_per_box) {
+    const int token = tile_begin + first;
+    int32_t slot = past_end;
+    if (token < seg.token_end) {
+      const int page = page_of_token(p, seg.batch_idx, token);
+      if (page >= 0) slot = page * p.page_block_size + token % p.page_block_size;
+    }
+    CUTE_UNROLL
+    for (int column = 0; column < kHeadDim; column += 64)
+      SM90_TMA_LOAD_3D::copy(&k_map, full, static_cast<uint64_t>(TMA::CacheHintSm90::EVICT_NORMAL),
+                             &s_k(first, column), column, kv_head, slot);
+  }
+}
+
+template <int kHeadDim, typename SmemTensor>
+__device__ __forceinline__ void load_tile(const DecodeParams& p, const int64_t* token_offset,
+                                          SmemTensor& s_k, int thread) {
+  const uint128_t* k_cache = static_cast<const uint128_t*>(p.k_cache);
+  constexpr int chunks_per_row = kHeadDim / kChunkElems;
+  CUTE_UNROLL
+  for (int c = thread; c < kBlockN * chunks_per_row; c += kProducerThreads) {
+    const int token = c / chunks_per_row;
+    const int chunk = c % chunks_per_row;
+    const int64_t offset = token_offset[token];
+    const bool valid = offset >= 0;
+    const uint128_t* src = k_cache + (valid ? offset / kChunkElems + chunk : 0);
+    SM80_CP_ASYNC_CACHEGLOBAL_ZFILL<uint128_t>::copy(
+        *src, *reinterpret_cast<uint128_t*>(&s_k(token, chunk * kChunkElems)), valid);
+  }
+}
+
+template <int kHeadDim, int kQueryRows, typename SmemTensor>
+__device__ __forceinline__ void load_query_rows(const DecodeParams& p, const Segment& seg,
+                                                int kv_head, int row_base, SmemTensor& s_q,
+                                                int thread) {
+  const uint128_t* q = static_cast<const uint128_t*>(p.q);
+  constexpr int chunks_per_row = kHeadDim / kChunkElems;
+  CUTE_UNROLL
+  for (int c = thread; c < kQueryRows * chunks_per_row; c += kProducerThreads) {
+    const int r = c / chunks_per_row;
+    const int chunk = c % chunks_per_row;
+    const int row = row_base + r;
+    const bool valid = row < p.rows_per_kv;
+    const uint128_t* src =
+        q + (valid ? q_offset(p, seg.batch_idx, kv_head, row) / kChunkElems + chunk : 0);
+    SM80_CP_ASYNC_CACHEGLOBAL_ZFILL<uint128_t>::copy(
+        *src, *reinterpret_cast<uint128_t*>(&s_q(r, chunk * kChunkElems)), valid);
+  }
+}
+
+// The producer warpgroup: for each segment, its query rows (once the math warpgroups are done
+// with the previous ones), then its key tiles, each as soon as a stage frees.
+template <typename Element, int kHeadDim, int kQueryRows>
+__device__ void produce_segment(const DecodeParams& p, const CUtensorMap& k_map, bool use_tma,
+                                const Segment& seg, int kv_head, int row_base,
+                                PipelineStorage<Element, kHeadDim, kQueryRows>& smem,
+                                RingPosition& ring, uint32_t& q_phase) {
+  using L = TileLayouts<Element, kHeadDim, kQueryRows>;
+  const int thread = threadIdx.x;  // 0..127
+  const int num_tiles = num_tiles_of(seg);
+  if (num_tiles == 0) return;
+  // With TMA one warp drives the copy engine for the keys; with cp.async all producer threads
+  // gather them. Every producer thread stages query rows.
+  const bool loads_keys = !use_tma || thread < 32;
+  const auto load_keys = [&](int tile) {
+    Barrier::wait(&smem.k_empty[ring.stage], ring.phase ^ 1);
+    Tensor s_k = make_tensor(make_smem_ptr(smem.k[ring.stage]), typename L::K{});
+    const int tile_begin = seg.token_begin + tile * kBlockN;
+    if (use_tma) {
+      load_tile_tma<Element, kHeadDim>(p, k_map, seg, kv_head, tile_begin,
+                                       smem.key_valid[ring.stage], &smem.k_full[ring.stage], s_k);
+    } else {
+      int64_t* offsets = smem.token_offset[ring.stage];
+      plan_tile(p, seg, kv_head, tile_begin, offsets, smem.key_valid[ring.stage], thread);
+      named_barrier_sync(kProducerBarrier, kProducerThreads);
+      load_tile<kHeadDim>(p, offsets, s_k, thread);
+      arrive_when_copies_land(&smem.k_full[ring.stage]);
+      // The offsets were written with plain stores: one plain (release) arrival publishes
+      // them to the math warpgroups, after the barrier above ordered every writer before it.
+      if (thread == 0) Barrier::arrive(&smem.k_full[ring.stage]);
+    }
+    ring.advance();
+  };
+  // The first tile's keys go before the query rows: their stage frees once the previous
+  // segment's next-to-last tile is done, the query buffer only after its last tile's scores,
+  // so the new segment's first keys are in flight while the previous one finishes.
+  if (loads_keys) load_keys(0);
+  Barrier::wait(&smem.q_empty, q_phase ^ 1);
+  q_phase ^= 1;
+  Tensor s_q = make_tensor(make_smem_ptr(smem.q), typename L::Q{});
+  load_query_rows<kHeadDim, kQueryRows>(p, seg, kv_head, row_base, s_q, thread);
+  arrive_when_copies_land(&smem.q_full);
+  if (!loads_keys) return;
+  for (int tile = 1; tile < num_tiles; ++tile) load_keys(tile);
+}
+
+}  // namespace sm90
+}  // namespace jax_flash_mla
