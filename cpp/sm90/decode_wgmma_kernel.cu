@@ -1,13 +1,10 @@
-// Split-KV MLA decode on Hopper tensor cores (wgmma through CuTe), warp-specialized.
+// Split-KV MLA decode on Hopper tensor cores (wgmma through CuTe), warp-specialized, for more
+// than 32 query rows per KV head (fewer go to decode_narrow_kernel.cu).
 //
 // One CTA = (piece of the schedule, KV head, block of kBlockM = 64 query rows), 3 warpgroups:
-//   producer      warpgroup 0 stages the segment's 64 query rows (72 KiB, cp.async) and gathers
-//                 the keys of every tile into a 2-stage shared-memory ring (72 KiB a stage):
-//                 with TMA boxes through the block table (its first warp; see
-//                 paged_kv_tensor_map.h), or with cp.async one token row at a time for page
-//                 sizes TMA cannot box. A stage's "full" mbarrier completes when its bytes have
-//                 landed; the stage is refilled as soon as both math warpgroups arrive on its
-//                 "empty" mbarrier. It gives up registers (setmaxnreg) to the math warpgroups.
+//   producer      warpgroup 0 stages the segment's 64 query rows and gathers the keys of every
+//                 tile into the 2-stage ring (key_tile_pipeline.h). It gives up registers
+//                 (setmaxnreg) to the math warpgroups.
 //   math 0 and 1  warpgroups 1 and 2 compute, per tile:
 //     S = Q K^T     math warpgroup w: the scores of keys [32w, 32w + 32) (m64n32k16, K = 576)
 //     softmax       row maxima are exchanged through shared memory, so both keep the same
@@ -18,6 +15,9 @@
 // so no FLOP is done twice and the 64 x 512 float accumulator is split 128 registers a thread.
 // Loads never wait on the math warpgroups' barriers: the next stage's copies are in flight the
 // moment a stage frees, and the math warpgroups sync only with each other (named barrier).
+// Schedules tried and measured no faster (benchmarks/NOTES.md, v7): the seesaw (alternate
+// tiles per warpgroup), whole scores per warpgroup with P in registers, and two narrow-kernel
+// warpgroups of 32 rows each.
 //
 // Masking: a key past the segment, past the length or on an invalid page scores -inf. Its
 // value row must still be finite (P = 0 times NaN is NaN): TMA boxes of invalid pages are
@@ -53,12 +53,13 @@ constexpr int kMathThreads = 128 * kMathWarpGroups;
 constexpr int kThreads = kProducerThreads + kMathThreads;
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
-// Registers: the producer needs few, the math warpgroups hold a 64 x 256 float accumulator
-// each (128 a thread) plus scores and addresses. The CTA starts at 65536 / 384 = 168 a thread
-// and setmaxnreg.inc only takes what .dec gave back, so 128 (168 - p) >= 256 (m - 168), i.e.
-// p + 2m <= 504 (more and the math warpgroups would wait forever for registers).
-constexpr uint32_t kProducerRegisters = 56;
-constexpr uint32_t kMathRegisters = 224;
+// Registers: the producer needs few (72 hold its block-table lookups of the next tile without
+// spilling), the math warpgroups hold a 64 x 256 float accumulator each (128 a thread) plus
+// scores and addresses. The CTA starts at 65536 / 384 = 168 a thread and setmaxnreg.inc only
+// takes what .dec gave back, so 128 (168 - p) >= 256 (m - 168), i.e. p + 2m <= 504 (more and
+// the math warpgroups would wait forever for registers).
+constexpr uint32_t kProducerRegisters = 72;
+constexpr uint32_t kMathRegisters = 216;
 // Named barrier among the math threads (after the producer's, key_tile_pipeline.h).
 constexpr int kMathBarrier = kProducerBarrier + 1;
 

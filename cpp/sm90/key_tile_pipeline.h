@@ -152,33 +152,51 @@ __device__ __forceinline__ void plan_tile(const DecodeParams& p, const Segment& 
 // tokens are past the segment or on an invalid page is sent past the tensor's last token slot:
 // TMA fills it with zeros and never reads memory for it. Keys past the segment inside a valid
 // box are read (they exist in memory) and zeroed by the math warpgroups (see zero_missing_keys).
+struct TmaTileLookup {
+  bool key_valid[kBlockN / 32];  // keys lane and lane + 32
+  int32_t slot;                  // the box starting at key lane * tokens_per_box, if there is one
+};
+
+// One lane's share of the lookups, done before the stage frees: the block-table reads (an L2
+// round trip) overlap the wait instead of delaying the copy.
+__device__ __forceinline__ TmaTileLookup lookup_tile_tma(const DecodeParams& p, const Segment& seg,
+                                                         int tile_begin) {
+  const int lane = threadIdx.x % 32;
+  TmaTileLookup lookup;
+  CUTE_UNROLL
+  for (int i = 0; i < kBlockN / 32; ++i) {
+    const int token = tile_begin + lane + 32 * i;
+    lookup.key_valid[i] = token < seg.token_end && page_of_token(p, seg.batch_idx, token) >= 0;
+  }
+  const int tokens_per_box = tma_tokens_per_box(p.page_block_size);
+  const int token = tile_begin + lane * tokens_per_box;
+  lookup.slot = p.num_blocks * p.page_block_size;  // past the end: TMA writes zeros
+  if (lane * tokens_per_box < kBlockN && token < seg.token_end) {
+    const int page = page_of_token(p, seg.batch_idx, token);
+    if (page >= 0) lookup.slot = page * p.page_block_size + token % p.page_block_size;
+  }
+  return lookup;
+}
+
 template <typename Element, int kHeadDim, typename SmemTensor>
 __device__ __forceinline__ void load_tile_tma(const DecodeParams& p, const CUtensorMap& k_map,
-                                              const Segment& seg, int kv_head, int tile_begin,
+                                              const TmaTileLookup& lookup, int kv_head,
                                               uint8_t* key_valid, uint64_t* full,
                                               SmemTensor& s_k) {
   const int lane = threadIdx.x % 32;
-  for (int key = lane; key < kBlockN; key += 32) {
-    const int token = tile_begin + key;
-    key_valid[key] = token < seg.token_end && page_of_token(p, seg.batch_idx, token) >= 0;
-  }
+  CUTE_UNROLL
+  for (int i = 0; i < kBlockN / 32; ++i) key_valid[lane + 32 * i] = lookup.key_valid[i];
   __syncwarp();  // the flags are published by lane 0's (release) arrival
   constexpr uint32_t kTileBytes = kBlockN * kHeadDim * sizeof(Element);
   if (lane == 0) cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(full, kTileBytes);
   __syncwarp();
-  const int tokens_per_box = tma_tokens_per_box(p.page_block_size);
-  const int32_t past_end = p.num_blocks * p.page_block_size;
-  for (int first = lane * tokens_per_box; first < kBlockN; first += 32 * tokens_per_box) {
-    const int token = tile_begin + first;
-    int32_t slot = past_end;
-    if (token < seg.token_end) {
-      const int page = page_of_token(p, seg.batch_idx, token);
-      if (page >= 0) slot = page * p.page_block_size + token % p.page_block_size;
-    }
+  // tokens_per_box >= 8, so a lane has at most one box row: 64 / tokens_per_box lanes do.
+  const int first = lane * tma_tokens_per_box(p.page_block_size);
+  if (first < kBlockN) {
     CUTE_UNROLL
     for (int column = 0; column < kHeadDim; column += 64)
       SM90_TMA_LOAD_3D::copy(&k_map, full, static_cast<uint64_t>(TMA::CacheHintSm90::EVICT_NORMAL),
-                             &s_k(first, column), column, kv_head, slot);
+                             &s_k(first, column), column, kv_head, lookup.slot);
   }
 }
 
@@ -233,12 +251,14 @@ __device__ void produce_segment(const DecodeParams& p, const CUtensorMap& k_map,
   // gather them. Every producer thread stages query rows.
   const bool loads_keys = !use_tma || thread < 32;
   const auto load_keys = [&](int tile) {
+    const int tile_begin = seg.token_begin + tile * kBlockN;
+    TmaTileLookup lookup{};
+    if (use_tma) lookup = lookup_tile_tma(p, seg, tile_begin);
     Barrier::wait(&smem.k_empty[ring.stage], ring.phase ^ 1);
     Tensor s_k = make_tensor(make_smem_ptr(smem.k[ring.stage]), typename L::K{});
-    const int tile_begin = seg.token_begin + tile * kBlockN;
     if (use_tma) {
-      load_tile_tma<Element, kHeadDim>(p, k_map, seg, kv_head, tile_begin,
-                                       smem.key_valid[ring.stage], &smem.k_full[ring.stage], s_k);
+      load_tile_tma<Element, kHeadDim>(p, k_map, lookup, kv_head, smem.key_valid[ring.stage],
+                                       &smem.k_full[ring.stage], s_k);
     } else {
       int64_t* offsets = smem.token_offset[ring.stage];
       plan_tile(p, seg, kv_head, tile_begin, offsets, smem.key_valid[ring.stage], thread);
