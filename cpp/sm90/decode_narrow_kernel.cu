@@ -32,6 +32,8 @@
 #include "key_tile_pipeline.h"
 #include "once_per_device.h"
 #include "paged_kv_tensor_map.h"
+#include "row_softmax.h"
+#include "segment_output.h"
 
 namespace jax_flash_mla {
 namespace {
@@ -42,8 +44,6 @@ using namespace sm90;
 constexpr int kMathThreads = 128;
 constexpr int kMathWarps = kMathThreads / 32;
 constexpr int kThreads = kProducerThreads + kMathThreads;
-constexpr float kLog2e = 1.4426950408889634f;
-constexpr float kLn2 = 0.6931471805599453f;
 // Named barrier among the math threads (after the producer's, key_tile_pipeline.h).
 constexpr int kMathBarrier = kProducerBarrier + 1;
 
@@ -101,23 +101,6 @@ __device__ __forceinline__ int row_of_slot(int slot) {
   return 2 * (threadIdx.x % 4) + slot % 2 + 8 * (slot / 2);
 }
 
-// Keys of the last tile past the segment's end inside a valid TMA box hold whatever the cache
-// holds (NaN included): their scores are masked, but P^T's zeros would still multiply them in
-// O^T, so their value columns are zeroed once this tile's scores are computed.
-template <typename SmemTensor>
-__device__ __forceinline__ bool zero_missing_keys(const Segment& seg, int tile_begin,
-                                                  int math_thread, SmemTensor& s_k) {
-  const int first_missing = seg.token_end - tile_begin;
-  if (first_missing >= kBlockN) return false;
-  constexpr int chunks_per_row = kHeadDimV / kChunkElems;
-  for (int c = first_missing * chunks_per_row + math_thread; c < kBlockN * chunks_per_row;
-       c += kMathThreads) {
-    *reinterpret_cast<uint4*>(&s_k(c / chunks_per_row, c % chunks_per_row * kChunkElems)) =
-        make_uint4(0, 0, 0, 0);
-  }
-  return true;
-}
-
 template <typename Element, int kHeadDim, int kRows>
 __device__ void attend_segment_narrow(const DecodeParams& p, bool use_tma, const Segment& seg,
                                       int kv_head, int row_base,
@@ -153,14 +136,11 @@ __device__ void attend_segment_narrow(const DecodeParams& p, bool use_tma, const
 
   const int seqlen = clamped_seqlen(p, seg.batch_idx);
   int key_limit[kRowSlots];
-  float running_max[kRowSlots];
-  float running_sum[kRowSlots];  // this thread's keys only, until the segment's end
+  RowSoftmax softmax[kRowSlots];  // sums: this thread's keys only, until the segment's end
   CUTE_UNROLL
   for (int j = 0; j < kRowSlots; ++j) {
     const int row = row_base + row_of_slot(j);
     key_limit[j] = row < p.rows_per_kv ? min(key_limit_for_row(p, seqlen, row), seg.token_end) : 0;
-    running_max[j] = -INFINITY;
-    running_sum[j] = 0.f;
   }
   const float scale_log2 = p.softmax_scale * kLog2e;
 
@@ -184,7 +164,9 @@ __device__ void attend_segment_narrow(const DecodeParams& p, bool use_tma, const
     warpgroup_gemm<true>(mma_s, frag_k, frag_q, acc_s);
     // The last tile's scores are the last use of Q: the producer may stage the next segment's.
     if (tile == num_tiles - 1) warp_release(&smem.q_empty);
-    if (use_tma) zero_missing_keys(seg, tile_begin, math_thread, s_k);
+    // Keys past the segment inside a valid TMA box: their value columns, once scored.
+    if (use_tma && seg.token_end - tile_begin < kBlockN)
+      zero_value_rows(s_k, seg.token_end - tile_begin, kBlockN, math_thread);
 
     // Mask, scale into the log2 domain, and take this thread's maxima of each query row.
     float tile_max[kRowSlots];
@@ -210,20 +192,16 @@ __device__ void attend_segment_narrow(const DecodeParams& p, bool use_tma, const
     CUTE_UNROLL
     for (int j = 0; j < kRowSlots; ++j) {
       const int row = row_of_slot(j);
-      float new_max = running_max[j];
+      float row_max = -INFINITY;
       CUTE_UNROLL
-      for (int w = 0; w < kMathWarps; ++w) new_max = fmaxf(new_max, smem.warp_max[w][row]);
-      // A row that has seen no key yet measures from 0, so exp2 of -inf stays 0 (not NaN).
-      reference[j] = new_max == -INFINITY ? 0.f : new_max;
-      rescale[j] = exp2f(running_max[j] - reference[j]);
-      running_max[j] = new_max;
-      running_sum[j] *= rescale[j];
+      for (int w = 0; w < kMathWarps; ++w) row_max = fmaxf(row_max, smem.warp_max[w][row]);
+      reference[j] = softmax[j].advance(row_max, rescale[j]);
     }
     CUTE_UNROLL
     for (int i = 0; i < size(acc_s); ++i) {
       const int j = row_slot(i);
       const float prob = exp2f(acc_s(i) - reference[j]);
-      running_sum[j] += prob;
+      softmax[j].sum += prob;
       p_out(i) = static_cast<Element>(prob);
     }
     // P^T (and any zeroed keys) were written through the generic proxy; wgmma reads them
@@ -244,59 +222,39 @@ __device__ void attend_segment_narrow(const DecodeParams& p, bool use_tma, const
   // Denominators: this thread's keys, the warp's, then the 4 warps'.
   CUTE_UNROLL
   for (int j = 0; j < kRowSlots; ++j) {
-    const float warp_total = column_sum(running_sum[j]);
+    const float warp_total = column_sum(softmax[j].sum);
     if (threadIdx.x % 32 < 4) smem.warp_sum[warp][row_of_slot(j)] = warp_total;
   }
   math_barrier();
-  float inv_sum[kRowSlots];
-  float lse[kRowSlots];
-  bool saw_key[kRowSlots];
+  RowResult result[kRowSlots];
   CUTE_UNROLL
   for (int j = 0; j < kRowSlots; ++j) {
     float total = 0.f;
     CUTE_UNROLL
     for (int w = 0; w < kMathWarps; ++w) total += smem.warp_sum[w][row_of_slot(j)];
-    saw_key[j] = running_max[j] != -INFINITY;
-    inv_sum[j] = saw_key[j] ? 1.f / total : 0.f;
-    lse[j] = (running_max[j] + log2f(total)) * kLn2;
+    result[j] = softmax[j].finish(total);
   }
-
-  const bool write_partial = !seg.is_only_split && slot_in_range(p, seg.slot);
+  const SegmentOutput output(p, seg, kv_head);
   if (math_thread < 4) {
     CUTE_UNROLL
-    for (int j = 0; j < kRowSlots; ++j) {
-      const int row = row_base + row_of_slot(j);
-      if (row >= p.rows_per_kv) continue;
-      if (seg.is_only_split)
-        p.lse[lse_offset(p, seg.batch_idx, kv_head, row)] = saw_key[j] ? lse[j] : INFINITY;
-      else if (write_partial)
-        p.lse_accum[accum_row_index(p, seg.slot, kv_head, row)] = saw_key[j] ? lse[j] : -INFINITY;
-    }
+    for (int j = 0; j < kRowSlots; ++j) output.store_lse(p, row_base + row_of_slot(j), result[j]);
   }
   // Each query row's destination is computed once; element i of the fragment is at value
   // column get<0>(coord_o(i)) of row slot row_slot(i % kValuesPerBlock).
-  Element* out_row[kRowSlots];
-  float* partial_row[kRowSlots];
-  bool row_live[kRowSlots];
+  RowDestination<Element> destination[kRowSlots];
   CUTE_UNROLL
-  for (int j = 0; j < kRowSlots; ++j) {
-    const int row = row_base + row_of_slot(j);
-    row_live[j] = row < p.rows_per_kv && (seg.is_only_split || write_partial);
-    const int safe_row = row_live[j] ? row : 0;
-    out_row[j] = static_cast<Element*>(p.out) + out_offset(p, seg.batch_idx, kv_head, safe_row);
-    partial_row[j] = p.o_accum + (write_partial ? accum_row_index(p, seg.slot, kv_head, safe_row)
-                                                 : 0) * kHeadDimV;
-  }
+  for (int j = 0; j < kRowSlots; ++j)
+    destination[j] = output.destination<Element>(p, row_base + row_of_slot(j));
   CUTE_UNROLL
   for (int i = 0; i < size(acc_o); ++i) {
     const int j = row_slot(i % kValuesPerBlock);
-    if (!row_live[j]) continue;
+    if (!destination[j].live) continue;
     const int column = get<0>(coord_o(i));
-    const float value = acc_o(i) * inv_sum[j];
+    const float value = acc_o(i) * result[j].inv_sum;
     if (seg.is_only_split)
-      out_row[j][column] = static_cast<Element>(value);
+      destination[j].out[column] = static_cast<Element>(value);
     else
-      partial_row[j][column] = value;
+      destination[j].partial[column] = value;
   }
 }
 

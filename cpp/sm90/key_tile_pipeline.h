@@ -151,7 +151,7 @@ __device__ __forceinline__ void plan_tile(const DecodeParams& p, const Segment& 
 // masks), then one box of tokens_per_box token slots per (page run, 64 columns). A box whose
 // tokens are past the segment or on an invalid page is sent past the tensor's last token slot:
 // TMA fills it with zeros and never reads memory for it. Keys past the segment inside a valid
-// box are read (they exist in memory) and zeroed by the math warpgroups (see zero_missing_keys).
+// box are read (they exist in memory) and zeroed by the math warpgroups (zero_value_rows).
 struct TmaTileLookup {
   bool key_valid[kBlockN / 32];  // keys lane and lane + 32
   int32_t slot;                  // the box starting at key lane * tokens_per_box, if there is one
@@ -197,6 +197,20 @@ __device__ __forceinline__ void load_tile_tma(const DecodeParams& p, const CUten
     for (int column = 0; column < kHeadDim; column += 64)
       SM90_TMA_LOAD_3D::copy(&k_map, full, static_cast<uint64_t>(TMA::CacheHintSm90::EVICT_NORMAL),
                              &s_k(first, column), column, kv_head, lookup.slot);
+  }
+}
+
+// The math side's half of the masking contract: zeroes the value columns of keys
+// [first_key, end_key) of a landed tile, spread over the 128 threads of one warpgroup (thread
+// 0..127). Keys past the segment inside a valid TMA box hold whatever the cache holds, NaN
+// included, and P = 0 times NaN is NaN.
+template <typename SmemTensor>
+__device__ __forceinline__ void zero_value_rows(SmemTensor& s_k, int first_key, int end_key,
+                                                int thread) {
+  constexpr int chunks_per_row = kHeadDimV / kChunkElems;
+  for (int c = first_key * chunks_per_row + thread; c < end_key * chunks_per_row; c += 128) {
+    *reinterpret_cast<uint4*>(&s_k(c / chunks_per_row, c % chunks_per_row * kChunkElems)) =
+        make_uint4(0, 0, 0, 0);
   }
 }
 
