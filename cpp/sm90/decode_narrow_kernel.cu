@@ -105,7 +105,8 @@ template <typename Element, int kHeadDim, int kRows>
 __device__ void attend_segment_narrow(const DecodeParams& p, bool use_tma, const Segment& seg,
                                       int kv_head, int row_base,
                                       NarrowStorage<Element, kHeadDim, kRows>& smem,
-                                      RingPosition& ring, uint32_t& q_phase) {
+                                      RingPosition& ring, uint32_t& q_phase,
+                                      WarpgroupTrace& trace) {
   using L = NarrowLayouts<Element, kHeadDim, kRows>;
   constexpr int kRowSlots = kRows / 4;
   const int math_thread = threadIdx.x - kProducerThreads;
@@ -147,21 +148,25 @@ __device__ void attend_segment_narrow(const DecodeParams& p, bool use_tma, const
   const int num_tiles = num_tiles_of(seg);
   // The previous segment's warp_sum may still be being read.
   math_barrier();
+  trace.mark(kTraceSegmentBegin, num_tiles);
   if (num_tiles > 0) {
     Barrier::wait(&smem.q_full, q_phase);
     q_phase ^= 1;
   }
+  trace.mark(kTraceQueryLanded, -1);
 
   for (int tile = 0; tile < num_tiles; ++tile) {
     const int stage = ring.stage;
     const uint8_t* key_valid = smem.key_valid[stage];
     const int tile_begin = seg.token_begin + tile * kBlockN;
     Barrier::wait(&smem.k_full[stage], ring.phase);
+    trace.mark(kTraceKeysLanded, tile);
     // The keys were written by TMA or cp.async; wgmma reads through the async proxy.
     cutlass::arch::fence_view_async_shared();
     Tensor s_k = make_tensor(make_smem_ptr(smem.k[stage]), typename L::K{});
     Tensor frag_k = thr_s.partition_fragment_A(s_k);
     warpgroup_gemm<true>(mma_s, frag_k, frag_q, acc_s);
+    trace.mark(kTraceScoresDone, tile);
     // The last tile's scores are the last use of Q: the producer may stage the next segment's.
     if (tile == num_tiles - 1) warp_release(&smem.q_empty);
     // Keys past the segment inside a valid TMA box: their value columns, once scored.
@@ -187,6 +192,7 @@ __device__ void attend_segment_narrow(const DecodeParams& p, bool use_tma, const
       if (threadIdx.x % 32 < 4) smem.warp_max[warp][row_of_slot(j)] = tile_max[j];
     }
     math_barrier();
+    trace.mark(kTraceMaxShared, tile);
     float rescale[kRowSlots];
     float reference[kRowSlots];
     CUTE_UNROLL
@@ -208,6 +214,7 @@ __device__ void attend_segment_narrow(const DecodeParams& p, bool use_tma, const
     // through the async proxy, after every math thread's writes (and reads of warp_max).
     cutlass::arch::fence_view_async_shared();
     math_barrier();
+    trace.mark(kTraceProbsShared, tile);
 
     CUTE_UNROLL
     for (int i = 0; i < size(acc_o); ++i) acc_o(i) *= rescale[row_slot(i % kValuesPerBlock)];
@@ -216,6 +223,7 @@ __device__ void attend_segment_narrow(const DecodeParams& p, bool use_tma, const
     warpgroup_gemm<false>(mma_o, frag_vt, frag_pt, acc_o);
     // This warp's O^T wgmma has completed: its reads of the stage (and of P^T) are over.
     warp_release(&smem.k_empty[stage]);
+    trace.mark(kTraceValuesDone, tile);
     ring.advance();
   }
 
@@ -256,6 +264,7 @@ __device__ void attend_segment_narrow(const DecodeParams& p, bool use_tma, const
     else
       destination[j].partial[column] = value;
   }
+  trace.mark(kTraceSegmentEnd, num_tiles);
 }
 
 template <typename Element, int kHeadDim, int kRows>
@@ -271,22 +280,24 @@ __global__ void __launch_bounds__(kThreads, 1)
       params.tile_scheduler_metadata + static_cast<int64_t>(blockIdx.x) * kMetadataInts;
   RingPosition ring;
   uint32_t q_phase = 0;
+  WarpgroupTrace trace;
   const int kv_head = blockIdx.y;
   const int row_base = blockIdx.z * kRows;
   // Both roles walk the same segments in the same order, so their ring positions agree.
   if (threadIdx.x < kProducerThreads) {
     for_each_segment(params, piece, [&](const Segment& seg) {
       produce_segment<Element, kHeadDim, kRows>(params, k_map, use_tma, seg, kv_head, row_base,
-                                                smem, ring, q_phase);
+                                                smem, ring, q_phase, trace);
     });
     // Copies still in flight must land before their issuing threads exit.
     cp_async_wait<0>();
   } else {
     for_each_segment(params, piece, [&](const Segment& seg) {
       attend_segment_narrow<Element, kHeadDim, kRows>(params, use_tma, seg, kv_head, row_base,
-                                                      smem, ring, q_phase);
+                                                      smem, ring, q_phase, trace);
     });
   }
+  trace.print();
 }
 
 template <typename Element, int kHeadDim, int kRows>
@@ -296,6 +307,7 @@ cudaError_t launch_instance(const DecodeParams& params, const CUtensorMap& k_map
   static_assert(smem_size <= 227 * 1024, "over the 227 KiB a Hopper CTA may use");
   const auto kernel = split_kv_decode_narrow_kernel<Element, kHeadDim, kRows>;
   const cudaError_t err = once_per_device([&] {
+    prepare_trace_output();
     return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_size);
   });
   if (err != cudaSuccess) return err;

@@ -107,7 +107,7 @@ __device__ __forceinline__ float quad_sum(float x) {
 template <typename Element, int kHeadDim>
 __device__ void attend_segment(const DecodeParams& p, bool use_tma, const Segment& seg,
                                int kv_head, int row_base, SharedStorage<Element, kHeadDim>& smem,
-                               RingPosition& ring, uint32_t& q_phase) {
+                               RingPosition& ring, uint32_t& q_phase, WarpgroupTrace& trace) {
   using L = Layouts<Element, kHeadDim>;
   const int wg = (threadIdx.x - kProducerThreads) / 128;
   const int wg_thread = threadIdx.x % 128;
@@ -154,16 +154,19 @@ __device__ void attend_segment(const DecodeParams& p, bool use_tma, const Segmen
   const int num_tiles = num_tiles_of(seg);
   // The previous segment's row_sum may still be read by the other warpgroup.
   named_barrier_sync(kMathBarrier, kMathThreads);
+  trace.mark(kTraceSegmentBegin, num_tiles);
   if (num_tiles > 0) {
     Barrier::wait(&smem.q_full, q_phase);
     q_phase ^= 1;
   }
+  trace.mark(kTraceQueryLanded, -1);
 
   for (int tile = 0; tile < num_tiles; ++tile) {
     const int stage = ring.stage;
     const uint8_t* key_valid = smem.key_valid[stage];
     const int tile_begin = seg.token_begin + tile * kBlockN;
     Barrier::wait(&smem.k_full[stage], ring.phase);
+    trace.mark(kTraceKeysLanded, tile);
     // The keys were written by TMA or cp.async; wgmma reads through the async proxy.
     cutlass::arch::fence_view_async_shared();
     // Scores of this tile only: issuing the next tile's behind this tile's P V (tried) holds
@@ -174,6 +177,7 @@ __device__ void attend_segment(const DecodeParams& p, bool use_tma, const Segmen
                                  make_coord(wg, 0));
     Tensor frag_k = thr_s.partition_fragment_B(s_k_half);
     warpgroup_gemm<true>(mma_s, frag_q, frag_k, acc_s);
+    trace.mark(kTraceScoresDone, tile);
     // The last tile's scores are the last use of Q: the producer may stage the next segment's.
     if (tile == num_tiles - 1) warp_release(&smem.q_empty);
     // TMA reads whole boxes: keys past the segment inside a valid one hold whatever the cache
@@ -200,6 +204,7 @@ __device__ void attend_segment(const DecodeParams& p, bool use_tma, const Segmen
       if (wg_thread % 4 == 0) smem.row_max[wg][my_row[h]] = tile_max[h];
     }
     named_barrier_sync(kMathBarrier, kMathThreads);
+    trace.mark(kTraceMaxShared, tile);
     float rescale[2];
     float reference[2];
     for (int h = 0; h < 2; ++h) {
@@ -217,6 +222,7 @@ __device__ void attend_segment(const DecodeParams& p, bool use_tma, const Segmen
     // through the async proxy.
     cutlass::arch::fence_view_async_shared();
     named_barrier_sync(kMathBarrier, kMathThreads);
+    trace.mark(kTraceProbsShared, tile);
 
     CUTE_UNROLL
     for (int i = 0; i < size(acc_o); ++i) acc_o(i) *= rescale[row_half(i)];
@@ -227,6 +233,7 @@ __device__ void attend_segment(const DecodeParams& p, bool use_tma, const Segmen
     warpgroup_gemm<false>(mma_o, frag_p, frag_v, acc_o);
     // This warp's P V wgmma has completed: its reads of the stage (and of P) are over.
     warp_release(&smem.k_empty[stage]);
+    trace.mark(kTraceValuesDone, tile);
     ring.advance();
   }
 
@@ -266,6 +273,7 @@ __device__ void attend_segment(const DecodeParams& p, bool use_tma, const Segmen
       *reinterpret_cast<float2*>(destination[h].partial + column) = make_float2(v0, v1);
     }
   }
+  trace.mark(kTraceSegmentEnd, num_tiles);
 }
 
 template <typename Element, int kHeadDim>
@@ -281,6 +289,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       params.tile_scheduler_metadata + static_cast<int64_t>(blockIdx.x) * kMetadataInts;
   RingPosition ring;
   uint32_t q_phase = 0;
+  WarpgroupTrace trace;
   const int kv_head = blockIdx.y;
   const int row_base = blockIdx.z * kBlockM;
   // Both roles walk the same segments in the same order, so their ring positions agree.
@@ -288,16 +297,17 @@ __global__ void __launch_bounds__(kThreads, 1)
     cutlass::arch::warpgroup_reg_dealloc<kProducerRegisters>();
     for_each_segment(params, piece, [&](const Segment& seg) {
       produce_segment<Element, kHeadDim, kBlockM>(params, k_map, use_tma, seg, kv_head,
-                                                  row_base, smem, ring, q_phase);
+                                                  row_base, smem, ring, q_phase, trace);
     });
     // Copies still in flight must land before their issuing threads exit.
     cp_async_wait<0>();
   } else {
     cutlass::arch::warpgroup_reg_alloc<kMathRegisters>();
     for_each_segment(params, piece, [&](const Segment& seg) {
-      attend_segment(params, use_tma, seg, kv_head, row_base, smem, ring, q_phase);
+      attend_segment(params, use_tma, seg, kv_head, row_base, smem, ring, q_phase, trace);
     });
   }
+  trace.print();
 }
 
 template <typename Element, int kHeadDim>
@@ -307,6 +317,7 @@ cudaError_t launch_instance(const DecodeParams& params, const CUtensorMap& k_map
   static_assert(smem_size <= 227 * 1024, "over the 227 KiB a Hopper CTA may use");
   const auto kernel = split_kv_decode_wgmma_kernel<Element, kHeadDim>;
   const cudaError_t err = once_per_device([&] {
+    prepare_trace_output();
     return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_size);
   });
   if (err != cudaSuccess) return err;

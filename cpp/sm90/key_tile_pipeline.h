@@ -18,6 +18,7 @@
 #include <cstdint>
 
 #include "../common/split_kv.h"
+#include "kernel_trace.h"
 #include "paged_kv_tensor_map.h"
 
 namespace jax_flash_mla {
@@ -256,7 +257,7 @@ template <typename Element, int kHeadDim, int kQueryRows>
 __device__ void produce_segment(const DecodeParams& p, const CUtensorMap& k_map, bool use_tma,
                                 const Segment& seg, int kv_head, int row_base,
                                 PipelineStorage<Element, kHeadDim, kQueryRows>& smem,
-                                RingPosition& ring, uint32_t& q_phase) {
+                                RingPosition& ring, uint32_t& q_phase, WarpgroupTrace& trace) {
   using L = TileLayouts<Element, kHeadDim, kQueryRows>;
   const int thread = threadIdx.x;  // 0..127
   const int num_tiles = num_tiles_of(seg);
@@ -269,6 +270,7 @@ __device__ void produce_segment(const DecodeParams& p, const CUtensorMap& k_map,
     TmaTileLookup lookup{};
     if (use_tma) lookup = lookup_tile_tma(p, seg, tile_begin);
     Barrier::wait(&smem.k_empty[ring.stage], ring.phase ^ 1);
+    trace.mark(kTraceStageFree, tile);
     Tensor s_k = make_tensor(make_smem_ptr(smem.k[ring.stage]), typename L::K{});
     if (use_tma) {
       load_tile_tma<Element, kHeadDim>(p, k_map, lookup, kv_head, smem.key_valid[ring.stage],
@@ -283,6 +285,7 @@ __device__ void produce_segment(const DecodeParams& p, const CUtensorMap& k_map,
       // them to the math warpgroups, after the barrier above ordered every writer before it.
       if (thread == 0) Barrier::arrive(&smem.k_full[ring.stage]);
     }
+    trace.mark(kTraceKeysIssued, tile);
     ring.advance();
   };
   // The first tile's keys go before the query rows: their stage frees once the previous
@@ -291,9 +294,11 @@ __device__ void produce_segment(const DecodeParams& p, const CUtensorMap& k_map,
   if (loads_keys) load_keys(0);
   Barrier::wait(&smem.q_empty, q_phase ^ 1);
   q_phase ^= 1;
+  trace.mark(kTraceQueryFree, -1);
   Tensor s_q = make_tensor(make_smem_ptr(smem.q), typename L::Q{});
   load_query_rows<kHeadDim, kQueryRows>(p, seg, kv_head, row_base, s_q, thread);
   arrive_when_copies_land(&smem.q_full);
+  trace.mark(kTraceQueryIssued, -1);
   if (!loads_keys) return;
   for (int tile = 1; tile < num_tiles; ++tile) load_keys(tile);
 }
