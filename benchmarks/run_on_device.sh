@@ -6,6 +6,7 @@
 #
 #   bash benchmarks/run_on_device.sh [build] [test] [quicktest] [main] [sanitize] [profile]
 #                                    [devicetest] [detail] [timeline] [graphbench] [multigpu] [graphs] [demo] [bench] [quickbench]
+#                                    [trace] (last: it leaves the diagnostic build)
 #   (default: build test main sanitize)
 # Logs go under $OUT (the device tool brings that folder back).
 set -uo pipefail
@@ -27,7 +28,9 @@ status=0
 
 step_build() {
   nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,driver_version --format=csv | tee "$OUT/gpu.txt"
-  python3 -m pip install --no-build-isolation --no-deps -v -e . >"$OUT/build.log" 2>&1 \
+  # The trace option is cached by CMake: a release build names it off.
+  python3 -m pip install --no-build-isolation --no-deps -v -e . \
+    -Ccmake.define.JAX_FLASH_MLA_TRACE=OFF >"$OUT/build.log" 2>&1 \
     || { tail -60 "$OUT/build.log"; return 1; }
   grep -E "ptxas|spill|registers" "$OUT/build.log" | sort -u | tail -20
   python3 -c "import jax, jax_flash_mla as m; print(jax.__version__, jax.devices(), 'cuda handlers:', m.BUILT_WITH_CUDA)"
@@ -154,6 +157,20 @@ step_multigpu() {
     timeout 240 python3 -m jax_flash_mla demo --parallel $layout --check --batch 64 \
       --tokens 64 --layers 8 --heads 128 --max-prompt 256 2>&1 | tee "$OUT/demo_$layout.log" | \
       grep -v "^decode \["
+  done
+}
+
+# Where a tile's time goes (kernel_trace.h): rebuilds the kernels with their step timestamps,
+# runs one call per row and summarizes each. The build it leaves is the diagnostic one: put
+# this step last, or `build` again after it.
+step_trace() {
+  python3 -m pip install --no-build-isolation --no-deps -v -e . \
+    -Ccmake.define.JAX_FLASH_MLA_TRACE=ON >"$OUT/build_trace.log" 2>&1 \
+    || { tail -40 "$OUT/build_trace.log"; return 1; }
+  local row
+  for row in ${TRACE_ROWS:-128,128,4096 64,64,4096 64,16,4096 1,128,4096}; do
+    timeout 120 python3 benchmarks/trace_tiles.py run "$row" >"$OUT/trace_$row.log" 2>&1
+    python3 benchmarks/trace_tiles.py summarize "$OUT/trace_$row.log" | tee -a "$OUT/trace_summary.txt"
   done
 }
 

@@ -32,6 +32,8 @@
 #include "key_tile_pipeline.h"
 #include "once_per_device.h"
 #include "paged_kv_tensor_map.h"
+#include "row_softmax.h"
+#include "segment_output.h"
 
 namespace jax_flash_mla {
 namespace {
@@ -42,8 +44,6 @@ using namespace sm90;
 constexpr int kMathThreads = 128;
 constexpr int kMathWarps = kMathThreads / 32;
 constexpr int kThreads = kProducerThreads + kMathThreads;
-constexpr float kLog2e = 1.4426950408889634f;
-constexpr float kLn2 = 0.6931471805599453f;
 // Named barrier among the math threads (after the producer's, key_tile_pipeline.h).
 constexpr int kMathBarrier = kProducerBarrier + 1;
 
@@ -101,28 +101,12 @@ __device__ __forceinline__ int row_of_slot(int slot) {
   return 2 * (threadIdx.x % 4) + slot % 2 + 8 * (slot / 2);
 }
 
-// Keys of the last tile past the segment's end inside a valid TMA box hold whatever the cache
-// holds (NaN included): their scores are masked, but P^T's zeros would still multiply them in
-// O^T, so their value columns are zeroed once this tile's scores are computed.
-template <typename SmemTensor>
-__device__ __forceinline__ bool zero_missing_keys(const Segment& seg, int tile_begin,
-                                                  int math_thread, SmemTensor& s_k) {
-  const int first_missing = seg.token_end - tile_begin;
-  if (first_missing >= kBlockN) return false;
-  constexpr int chunks_per_row = kHeadDimV / kChunkElems;
-  for (int c = first_missing * chunks_per_row + math_thread; c < kBlockN * chunks_per_row;
-       c += kMathThreads) {
-    *reinterpret_cast<uint4*>(&s_k(c / chunks_per_row, c % chunks_per_row * kChunkElems)) =
-        make_uint4(0, 0, 0, 0);
-  }
-  return true;
-}
-
 template <typename Element, int kHeadDim, int kRows>
 __device__ void attend_segment_narrow(const DecodeParams& p, bool use_tma, const Segment& seg,
                                       int kv_head, int row_base,
                                       NarrowStorage<Element, kHeadDim, kRows>& smem,
-                                      RingPosition& ring, uint32_t& q_phase) {
+                                      RingPosition& ring, uint32_t& q_phase,
+                                      WarpgroupTrace& trace) {
   using L = NarrowLayouts<Element, kHeadDim, kRows>;
   constexpr int kRowSlots = kRows / 4;
   const int math_thread = threadIdx.x - kProducerThreads;
@@ -153,38 +137,41 @@ __device__ void attend_segment_narrow(const DecodeParams& p, bool use_tma, const
 
   const int seqlen = clamped_seqlen(p, seg.batch_idx);
   int key_limit[kRowSlots];
-  float running_max[kRowSlots];
-  float running_sum[kRowSlots];  // this thread's keys only, until the segment's end
+  RowSoftmax softmax[kRowSlots];  // sums: this thread's keys only, until the segment's end
   CUTE_UNROLL
   for (int j = 0; j < kRowSlots; ++j) {
     const int row = row_base + row_of_slot(j);
     key_limit[j] = row < p.rows_per_kv ? min(key_limit_for_row(p, seqlen, row), seg.token_end) : 0;
-    running_max[j] = -INFINITY;
-    running_sum[j] = 0.f;
   }
   const float scale_log2 = p.softmax_scale * kLog2e;
 
   const int num_tiles = num_tiles_of(seg);
   // The previous segment's warp_sum may still be being read.
   math_barrier();
+  trace.mark(kTraceSegmentBegin, num_tiles);
   if (num_tiles > 0) {
     Barrier::wait(&smem.q_full, q_phase);
     q_phase ^= 1;
   }
+  trace.mark(kTraceQueryLanded, -1);
 
   for (int tile = 0; tile < num_tiles; ++tile) {
     const int stage = ring.stage;
     const uint8_t* key_valid = smem.key_valid[stage];
     const int tile_begin = seg.token_begin + tile * kBlockN;
     Barrier::wait(&smem.k_full[stage], ring.phase);
+    trace.mark(kTraceKeysLanded, tile);
     // The keys were written by TMA or cp.async; wgmma reads through the async proxy.
     cutlass::arch::fence_view_async_shared();
     Tensor s_k = make_tensor(make_smem_ptr(smem.k[stage]), typename L::K{});
     Tensor frag_k = thr_s.partition_fragment_A(s_k);
     warpgroup_gemm<true>(mma_s, frag_k, frag_q, acc_s);
+    trace.mark(kTraceScoresDone, tile);
     // The last tile's scores are the last use of Q: the producer may stage the next segment's.
     if (tile == num_tiles - 1) warp_release(&smem.q_empty);
-    if (use_tma) zero_missing_keys(seg, tile_begin, math_thread, s_k);
+    // Keys past the segment inside a valid TMA box: their value columns, once scored.
+    if (use_tma && seg.token_end - tile_begin < kBlockN)
+      zero_value_rows(s_k, seg.token_end - tile_begin, kBlockN, math_thread);
 
     // Mask, scale into the log2 domain, and take this thread's maxima of each query row.
     float tile_max[kRowSlots];
@@ -205,31 +192,29 @@ __device__ void attend_segment_narrow(const DecodeParams& p, bool use_tma, const
       if (threadIdx.x % 32 < 4) smem.warp_max[warp][row_of_slot(j)] = tile_max[j];
     }
     math_barrier();
+    trace.mark(kTraceMaxShared, tile);
     float rescale[kRowSlots];
     float reference[kRowSlots];
     CUTE_UNROLL
     for (int j = 0; j < kRowSlots; ++j) {
       const int row = row_of_slot(j);
-      float new_max = running_max[j];
+      float row_max = -INFINITY;
       CUTE_UNROLL
-      for (int w = 0; w < kMathWarps; ++w) new_max = fmaxf(new_max, smem.warp_max[w][row]);
-      // A row that has seen no key yet measures from 0, so exp2 of -inf stays 0 (not NaN).
-      reference[j] = new_max == -INFINITY ? 0.f : new_max;
-      rescale[j] = exp2f(running_max[j] - reference[j]);
-      running_max[j] = new_max;
-      running_sum[j] *= rescale[j];
+      for (int w = 0; w < kMathWarps; ++w) row_max = fmaxf(row_max, smem.warp_max[w][row]);
+      reference[j] = softmax[j].advance(row_max, rescale[j]);
     }
     CUTE_UNROLL
     for (int i = 0; i < size(acc_s); ++i) {
       const int j = row_slot(i);
       const float prob = exp2f(acc_s(i) - reference[j]);
-      running_sum[j] += prob;
+      softmax[j].sum += prob;
       p_out(i) = static_cast<Element>(prob);
     }
     // P^T (and any zeroed keys) were written through the generic proxy; wgmma reads them
     // through the async proxy, after every math thread's writes (and reads of warp_max).
     cutlass::arch::fence_view_async_shared();
     math_barrier();
+    trace.mark(kTraceProbsShared, tile);
 
     CUTE_UNROLL
     for (int i = 0; i < size(acc_o); ++i) acc_o(i) *= rescale[row_slot(i % kValuesPerBlock)];
@@ -238,66 +223,48 @@ __device__ void attend_segment_narrow(const DecodeParams& p, bool use_tma, const
     warpgroup_gemm<false>(mma_o, frag_vt, frag_pt, acc_o);
     // This warp's O^T wgmma has completed: its reads of the stage (and of P^T) are over.
     warp_release(&smem.k_empty[stage]);
+    trace.mark(kTraceValuesDone, tile);
     ring.advance();
   }
 
   // Denominators: this thread's keys, the warp's, then the 4 warps'.
   CUTE_UNROLL
   for (int j = 0; j < kRowSlots; ++j) {
-    const float warp_total = column_sum(running_sum[j]);
+    const float warp_total = column_sum(softmax[j].sum);
     if (threadIdx.x % 32 < 4) smem.warp_sum[warp][row_of_slot(j)] = warp_total;
   }
   math_barrier();
-  float inv_sum[kRowSlots];
-  float lse[kRowSlots];
-  bool saw_key[kRowSlots];
+  RowResult result[kRowSlots];
   CUTE_UNROLL
   for (int j = 0; j < kRowSlots; ++j) {
     float total = 0.f;
     CUTE_UNROLL
     for (int w = 0; w < kMathWarps; ++w) total += smem.warp_sum[w][row_of_slot(j)];
-    saw_key[j] = running_max[j] != -INFINITY;
-    inv_sum[j] = saw_key[j] ? 1.f / total : 0.f;
-    lse[j] = (running_max[j] + log2f(total)) * kLn2;
+    result[j] = softmax[j].finish(total);
   }
-
-  const bool write_partial = !seg.is_only_split && slot_in_range(p, seg.slot);
+  const SegmentOutput output(p, seg, kv_head);
   if (math_thread < 4) {
     CUTE_UNROLL
-    for (int j = 0; j < kRowSlots; ++j) {
-      const int row = row_base + row_of_slot(j);
-      if (row >= p.rows_per_kv) continue;
-      if (seg.is_only_split)
-        p.lse[lse_offset(p, seg.batch_idx, kv_head, row)] = saw_key[j] ? lse[j] : INFINITY;
-      else if (write_partial)
-        p.lse_accum[accum_row_index(p, seg.slot, kv_head, row)] = saw_key[j] ? lse[j] : -INFINITY;
-    }
+    for (int j = 0; j < kRowSlots; ++j) output.store_lse(p, row_base + row_of_slot(j), result[j]);
   }
   // Each query row's destination is computed once; element i of the fragment is at value
   // column get<0>(coord_o(i)) of row slot row_slot(i % kValuesPerBlock).
-  Element* out_row[kRowSlots];
-  float* partial_row[kRowSlots];
-  bool row_live[kRowSlots];
+  RowDestination<Element> destination[kRowSlots];
   CUTE_UNROLL
-  for (int j = 0; j < kRowSlots; ++j) {
-    const int row = row_base + row_of_slot(j);
-    row_live[j] = row < p.rows_per_kv && (seg.is_only_split || write_partial);
-    const int safe_row = row_live[j] ? row : 0;
-    out_row[j] = static_cast<Element*>(p.out) + out_offset(p, seg.batch_idx, kv_head, safe_row);
-    partial_row[j] = p.o_accum + (write_partial ? accum_row_index(p, seg.slot, kv_head, safe_row)
-                                                 : 0) * kHeadDimV;
-  }
+  for (int j = 0; j < kRowSlots; ++j)
+    destination[j] = output.destination<Element>(p, row_base + row_of_slot(j));
   CUTE_UNROLL
   for (int i = 0; i < size(acc_o); ++i) {
     const int j = row_slot(i % kValuesPerBlock);
-    if (!row_live[j]) continue;
+    if (!destination[j].live) continue;
     const int column = get<0>(coord_o(i));
-    const float value = acc_o(i) * inv_sum[j];
+    const float value = acc_o(i) * result[j].inv_sum;
     if (seg.is_only_split)
-      out_row[j][column] = static_cast<Element>(value);
+      destination[j].out[column] = static_cast<Element>(value);
     else
-      partial_row[j][column] = value;
+      destination[j].partial[column] = value;
   }
+  trace.mark(kTraceSegmentEnd, num_tiles);
 }
 
 template <typename Element, int kHeadDim, int kRows>
@@ -313,22 +280,24 @@ __global__ void __launch_bounds__(kThreads, 1)
       params.tile_scheduler_metadata + static_cast<int64_t>(blockIdx.x) * kMetadataInts;
   RingPosition ring;
   uint32_t q_phase = 0;
+  WarpgroupTrace trace;
   const int kv_head = blockIdx.y;
   const int row_base = blockIdx.z * kRows;
   // Both roles walk the same segments in the same order, so their ring positions agree.
   if (threadIdx.x < kProducerThreads) {
     for_each_segment(params, piece, [&](const Segment& seg) {
       produce_segment<Element, kHeadDim, kRows>(params, k_map, use_tma, seg, kv_head, row_base,
-                                                smem, ring, q_phase);
+                                                smem, ring, q_phase, trace);
     });
     // Copies still in flight must land before their issuing threads exit.
     cp_async_wait<0>();
   } else {
     for_each_segment(params, piece, [&](const Segment& seg) {
       attend_segment_narrow<Element, kHeadDim, kRows>(params, use_tma, seg, kv_head, row_base,
-                                                      smem, ring, q_phase);
+                                                      smem, ring, q_phase, trace);
     });
   }
+  trace.print();
 }
 
 template <typename Element, int kHeadDim, int kRows>
@@ -338,6 +307,7 @@ cudaError_t launch_instance(const DecodeParams& params, const CUtensorMap& k_map
   static_assert(smem_size <= 227 * 1024, "over the 227 KiB a Hopper CTA may use");
   const auto kernel = split_kv_decode_narrow_kernel<Element, kHeadDim, kRows>;
   const cudaError_t err = once_per_device([&] {
+    prepare_trace_output();
     return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_size);
   });
   if (err != cudaSuccess) return err;

@@ -40,6 +40,8 @@
 #include "key_tile_pipeline.h"
 #include "once_per_device.h"
 #include "paged_kv_tensor_map.h"
+#include "row_softmax.h"
+#include "segment_output.h"
 
 namespace jax_flash_mla {
 namespace {
@@ -51,8 +53,6 @@ constexpr int kBlockM = 64;    // query rows per CTA: one wgmma M
 constexpr int kMathWarpGroups = 2;
 constexpr int kMathThreads = 128 * kMathWarpGroups;
 constexpr int kThreads = kProducerThreads + kMathThreads;
-constexpr float kLog2e = 1.4426950408889634f;
-constexpr float kLn2 = 0.6931471805599453f;
 // Registers: the producer needs few (72 hold its block-table lookups of the next tile without
 // spilling), the math warpgroups hold a 64 x 256 float accumulator each (128 a thread) plus
 // scores and addresses. The CTA starts at 65536 / 384 = 168 a thread and setmaxnreg.inc only
@@ -104,30 +104,10 @@ __device__ __forceinline__ float quad_sum(float x) {
 
 // A math warpgroup's share of one segment: the online softmax over its tiles, then the
 // output rows (or the split's float32 partial).
-// TMA reads whole boxes: keys of the last tile past the segment's end (on a valid page) hold
-// whatever the cache holds there, NaN included. Their scores are masked, but P V would still
-// multiply 0 by them: math warpgroup w zeroes the value columns of its own keys once its
-// scores are computed (the other warpgroup never reads them for S).
-template <int kHeadDim, typename SmemTensor>
-__device__ __forceinline__ void zero_missing_keys(const Segment& seg, int tile_begin, int wg,
-                                                  int wg_thread, SmemTensor& s_k) {
-  const int first_missing = seg.token_end - tile_begin;
-  if (first_missing >= kBlockN) return;
-  constexpr int chunks_per_row = kHeadDimV / kChunkElems;
-  constexpr int keys_per_wg = kBlockN / kMathWarpGroups;
-  const int begin = max(first_missing, wg * keys_per_wg);
-  const int end = (wg + 1) * keys_per_wg;
-  for (int c = (begin - wg * keys_per_wg) * chunks_per_row + wg_thread;
-       c < (end - wg * keys_per_wg) * chunks_per_row; c += 128) {
-    const int key = wg * keys_per_wg + c / chunks_per_row;
-    *reinterpret_cast<uint4*>(&s_k(key, c % chunks_per_row * kChunkElems)) = make_uint4(0, 0, 0, 0);
-  }
-}
-
 template <typename Element, int kHeadDim>
 __device__ void attend_segment(const DecodeParams& p, bool use_tma, const Segment& seg,
                                int kv_head, int row_base, SharedStorage<Element, kHeadDim>& smem,
-                               RingPosition& ring, uint32_t& q_phase) {
+                               RingPosition& ring, uint32_t& q_phase, WarpgroupTrace& trace) {
   using L = Layouts<Element, kHeadDim>;
   const int wg = (threadIdx.x - kProducerThreads) / 128;
   const int wg_thread = threadIdx.x % 128;
@@ -168,23 +148,25 @@ __device__ void attend_segment(const DecodeParams& p, bool use_tma, const Segmen
     const int row = row_base + my_row[i];
     key_limit[i] = row < p.rows_per_kv ? min(key_limit_for_row(p, seqlen, row), seg.token_end) : 0;
   }
-  float running_max[2] = {-INFINITY, -INFINITY};
-  float running_sum[2] = {0.f, 0.f};
+  RowSoftmax softmax[2];  // sums: this thread's keys only, until the segment's end
   const float scale_log2 = p.softmax_scale * kLog2e;
 
   const int num_tiles = num_tiles_of(seg);
   // The previous segment's row_sum may still be read by the other warpgroup.
   named_barrier_sync(kMathBarrier, kMathThreads);
+  trace.mark(kTraceSegmentBegin, num_tiles);
   if (num_tiles > 0) {
     Barrier::wait(&smem.q_full, q_phase);
     q_phase ^= 1;
   }
+  trace.mark(kTraceQueryLanded, -1);
 
   for (int tile = 0; tile < num_tiles; ++tile) {
     const int stage = ring.stage;
     const uint8_t* key_valid = smem.key_valid[stage];
     const int tile_begin = seg.token_begin + tile * kBlockN;
     Barrier::wait(&smem.k_full[stage], ring.phase);
+    trace.mark(kTraceKeysLanded, tile);
     // The keys were written by TMA or cp.async; wgmma reads through the async proxy.
     cutlass::arch::fence_view_async_shared();
     // Scores of this tile only: issuing the next tile's behind this tile's P V (tried) holds
@@ -195,9 +177,16 @@ __device__ void attend_segment(const DecodeParams& p, bool use_tma, const Segmen
                                  make_coord(wg, 0));
     Tensor frag_k = thr_s.partition_fragment_B(s_k_half);
     warpgroup_gemm<true>(mma_s, frag_q, frag_k, acc_s);
+    trace.mark(kTraceScoresDone, tile);
     // The last tile's scores are the last use of Q: the producer may stage the next segment's.
     if (tile == num_tiles - 1) warp_release(&smem.q_empty);
-    if (use_tma) zero_missing_keys<kHeadDim>(seg, tile_begin, wg, wg_thread, s_k);
+    // TMA reads whole boxes: keys past the segment inside a valid one hold whatever the cache
+    // holds. This warpgroup zeroes the value columns of its own keys once scored (the other
+    // warpgroup never reads them for S).
+    constexpr int kKeysPerWg = kBlockN / kMathWarpGroups;
+    if (use_tma && seg.token_end - tile_begin < kBlockN)
+      zero_value_rows(s_k, max(seg.token_end - tile_begin, wg * kKeysPerWg),
+                      (wg + 1) * kKeysPerWg, wg_thread);
 
     // Mask, scale into the log2 domain, and take this warpgroup's row maxima.
     float tile_max[2] = {-INFINITY, -INFINITY};
@@ -215,28 +204,25 @@ __device__ void attend_segment(const DecodeParams& p, bool use_tma, const Segmen
       if (wg_thread % 4 == 0) smem.row_max[wg][my_row[h]] = tile_max[h];
     }
     named_barrier_sync(kMathBarrier, kMathThreads);
+    trace.mark(kTraceMaxShared, tile);
     float rescale[2];
     float reference[2];
     for (int h = 0; h < 2; ++h) {
-      const float new_max = fmaxf(running_max[h], fmaxf(smem.row_max[0][my_row[h]],
-                                                        smem.row_max[1][my_row[h]]));
-      // A row that has seen no key yet measures from 0, so exp2 of -inf stays 0 (not NaN).
-      reference[h] = new_max == -INFINITY ? 0.f : new_max;
-      rescale[h] = exp2f(running_max[h] - reference[h]);
-      running_max[h] = new_max;
-      running_sum[h] *= rescale[h];
+      reference[h] = softmax[h].advance(
+          fmaxf(smem.row_max[0][my_row[h]], smem.row_max[1][my_row[h]]), rescale[h]);
     }
     CUTE_UNROLL
     for (int i = 0; i < size(acc_s); ++i) {
       const int half = row_half(i);
       const float prob = exp2f(acc_s(i) - reference[half]);
-      running_sum[half] += prob;
+      softmax[half].sum += prob;
       p_out(i) = static_cast<Element>(prob);
     }
     // P (and any zeroed keys) were written through the generic proxy; wgmma reads them
     // through the async proxy.
     cutlass::arch::fence_view_async_shared();
     named_barrier_sync(kMathBarrier, kMathThreads);
+    trace.mark(kTraceProbsShared, tile);
 
     CUTE_UNROLL
     for (int i = 0; i < size(acc_o); ++i) acc_o(i) *= rescale[row_half(i)];
@@ -247,69 +233,47 @@ __device__ void attend_segment(const DecodeParams& p, bool use_tma, const Segmen
     warpgroup_gemm<false>(mma_o, frag_p, frag_v, acc_o);
     // This warp's P V wgmma has completed: its reads of the stage (and of P) are over.
     warp_release(&smem.k_empty[stage]);
+    trace.mark(kTraceValuesDone, tile);
     ring.advance();
   }
 
   // Denominators: the quad's partial sums, then the other warpgroup's keys.
   for (int h = 0; h < 2; ++h) {
-    running_sum[h] = quad_sum(running_sum[h]);
-    if (wg_thread % 4 == 0) smem.row_sum[wg][my_row[h]] = running_sum[h];
+    const float quad_total = quad_sum(softmax[h].sum);
+    if (wg_thread % 4 == 0) smem.row_sum[wg][my_row[h]] = quad_total;
   }
   named_barrier_sync(kMathBarrier, kMathThreads);
-  float inv_sum[2];
-  float lse[2];
-  bool saw_key[2];
-  for (int h = 0; h < 2; ++h) {
-    const float total = smem.row_sum[0][my_row[h]] + smem.row_sum[1][my_row[h]];
-    saw_key[h] = running_max[h] != -INFINITY;
-    inv_sum[h] = saw_key[h] ? 1.f / total : 0.f;
-    lse[h] = (running_max[h] + log2f(total)) * kLn2;
-  }
-
-  const bool write_partial = !seg.is_only_split && slot_in_range(p, seg.slot);
+  RowResult result[2];
+  for (int h = 0; h < 2; ++h)
+    result[h] = softmax[h].finish(smem.row_sum[0][my_row[h]] + smem.row_sum[1][my_row[h]]);
+  const SegmentOutput output(p, seg, kv_head);
   if (wg == 0 && wg_thread % 4 == 0) {
-    for (int h = 0; h < 2; ++h) {
-      const int row = row_base + my_row[h];
-      if (row >= p.rows_per_kv) continue;
-      if (seg.is_only_split)
-        p.lse[lse_offset(p, seg.batch_idx, kv_head, row)] = saw_key[h] ? lse[h] : INFINITY;
-      else if (write_partial)
-        p.lse_accum[accum_row_index(p, seg.slot, kv_head, row)] = saw_key[h] ? lse[h] : -INFINITY;
-    }
+    for (int h = 0; h < 2; ++h) output.store_lse(p, row_base + my_row[h], result[h]);
   }
-  // Each thread's two rows: where they go is computed once (index math per element made the
-  // epilogue thousands of instructions long, ~10 us a segment). Elements i and i + 1 (i even)
-  // are adjacent columns of one row in wgmma's C layout: stored as one pair.
+  // Each thread's two rows: where they go is computed once. Elements i and i + 1 (i even) are
+  // adjacent columns of one row in wgmma's C layout: stored as one pair.
+  RowDestination<Element> destination[2];
+  for (int h = 0; h < 2; ++h) destination[h] = output.destination<Element>(p, row_base + my_row[h]);
   const int column_base = wg * (kHeadDimV / kMathWarpGroups);
-  Element* out_row[2];
-  float* partial_row[2];
-  bool row_live[2];
-  for (int h = 0; h < 2; ++h) {
-    const int row = row_base + my_row[h];
-    row_live[h] = row < p.rows_per_kv && (seg.is_only_split || write_partial);
-    const int safe_row = row_live[h] ? row : 0;
-    out_row[h] = static_cast<Element*>(p.out) + out_offset(p, seg.batch_idx, kv_head, safe_row);
-    partial_row[h] = p.o_accum + (write_partial ? accum_row_index(p, seg.slot, kv_head, safe_row)
-                                                 : 0) * kHeadDimV;
-  }
   CUTE_UNROLL
   for (int i = 0; i < size(acc_o); i += 2) {
     const int h = row_half(i);
-    if (!row_live[h]) continue;
+    if (!destination[h].live) continue;
     const int column = column_base + get<1>(coord_o(i));
-    const float v0 = acc_o(i) * inv_sum[h];
-    const float v1 = acc_o(i + 1) * inv_sum[h];
+    const float v0 = acc_o(i) * result[h].inv_sum;
+    const float v1 = acc_o(i + 1) * result[h].inv_sum;
     if (seg.is_only_split) {
       using Pair = std::conditional_t<std::is_same_v<Element, cutlass::bfloat16_t>,
                                       __nv_bfloat162, __half2>;
       Pair pair;
       reinterpret_cast<Element*>(&pair)[0] = static_cast<Element>(v0);
       reinterpret_cast<Element*>(&pair)[1] = static_cast<Element>(v1);
-      *reinterpret_cast<Pair*>(out_row[h] + column) = pair;
+      *reinterpret_cast<Pair*>(destination[h].out + column) = pair;
     } else {
-      *reinterpret_cast<float2*>(partial_row[h] + column) = make_float2(v0, v1);
+      *reinterpret_cast<float2*>(destination[h].partial + column) = make_float2(v0, v1);
     }
   }
+  trace.mark(kTraceSegmentEnd, num_tiles);
 }
 
 template <typename Element, int kHeadDim>
@@ -325,6 +289,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       params.tile_scheduler_metadata + static_cast<int64_t>(blockIdx.x) * kMetadataInts;
   RingPosition ring;
   uint32_t q_phase = 0;
+  WarpgroupTrace trace;
   const int kv_head = blockIdx.y;
   const int row_base = blockIdx.z * kBlockM;
   // Both roles walk the same segments in the same order, so their ring positions agree.
@@ -332,16 +297,17 @@ __global__ void __launch_bounds__(kThreads, 1)
     cutlass::arch::warpgroup_reg_dealloc<kProducerRegisters>();
     for_each_segment(params, piece, [&](const Segment& seg) {
       produce_segment<Element, kHeadDim, kBlockM>(params, k_map, use_tma, seg, kv_head,
-                                                  row_base, smem, ring, q_phase);
+                                                  row_base, smem, ring, q_phase, trace);
     });
     // Copies still in flight must land before their issuing threads exit.
     cp_async_wait<0>();
   } else {
     cutlass::arch::warpgroup_reg_alloc<kMathRegisters>();
     for_each_segment(params, piece, [&](const Segment& seg) {
-      attend_segment(params, use_tma, seg, kv_head, row_base, smem, ring, q_phase);
+      attend_segment(params, use_tma, seg, kv_head, row_base, smem, ring, q_phase, trace);
     });
   }
+  trace.print();
 }
 
 template <typename Element, int kHeadDim>
@@ -351,6 +317,7 @@ cudaError_t launch_instance(const DecodeParams& params, const CUtensorMap& k_map
   static_assert(smem_size <= 227 * 1024, "over the 227 KiB a Hopper CTA may use");
   const auto kernel = split_kv_decode_wgmma_kernel<Element, kHeadDim>;
   const cudaError_t err = once_per_device([&] {
+    prepare_trace_output();
     return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_size);
   });
   if (err != cudaSuccess) return err;

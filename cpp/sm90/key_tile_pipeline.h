@@ -18,6 +18,7 @@
 #include <cstdint>
 
 #include "../common/split_kv.h"
+#include "kernel_trace.h"
 #include "paged_kv_tensor_map.h"
 
 namespace jax_flash_mla {
@@ -151,7 +152,7 @@ __device__ __forceinline__ void plan_tile(const DecodeParams& p, const Segment& 
 // masks), then one box of tokens_per_box token slots per (page run, 64 columns). A box whose
 // tokens are past the segment or on an invalid page is sent past the tensor's last token slot:
 // TMA fills it with zeros and never reads memory for it. Keys past the segment inside a valid
-// box are read (they exist in memory) and zeroed by the math warpgroups (see zero_missing_keys).
+// box are read (they exist in memory) and zeroed by the math warpgroups (zero_value_rows).
 struct TmaTileLookup {
   bool key_valid[kBlockN / 32];  // keys lane and lane + 32
   int32_t slot;                  // the box starting at key lane * tokens_per_box, if there is one
@@ -200,6 +201,20 @@ __device__ __forceinline__ void load_tile_tma(const DecodeParams& p, const CUten
   }
 }
 
+// The math side's half of the masking contract: zeroes the value columns of keys
+// [first_key, end_key) of a landed tile, spread over the 128 threads of one warpgroup (thread
+// 0..127). Keys past the segment inside a valid TMA box hold whatever the cache holds, NaN
+// included, and P = 0 times NaN is NaN.
+template <typename SmemTensor>
+__device__ __forceinline__ void zero_value_rows(SmemTensor& s_k, int first_key, int end_key,
+                                                int thread) {
+  constexpr int chunks_per_row = kHeadDimV / kChunkElems;
+  for (int c = first_key * chunks_per_row + thread; c < end_key * chunks_per_row; c += 128) {
+    *reinterpret_cast<uint4*>(&s_k(c / chunks_per_row, c % chunks_per_row * kChunkElems)) =
+        make_uint4(0, 0, 0, 0);
+  }
+}
+
 template <int kHeadDim, typename SmemTensor>
 __device__ __forceinline__ void load_tile(const DecodeParams& p, const int64_t* token_offset,
                                           SmemTensor& s_k, int thread) {
@@ -242,7 +257,7 @@ template <typename Element, int kHeadDim, int kQueryRows>
 __device__ void produce_segment(const DecodeParams& p, const CUtensorMap& k_map, bool use_tma,
                                 const Segment& seg, int kv_head, int row_base,
                                 PipelineStorage<Element, kHeadDim, kQueryRows>& smem,
-                                RingPosition& ring, uint32_t& q_phase) {
+                                RingPosition& ring, uint32_t& q_phase, WarpgroupTrace& trace) {
   using L = TileLayouts<Element, kHeadDim, kQueryRows>;
   const int thread = threadIdx.x;  // 0..127
   const int num_tiles = num_tiles_of(seg);
@@ -255,6 +270,7 @@ __device__ void produce_segment(const DecodeParams& p, const CUtensorMap& k_map,
     TmaTileLookup lookup{};
     if (use_tma) lookup = lookup_tile_tma(p, seg, tile_begin);
     Barrier::wait(&smem.k_empty[ring.stage], ring.phase ^ 1);
+    trace.mark(kTraceStageFree, tile);
     Tensor s_k = make_tensor(make_smem_ptr(smem.k[ring.stage]), typename L::K{});
     if (use_tma) {
       load_tile_tma<Element, kHeadDim>(p, k_map, lookup, kv_head, smem.key_valid[ring.stage],
@@ -269,6 +285,7 @@ __device__ void produce_segment(const DecodeParams& p, const CUtensorMap& k_map,
       // them to the math warpgroups, after the barrier above ordered every writer before it.
       if (thread == 0) Barrier::arrive(&smem.k_full[ring.stage]);
     }
+    trace.mark(kTraceKeysIssued, tile);
     ring.advance();
   };
   // The first tile's keys go before the query rows: their stage frees once the previous
@@ -277,9 +294,11 @@ __device__ void produce_segment(const DecodeParams& p, const CUtensorMap& k_map,
   if (loads_keys) load_keys(0);
   Barrier::wait(&smem.q_empty, q_phase ^ 1);
   q_phase ^= 1;
+  trace.mark(kTraceQueryFree, -1);
   Tensor s_q = make_tensor(make_smem_ptr(smem.q), typename L::Q{});
   load_query_rows<kHeadDim, kQueryRows>(p, seg, kv_head, row_base, s_q, thread);
   arrive_when_copies_land(&smem.q_full);
+  trace.mark(kTraceQueryIssued, -1);
   if (!loads_keys) return;
   for (int tile = 1; tile < num_tiles; ++tile) load_keys(tile);
 }

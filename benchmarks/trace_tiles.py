@@ -1,0 +1,109 @@
+"""Where a tile's time goes inside the split-KV kernels, from their own timestamps.
+
+Needs the diagnostic build (kernel_trace.h), whose kernels print `TRACE cta warpgroup index
+event tile clock` lines for a few CTAs:
+
+    pip install --no-build-isolation --no-deps -e . -Ccmake.define.JAX_FLASH_MLA_TRACE=ON
+    python3 benchmarks/trace_tiles.py run 128,128,4096 > trace.log   # one row per process
+    python3 benchmarks/trace_tiles.py summarize trace.log
+
+`run` makes one paged decode call of shape b,h_q,s_k (page 64, bf16, d = 576) twice inside
+jax.jit; the device prints each launch's records when the call synchronizes. `summarize` keeps
+the last launch and prints, per warpgroup of each traced CTA, the median cycles between each
+pair of consecutive events (a tile's steps: keys landed -> scores -> maxima shared -> P shared
+-> P V done), and the producer's copy-to-landing latency of every tile.
+"""
+
+import collections
+import statistics
+import sys
+
+EVENTS = {
+    0: "segment begin", 1: "query landed", 2: "keys landed", 3: "scores done",
+    4: "maxima shared", 5: "P shared", 6: "P V done", 7: "segment end",
+    10: "stage free", 11: "keys issued", 12: "query free", 13: "query issued",
+}
+KEYS_LANDED, KEYS_ISSUED = 2, 11
+
+
+def run(row):
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    import jax_flash_mla
+
+    b, h_q, s_k = row
+    page, d, dv = 64, 576, 512
+    blocks = s_k // page
+    rng = np.random.default_rng(0)
+    pool = jax.random.normal(jax.random.key(0), (b * blocks, page, 1, d), jnp.bfloat16)
+    table = jnp.asarray(rng.permutation(b * blocks).reshape(b, blocks).astype(np.int32))
+    q = jax.random.normal(jax.random.key(1), (b, 1, h_q, d), jnp.bfloat16)
+    seqlens = jnp.full((b,), s_k, jnp.int32)
+    metadata = jax_flash_mla.get_mla_metadata(seqlens, h_q, 1)
+    decode = jax.jit(jax_flash_mla.flash_mla_with_kvcache, static_argnums=(4,))
+    for _ in range(2):
+        jax.block_until_ready(decode(q, pool, table, seqlens, dv, metadata))
+
+
+def last_launch(lines):
+    """{(cta, warpgroup): [(event, tile, clock)]} of the last launch printed."""
+    launches = collections.defaultdict(list)  # (cta, wg) -> list of launches
+    for line in lines:
+        parts = line.split()
+        if len(parts) != 7 or parts[0] != "TRACE":
+            continue
+        cta, wg, index, event, tile, clock = (int(x) for x in parts[1:])
+        runs = launches[(cta, wg)]
+        if index == 0 or not runs:
+            runs.append([])
+        runs[-1].append((event, tile, clock))
+    return {key: runs[-1] for key, runs in launches.items()}
+
+
+def summarize(path, clock_ghz):
+    records = last_launch(open(path, errors="replace"))
+    if not records:
+        print(f"{path}: no TRACE lines (not a JAX_FLASH_MLA_TRACE build?)")
+        return
+    us = lambda cycles: cycles / clock_ghz / 1e3
+    for cta in sorted({c for c, _ in records}):
+        start = min(r[0][2] for (c, _), r in records.items() if c == cta)
+        end = max(r[-1][2] for (c, _), r in records.items() if c == cta)
+        landed = [r for (c, w), r in records.items() if c == cta and w == 1]
+        tiles = sum(1 for e, _, _ in (landed[0] if landed else []) if e == KEYS_LANDED)
+        print(f"{path}: CTA {cta}: {tiles} tiles, {end - start} cycles ({us(end - start):.1f} us"
+              f" at {clock_ghz} GHz), {us(end - start) / max(tiles, 1):.2f} us a tile")
+        for wg in sorted(w for c, w in records if c == cta):
+            steps = collections.defaultdict(list)
+            events = records[(cta, wg)]
+            for (e0, _, c0), (e1, _, c1) in zip(events, events[1:]):
+                steps[(e0, e1)].append(c1 - c0)
+            role = "producer" if wg == 0 else f"math {wg - 1}"
+            print(f"  warpgroup {wg} ({role}): step, count, median cycles (us), total share")
+            total = events[-1][2] - events[0][2] or 1
+            for (e0, e1), d in sorted(steps.items(), key=lambda kv: -sum(kv[1])):
+                print(f"    {EVENTS.get(e0, e0):>13} -> {EVENTS.get(e1, e1):<13} {len(d):5d}"
+                      f" {statistics.median(d):8.0f} ({us(statistics.median(d)):5.2f})"
+                      f" {100 * sum(d) / total:5.1f}%")
+        issued = [c for e, _, c in records.get((cta, 0), []) if e == KEYS_ISSUED]
+        if landed and issued:
+            arrivals = [c for e, _, c in landed[0] if e == KEYS_LANDED]
+            latency = [a - i for i, a in zip(issued, arrivals)]
+            print(f"  keys issued -> math 0's wait returned: median {statistics.median(latency):.0f}"
+                  f" cycles ({us(statistics.median(latency)):.2f} us), min {min(latency)},"
+                  f" max {max(latency)}")
+
+
+if __name__ == "__main__":
+    command, *args = sys.argv[1:] or ["help"]
+    if command == "run":
+        run(tuple(int(x) for x in args[0].split(",")))
+    elif command == "summarize":
+        ghz = float(args[args.index("--clock-ghz") + 1]) if "--clock-ghz" in args else 1.98
+        for path in (a for i, a in enumerate(args) if a != "--clock-ghz" and
+                     (i == 0 or args[i - 1] != "--clock-ghz")):
+            summarize(path, ghz)
+    else:
+        print(__doc__)

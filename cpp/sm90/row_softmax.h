@@ -1,0 +1,46 @@
+// The online softmax of one query row over a segment's tiles, as both sm90 decode kernels keep
+// it: scores in the log2 domain, a running maximum shared by every thread holding the row, and
+// each thread's own share of the denominator (summed across threads at the segment's end).
+#pragma once
+
+#include <cmath>
+
+namespace jax_flash_mla {
+namespace sm90 {
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+// What a segment's row ends with: its weight for the output and its log-sum-exp (natural log).
+struct RowResult {
+  bool saw_key;   // some key was visible to the row
+  float inv_sum;  // 1 / denominator (0 when no key was seen)
+  float lse;
+};
+
+struct RowSoftmax {
+  float max = -INFINITY;  // the largest score seen so far
+  float sum = 0.f;        // this thread's probabilities so far, measured from `max`
+
+  // Moves to a tile whose largest score (over every thread of the row) is tile_max. Returns
+  // the reference the tile's probabilities are measured from; `rescale` takes the output
+  // accumulated so far to it (the running sum is rescaled here).
+  __device__ __forceinline__ float advance(float tile_max, float& rescale) {
+    const float new_max = fmaxf(max, tile_max);
+    // A row that has seen no key yet measures from 0, so exp2 of -inf stays 0 (not NaN).
+    const float reference = new_max == -INFINITY ? 0.f : new_max;
+    rescale = exp2f(max - reference);
+    max = new_max;
+    sum *= rescale;
+    return reference;
+  }
+
+  // `total`: the row's denominator, every thread's `sum` added up.
+  __device__ __forceinline__ RowResult finish(float total) const {
+    const bool saw_key = max != -INFINITY;
+    return {saw_key, saw_key ? 1.f / total : 0.f, (max + log2f(total)) * kLn2};
+  }
+};
+
+}  // namespace sm90
+}  // namespace jax_flash_mla
