@@ -167,11 +167,15 @@ step_trace() {
   python3 -m pip install --no-build-isolation --no-deps -v -e . \
     -Ccmake.define.JAX_FLASH_MLA_TRACE=ON >"$OUT/build_trace.log" 2>&1 \
     || { tail -40 "$OUT/build_trace.log"; return 1; }
-  local row
+  # The device tool brings back 8 files at most, named without commas: the raw logs as one
+  # archive, the summaries as one file.
+  local row logs=/tmp/trace_logs
+  rm -rf "$logs" && mkdir -p "$logs"
   for row in ${TRACE_ROWS:-128,128,4096 64,64,4096 64,16,4096 1,128,4096}; do
-    timeout 120 python3 benchmarks/trace_tiles.py run "$row" >"$OUT/trace_$row.log" 2>&1
-    python3 benchmarks/trace_tiles.py summarize "$OUT/trace_$row.log" | tee -a "$OUT/trace_summary.txt"
+    timeout 120 python3 benchmarks/trace_tiles.py run "$row" >"$logs/trace_${row//,/_}.log" 2>&1
+    python3 benchmarks/trace_tiles.py summarize "$logs/trace_${row//,/_}.log" | tee -a "$OUT/trace_summary.txt"
   done
+  tar -czf "$OUT/trace_logs.tar.gz" -C "$logs" .
 }
 
 step_bench() {
