@@ -6,13 +6,19 @@
 //                 tile into the 2-stage ring (key_tile_pipeline.h). It gives up registers
 //                 (setmaxnreg) to the math warpgroups.
 //   math 0 and 1  warpgroups 1 and 2 compute, per tile:
-//     S = Q K^T     math warpgroup w: the scores of keys [32w, 32w + 32) (m64n32k16, K = 576)
-//     softmax       row maxima are exchanged through shared memory, so both keep the same
-//                   running max; each keeps the partial row sums of its own keys
+//     S = Q K^T     math warpgroup w: all 64 keys over half of the head dimension (m64n64k16,
+//                   K = 288), then each sends the other the partial scores of the other's 32
+//                   keys through shared memory and adds the ones it receives to its own keys'
+//     softmax       warpgroup w: keys [32w, 32w + 32). Row maxima are exchanged through shared
+//                   memory, so both keep the same running max; each keeps the partial row sums
+//                   of its own keys
 //     P             each writes its half of P (bf16/fp16) to shared memory
 //     O += P V      math warpgroup w owns value columns [256w, 256w + 256) (m64n256k16, K = 64
 //                   keys), reading the whole P and the V^T view of the same key tile
 // so no FLOP is done twice and the 64 x 512 float accumulator is split 128 registers a thread.
+// Why S is split along the head dimension rather than by keys: a warpgroup's stream of small
+// wgmmas runs at about one instruction per 70 cycles whatever N is (NOTES v11: 36 m64n32k16
+// took 2670 cycles, 18 m64n64k16 move the same work in half the instructions).
 // Loads never wait on the math warpgroups' barriers: the next stage's copies are in flight the
 // moment a stage frees, and the math warpgroups sync only with each other (named barrier).
 // Schedules tried and measured no faster (benchmarks/NOTES.md, v7): the seesaw (alternate
@@ -71,7 +77,13 @@ template <typename Element, int kHeadDim>
 struct Layouts : TileLayouts<Element, kHeadDim, kBlockM> {
   using Atom = GMMA::Layout_K_SW128_Atom<Element>;
   using P = decltype(tile_to_shape(Atom{}, Shape<Int<kBlockM>, Int<kBlockN>>{}));
+  // S of all 64 keys, issued over half of the head dimension by each math warpgroup.
   using MmaS = decltype(make_tiled_mma(
+      GMMA::ss_op_selector<Element, Element, float,
+                           Shape<Int<kBlockM>, Int<kBlockN>, Int<kHeadDim>>>()));
+  // The same C layout restricted to one warpgroup's 32 keys: where its scores and its half of
+  // P sit (no wgmma is issued with it).
+  using MmaOwnKeys = decltype(make_tiled_mma(
       GMMA::ss_op_selector<Element, Element, float,
                            Shape<Int<kBlockM>, Int<kBlockN / kMathWarpGroups>, Int<kHeadDim>>>()));
   using MmaO = decltype(make_tiled_mma(
@@ -80,9 +92,27 @@ struct Layouts : TileLayouts<Element, kHeadDim, kBlockM> {
                            GMMA::Major::K, GMMA::Major::MN>()));
 };
 
+// Partial scores one math warpgroup sends the other: 16 floats a thread, stored as 4 float4 of
+// consecutive threads (conflict-free), 8 KiB.
+constexpr int kPartialFloats = 16 * 128;
+
+// d = 512's buffer of both warpgroups' partial scores (d = 576 has none: see SharedStorage).
+struct NoPartialsBuffer {};
+struct PartialsBuffer {
+  alignas(16) float partials[2 * kPartialFloats];
+};
+
 template <typename Element, int kHeadDim>
-struct SharedStorage : PipelineStorage<Element, kHeadDim, kBlockM> {
+struct SharedStorage
+    : PipelineStorage<Element, kHeadDim, kBlockM>,
+      std::conditional_t<(kHeadDim > kHeadDimV), NoPartialsBuffer, PartialsBuffer> {
   using L = Layouts<Element, kHeadDim>;
+  // d = 576 leaves no room for more buffers (224 of the 227 KiB a CTA may have): there P goes
+  // over the tile's rope columns, dead once both warpgroups have their scores, and so do the
+  // partial scores math warpgroup 1 sends (it alone reads the rope columns for S); `p` holds
+  // the partial scores math warpgroup 0 sends. d = 512: P in `p`, the partials in PartialsBuffer.
+  // (d = 576 uses every byte of the 227 KiB: not one more fits.)
+  static constexpr bool kPOverRope = kHeadDim > kHeadDimV;
   alignas(1024) Element p[cosize_v<typename L::P>];
   float row_max[kMathWarpGroups][kBlockM];  // per-warpgroup tile maxima, exchanged
   float row_sum[kMathWarpGroups][kBlockM];  // per-warpgroup softmax denominators, at the end
@@ -112,31 +142,55 @@ __device__ void attend_segment(const DecodeParams& p, bool use_tma, const Segmen
   const int wg = (threadIdx.x - kProducerThreads) / 128;
   const int wg_thread = threadIdx.x % 128;
 
+  using Storage = SharedStorage<Element, kHeadDim>;
   Tensor s_q = make_tensor(make_smem_ptr(smem.q), typename L::Q{});
-  Tensor s_p = make_tensor(make_smem_ptr(smem.p), typename L::P{});
 
   typename L::MmaS mma_s;
+  typename L::MmaOwnKeys mma_own;
   typename L::MmaO mma_o;
   auto thr_s = mma_s.get_thread_slice(wg_thread);
+  auto thr_own = mma_own.get_thread_slice(wg_thread);
   auto thr_o = mma_o.get_thread_slice(wg_thread);
 
-  // Scores of this warpgroup's keys and the coordinates (row, key within the half) of each.
+  // Partial scores of all 64 keys (this warpgroup's half of the head dimension), then the
+  // scores of this warpgroup's own keys and the coordinates (row, key within the half) of each.
+  Tensor acc_partial = partition_fragment_C(mma_s, Shape<Int<kBlockM>, Int<kBlockN>>{});
   Tensor acc_s =
-      partition_fragment_C(mma_s, Shape<Int<kBlockM>, Int<kBlockN / kMathWarpGroups>>{});
-  Tensor coord_s = thr_s.partition_C(
+      partition_fragment_C(mma_own, Shape<Int<kBlockM>, Int<kBlockN / kMathWarpGroups>>{});
+  Tensor coord_s = thr_own.partition_C(
       make_identity_tensor(Shape<Int<kBlockM>, Int<kBlockN / kMathWarpGroups>>{}));
+  constexpr int kOwnScores = decltype(size(acc_s))::value;
+  static_assert(decltype(size(acc_partial))::value == 2 * kOwnScores,
+                "the first half of the 64-key C fragment is keys 0-31, the second keys 32-63");
   Tensor acc_o =
       partition_fragment_C(mma_o, Shape<Int<kBlockM>, Int<kHeadDimV / kMathWarpGroups>>{});
   Tensor coord_o = thr_o.partition_C(
       make_identity_tensor(Shape<Int<kBlockM>, Int<kHeadDimV / kMathWarpGroups>>{}));
   clear(acc_o);
 
-  // Operands: Q and this warpgroup's keys for S; all of P and this warpgroup's V columns for O.
+  // Operands: Q and the tile's keys for S (this warpgroup's k-steps of them); all of P and
+  // this warpgroup's V columns for O.
   Tensor frag_q = thr_s.partition_fragment_A(s_q);
-  Tensor frag_p = thr_o.partition_fragment_A(s_p);
-  Tensor s_p_half = local_tile(s_p, Shape<Int<kBlockM>, Int<kBlockN / kMathWarpGroups>>{},
-                               make_coord(0, wg));
-  Tensor p_out = thr_s.partition_C(s_p_half);
+  constexpr int kSteps = decltype(size<2>(frag_q))::value;  // 16 head-dimension columns each
+  constexpr int kFirstHalfSteps = kSteps / 2;  // d = 576: columns 0-287; the rest has the rope
+  // Where P of the tile in `stage` goes, and where each warpgroup's outgoing partials go.
+  // (The rope columns of a tile are its last 64-column block of swizzle atoms: 8 KiB from
+  // element kBlockN * kHeadDimV on, the size of P.)
+  const auto p_base = [&](int stage) -> Element* {
+    if constexpr (Storage::kPOverRope)
+      return smem.k[stage] + kBlockN * kHeadDimV;
+    else
+      return smem.p;
+  };
+  const auto p_of_stage = [&](int stage) {
+    return make_tensor(make_smem_ptr(p_base(stage)), typename L::P{});
+  };
+  const auto partials_of = [&](int sender, int stage) -> float4* {
+    if constexpr (Storage::kPOverRope)
+      return reinterpret_cast<float4*>(sender == 0 ? smem.p : p_base(stage));
+    else
+      return reinterpret_cast<float4*>(smem.partials + sender * kPartialFloats);
+  };
 
   // Each thread holds two rows: warp * 16 + lane / 4 and that + 8 (wgmma's C layout, where
   // accumulator i belongs to the second row when bit 1 of i is set: row_half(i)).
@@ -173,20 +227,53 @@ __device__ void attend_segment(const DecodeParams& p, bool use_tma, const Segmen
     // this stage until the next tile has landed, so with 2 stages the next load cannot start
     // early; b >= 32 rows lost 20-30%.
     Tensor s_k = make_tensor(make_smem_ptr(smem.k[stage]), typename L::K{});
-    Tensor s_k_half = local_tile(s_k, Shape<Int<kBlockN / kMathWarpGroups>, Int<kHeadDim>>{},
-                                 make_coord(wg, 0));
-    Tensor frag_k = thr_s.partition_fragment_B(s_k_half);
-    warpgroup_gemm<true>(mma_s, frag_q, frag_k, acc_s);
+    Tensor frag_k = thr_s.partition_fragment_B(s_k);
+    if (wg == 0)
+      warpgroup_gemm_steps<0, kFirstHalfSteps>(mma_s, frag_q, frag_k, acc_partial);
+    else
+      warpgroup_gemm_steps<kFirstHalfSteps, kSteps>(mma_s, frag_q, frag_k, acc_partial);
     trace.mark(kTraceScoresDone, tile);
     // The last tile's scores are the last use of Q: the producer may stage the next segment's.
     if (tile == num_tiles - 1) warp_release(&smem.q_empty);
+
+    // Send the other warpgroup the partial scores of its keys, take those of this one's. The
+    // buffers are free: the other warpgroup read this one's previous partials before the
+    // previous tile's maxima were exchanged, and math warpgroup 1 sends over rope columns only
+    // it reads, once its own scores have completed.
+    float4* outgoing = partials_of(wg, stage);
+    const float4* incoming = partials_of(1 - wg, stage);
+    const auto exchange = [&](auto send_first, auto keep_first) {
+      CUTE_UNROLL
+      for (int j = 0; j < kOwnScores; j += 4)
+        outgoing[(j / 4) * 128 + wg_thread] =
+            make_float4(acc_partial(send_first + j), acc_partial(send_first + j + 1),
+                        acc_partial(send_first + j + 2), acc_partial(send_first + j + 3));
+      named_barrier_sync(kMathBarrier, kMathThreads);
+      CUTE_UNROLL
+      for (int j = 0; j < kOwnScores; j += 4) {
+        const float4 other = incoming[(j / 4) * 128 + wg_thread];
+        acc_s(j) = acc_partial(keep_first + j) + other.x;
+        acc_s(j + 1) = acc_partial(keep_first + j + 1) + other.y;
+        acc_s(j + 2) = acc_partial(keep_first + j + 2) + other.z;
+        acc_s(j + 3) = acc_partial(keep_first + j + 3) + other.w;
+      }
+    };
+    if (wg == 0)
+      exchange(Int<kOwnScores>{}, Int<0>{});
+    else
+      exchange(Int<0>{}, Int<kOwnScores>{});
+    trace.mark(kTracePartialsShared, tile);
     // TMA reads whole boxes: keys past the segment inside a valid one hold whatever the cache
-    // holds. This warpgroup zeroes the value columns of its own keys once scored (the other
-    // warpgroup never reads them for S).
+    // holds. Both warpgroups' scores are done (the barrier above): each zeroes the value
+    // columns of its own keys.
     constexpr int kKeysPerWg = kBlockN / kMathWarpGroups;
     if (use_tma && seg.token_end - tile_begin < kBlockN)
       zero_value_rows(s_k, max(seg.token_end - tile_begin, wg * kKeysPerWg),
                       (wg + 1) * kKeysPerWg, wg_thread);
+    Tensor s_p = p_of_stage(stage);
+    Tensor s_p_half = local_tile(s_p, Shape<Int<kBlockM>, Int<kBlockN / kMathWarpGroups>>{},
+                                 make_coord(0, wg));
+    Tensor p_out = thr_own.partition_C(s_p_half);
 
     // Mask, scale into the log2 domain, and take this warpgroup's row maxima.
     float tile_max[2] = {-INFINITY, -INFINITY};
@@ -230,6 +317,7 @@ __device__ void attend_segment(const DecodeParams& p, bool use_tma, const Segmen
     Tensor s_vt_half = local_tile(s_vt, Shape<Int<kHeadDimV / kMathWarpGroups>, Int<kBlockN>>{},
                                   make_coord(wg, 0));
     Tensor frag_v = thr_o.partition_fragment_B(s_vt_half);
+    Tensor frag_p = thr_o.partition_fragment_A(s_p);
     warpgroup_gemm<false>(mma_o, frag_p, frag_v, acc_o);
     // This warp's P V wgmma has completed: its reads of the stage (and of P) are over.
     warp_release(&smem.k_empty[stage]);
@@ -315,6 +403,9 @@ cudaError_t launch_instance(const DecodeParams& params, const CUtensorMap& k_map
                             dim3 grid, cudaStream_t stream) {
   constexpr size_t smem_size = sizeof(SharedStorage<Element, kHeadDim>);
   static_assert(smem_size <= 227 * 1024, "over the 227 KiB a Hopper CTA may use");
+  static_assert(cosize_v<typename Layouts<Element, kHeadDim>::P> * sizeof(Element) ==
+                    kPartialFloats * sizeof(float),
+                "P and one warpgroup's partial scores share a buffer");
   const auto kernel = split_kv_decode_wgmma_kernel<Element, kHeadDim>;
   const cudaError_t err = once_per_device([&] {
     prepare_trace_output();

@@ -28,6 +28,7 @@ enum TraceEvent : int {
   kTraceProbsShared = 5,    // math: P is in shared memory for every math warp (barrier passed)
   kTraceValuesDone = 6,     // math: P V has completed; the stage is released
   kTraceSegmentEnd = 7,     // math: the segment's output is stored
+  kTracePartialsShared = 8, // math: partial scores exchanged between the math warpgroups
   kTraceStageFree = 10,     // producer: the stage's "empty" wait returned
   kTraceKeysIssued = 11,    // producer: the tile's copies are issued
   kTraceQueryFree = 12,     // producer: the query buffer's "empty" wait returned

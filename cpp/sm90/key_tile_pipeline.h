@@ -126,6 +126,25 @@ __device__ __forceinline__ void warpgroup_gemm(TiledMma& mma, const FragA& a, co
   warpgroup_fence_operand(c);
 }
 
+// C = A B over k-steps [kFirst, kEnd) of the operands only (a part of the reduction
+// dimension), issued by one warpgroup, waited for. The bounds are compile-time so that the
+// chain unrolls (a run-time trip count made ptxas serialize it, warning C7515).
+template <int kFirst, int kEnd, typename TiledMma, typename FragA, typename FragB, typename FragC>
+__device__ __forceinline__ void warpgroup_gemm_steps(TiledMma& mma, const FragA& a,
+                                                     const FragB& b, FragC& c) {
+  warpgroup_fence_operand(c);
+  warpgroup_arrive();
+  mma.accumulate_ = GMMA::ScaleOut::Zero;
+  CUTE_UNROLL
+  for (int k = kFirst; k < kEnd; ++k) {
+    cute::gemm(mma, a(_, _, k), b(_, _, k), c);
+    mma.accumulate_ = GMMA::ScaleOut::One;
+  }
+  warpgroup_commit_batch();
+  warpgroup_wait<0>();
+  warpgroup_fence_operand(c);
+}
+
 __device__ __forceinline__ int num_tiles_of(const Segment& seg) {
   return (seg.token_end - seg.token_begin + kBlockN - 1) / kBlockN;
 }
