@@ -1,10 +1,11 @@
 """The CUDA kernels against the reference computed on the GPU: the CPU grid, then an all-pairs
-covering set of FlashMLA's own test grid (see decode_grid.py)."""
+covering set of FlashMLA's own test grid (see decode_grid.py), then the head counts that stage
+the query rows by TMA and some that fall back to cp.async."""
 
 import jax
 import pytest
 
-from decode_grid import CPU_GRID, FLASHMLA_GRID, check_case
+from decode_grid import CPU_GRID, FLASHMLA_GRID, Case, check_case
 
 pytestmark = pytest.mark.gpu
 
@@ -20,4 +21,37 @@ def test_gpu_decode_cpu_grid(case, rng):
 
 @pytest.mark.parametrize("case", FLASHMLA_GRID, ids=str)
 def test_gpu_decode_flashmla_grid(case, rng):
+    check_case(case, rng, gpu())
+
+
+# The query rows go by TMA (query_tensor_map.h) when one box per 64 columns covers a CTA's
+# rows: heads_per_kv a multiple of the rows per CTA (64 for the 64-row kernel, 16 or 32 for the
+# narrow one; a run of heads of one token) or a divisor of them (whole tokens, those past s_q
+# out of range and written as zeros). Other head counts take the cp.async path. Small
+# num_sm_parts make a CTA walk several requests, so the query buffer is refilled (its barrier
+# phases turn) within one CTA.
+QUERY_TMA_CASES = [
+    # 64-row kernel, 64 heads of one token a box: two row blocks per token.
+    Case(b=2, s_q=1, h_q=128, s_k=300),
+    Case(b=3, s_q=2, h_q=256, h_kv=2, s_k=140, causal=True, num_sm_parts=1),
+    # 64-row kernel, whole tokens (32 heads x 2): the second block's second token is past s_q.
+    Case(b=2, s_q=3, h_q=32, s_k=200, causal=True, num_sm_parts=3),
+    # Key tiles by cp.async (page 7), query rows by TMA.
+    Case(b=2, s_q=2, h_q=64, s_k=150, page=7),
+    # Narrow kernel, 32 rows: 16 heads x 2 tokens.
+    Case(b=3, s_q=2, h_q=16, s_k=300, causal=True, num_sm_parts=1),
+    # Narrow kernel, 16 rows: 8 heads x 2 tokens, on the second KV head too.
+    Case(b=2, s_q=2, h_q=16, h_kv=2, s_k=300, dtype="float16"),
+    # Narrow kernel, 32 rows: 8 heads x 4 tokens, the last past s_q; d = 512.
+    Case(b=3, s_q=3, h_q=8, s_k=100, d=512, num_sm_parts=3),
+    # Narrow kernel, 16 rows: one head x 16 tokens, 15 of them past s_q.
+    Case(b=2, s_q=1, h_q=1, s_k=500, num_sm_parts=132),
+    # Fallback to cp.async: 48 heads (64-row kernel), 3 heads (narrow, 16 rows).
+    Case(b=2, s_q=1, h_q=48, s_k=300),
+    Case(b=3, s_q=2, h_q=6, h_kv=2, s_k=140, causal=True, num_sm_parts=1),
+]
+
+
+@pytest.mark.parametrize("case", QUERY_TMA_CASES, ids=str)
+def test_gpu_decode_query_tma(case, rng):
     check_case(case, rng, gpu())

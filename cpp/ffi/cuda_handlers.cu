@@ -21,9 +21,9 @@ ffi::Error cuda_error(const char* what, cudaError_t err) {
 }
 
 // JAX_FLASH_MLA_KERNEL selects the split-KV kernel, for comparisons: "simple" is the first
-// (CUDA-core) kernel, "cpasync" the tensor-core kernels with their cp.async key gather for
-// every page size, "wide" the 64-row tensor-core kernel for every head count; unset, the
-// tensor-core kernels gather with TMA where they can and at most kNarrowMaxRows query rows per
+// (CUDA-core) kernel, "cpasync" the tensor-core kernels with their cp.async key gather and
+// query rows for every shape, "wide" the 64-row tensor-core kernel for every head count; unset,
+// the tensor-core kernels copy with TMA where they can and at most kNarrowMaxRows query rows per
 // KV head go to the narrow kernel. Read once per process.
 enum class KernelChoice { kSimple, kCpAsync, kWide, kTma };
 

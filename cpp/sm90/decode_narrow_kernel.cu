@@ -13,7 +13,8 @@
 // its load time, so the kernel is bound by memory, not by the tensor cores.
 //
 // One CTA = (piece of the schedule, KV head, block of kRows query rows), 2 warpgroups:
-//   producer  warpgroup 0: query rows and key tiles (key_tile_pipeline.h)
+//   producer  warpgroup 0: query rows (by TMA where one box per 64 columns covers them,
+//             query_tensor_map.h) and key tiles (key_tile_pipeline.h)
 //   math      warpgroup 1: the online softmax. In S^T's C layout a query row is a column: its
 //             64 keys are spread over 8 lanes of each warp and the 4 warps, so a tile's row
 //             maxima are reduced by shuffles, then across warps through shared memory (one
@@ -32,6 +33,7 @@
 #include "key_tile_pipeline.h"
 #include "once_per_device.h"
 #include "paged_kv_tensor_map.h"
+#include "query_tensor_map.h"
 #include "row_softmax.h"
 #include "segment_output.h"
 
@@ -270,10 +272,11 @@ __device__ void attend_segment_narrow(const DecodeParams& p, bool use_tma, const
 template <typename Element, int kHeadDim, int kRows>
 __global__ void __launch_bounds__(kThreads, 1)
     split_kv_decode_narrow_kernel(const __grid_constant__ DecodeParams params,
-                                  const __grid_constant__ CUtensorMap k_map, bool use_tma) {
+                                  const __grid_constant__ CUtensorMap k_map, bool use_tma,
+                                  const __grid_constant__ CUtensorMap q_map, bool query_tma) {
   extern __shared__ __align__(1024) unsigned char smem_bytes[];
   auto& smem = *reinterpret_cast<NarrowStorage<Element, kHeadDim, kRows>*>(smem_bytes);
-  if (threadIdx.x == 0) init_pipeline_barriers(smem, use_tma, kMathWarps);
+  if (threadIdx.x == 0) init_pipeline_barriers(smem, use_tma, query_tma, kMathWarps);
   __syncthreads();
 
   const int32_t* piece =
@@ -286,8 +289,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   // Both roles walk the same segments in the same order, so their ring positions agree.
   if (threadIdx.x < kProducerThreads) {
     for_each_segment(params, piece, [&](const Segment& seg) {
-      produce_segment<Element, kHeadDim, kRows>(params, k_map, use_tma, seg, kv_head, row_base,
-                                                smem, ring, q_phase, trace);
+      produce_segment<Element, kHeadDim, kRows>(params, k_map, use_tma, q_map, query_tma, seg,
+                                                kv_head, row_base, smem, ring, q_phase, trace);
     });
     // Copies still in flight must land before their issuing threads exit.
     cp_async_wait<0>();
@@ -302,7 +305,8 @@ __global__ void __launch_bounds__(kThreads, 1)
 
 template <typename Element, int kHeadDim, int kRows>
 cudaError_t launch_instance(const DecodeParams& params, const CUtensorMap& k_map, bool use_tma,
-                            dim3 grid, cudaStream_t stream) {
+                            const CUtensorMap& q_map, bool query_tma, dim3 grid,
+                            cudaStream_t stream) {
   constexpr size_t smem_size = sizeof(NarrowStorage<Element, kHeadDim, kRows>);
   static_assert(smem_size <= 227 * 1024, "over the 227 KiB a Hopper CTA may use");
   const auto kernel = split_kv_decode_narrow_kernel<Element, kHeadDim, kRows>;
@@ -311,24 +315,33 @@ cudaError_t launch_instance(const DecodeParams& params, const CUtensorMap& k_map
     return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_size);
   });
   if (err != cudaSuccess) return err;
-  kernel<<<grid, kThreads, smem_size, stream>>>(params, k_map, use_tma);
+  kernel<<<grid, kThreads, smem_size, stream>>>(params, k_map, use_tma, q_map, query_tma);
   return cudaGetLastError();
 }
 
 template <typename Element, int kRows>
 cudaError_t launch_for_rows(const DecodeParams& params, const CUtensorMap& k_map, bool use_tma,
-                            dim3 grid, cudaStream_t stream) {
+                            const CUtensorMap& q_map, bool query_tma, dim3 grid,
+                            cudaStream_t stream) {
   return params.head_dim == 576
-             ? launch_instance<Element, 576, kRows>(params, k_map, use_tma, grid, stream)
-             : launch_instance<Element, 512, kRows>(params, k_map, use_tma, grid, stream);
+             ? launch_instance<Element, 576, kRows>(params, k_map, use_tma, q_map, query_tma,
+                                                    grid, stream)
+             : launch_instance<Element, 512, kRows>(params, k_map, use_tma, q_map, query_tma,
+                                                    grid, stream);
 }
+
+// Query rows a CTA stages (kRows): the query map's box is built for the same count.
+int rows_per_block(const DecodeParams& params) { return params.rows_per_kv <= 16 ? 16 : 32; }
 
 template <typename Element>
 cudaError_t launch_for_element(const DecodeParams& params, const CUtensorMap& k_map,
-                               bool use_tma, dim3 grid, cudaStream_t stream) {
-  return params.rows_per_kv <= 16
-             ? launch_for_rows<Element, 16>(params, k_map, use_tma, grid, stream)
-             : launch_for_rows<Element, 32>(params, k_map, use_tma, grid, stream);
+                               bool use_tma, const CUtensorMap& q_map, bool query_tma, dim3 grid,
+                               cudaStream_t stream) {
+  return rows_per_block(params) == 16
+             ? launch_for_rows<Element, 16>(params, k_map, use_tma, q_map, query_tma, grid,
+                                            stream)
+             : launch_for_rows<Element, 32>(params, k_map, use_tma, q_map, query_tma, grid,
+                                            stream);
 }
 
 }  // namespace
@@ -344,9 +357,16 @@ cudaError_t launch_split_kv_decode_narrow(const DecodeParams& params, bool allow
   const dim3 grid(params.num_sm_parts, params.num_heads_k, 1);
   CUtensorMap k_map = {};
   const bool use_tma = allow_tma && make_paged_kv_tensor_map(params, &k_map);
+  // Without allow_tma (JAX_FLASH_MLA_KERNEL=cpasync) the query rows go by cp.async too, so
+  // that choice still runs the whole fallback.
+  CUtensorMap q_map = {};
+  const bool query_tma =
+      allow_tma && make_query_tensor_map(params, rows_per_block(params), &q_map);
   return params.dtype == ElementType::kBF16
-             ? launch_for_element<cutlass::bfloat16_t>(params, k_map, use_tma, grid, stream)
-             : launch_for_element<cutlass::half_t>(params, k_map, use_tma, grid, stream);
+             ? launch_for_element<cutlass::bfloat16_t>(params, k_map, use_tma, q_map, query_tma,
+                                                       grid, stream)
+             : launch_for_element<cutlass::half_t>(params, k_map, use_tma, q_map, query_tma,
+                                                   grid, stream);
 }
 
 }  // namespace jax_flash_mla

@@ -2,7 +2,8 @@
 // than 32 query rows per KV head (fewer go to decode_narrow_kernel.cu).
 //
 // One CTA = (piece of the schedule, KV head, block of kBlockM = 64 query rows), 3 warpgroups:
-//   producer      warpgroup 0 stages the segment's 64 query rows and gathers the keys of every
+//   producer      warpgroup 0 stages the segment's 64 query rows (by TMA where one box per 64
+//                 columns covers them, query_tensor_map.h) and gathers the keys of every
 //                 tile into the 2-stage ring (key_tile_pipeline.h). It gives up registers
 //                 (setmaxnreg) to the math warpgroups.
 //   math 0 and 1  warpgroups 1 and 2 compute, per tile:
@@ -46,6 +47,7 @@
 #include "key_tile_pipeline.h"
 #include "once_per_device.h"
 #include "paged_kv_tensor_map.h"
+#include "query_tensor_map.h"
 #include "row_softmax.h"
 #include "segment_output.h"
 
@@ -367,10 +369,11 @@ __device__ void attend_segment(const DecodeParams& p, bool use_tma, const Segmen
 template <typename Element, int kHeadDim>
 __global__ void __launch_bounds__(kThreads, 1)
     split_kv_decode_wgmma_kernel(const __grid_constant__ DecodeParams params,
-                                 const __grid_constant__ CUtensorMap k_map, bool use_tma) {
+                                 const __grid_constant__ CUtensorMap k_map, bool use_tma,
+                                 const __grid_constant__ CUtensorMap q_map, bool query_tma) {
   extern __shared__ __align__(1024) unsigned char smem_bytes[];
   auto& smem = *reinterpret_cast<SharedStorage<Element, kHeadDim>*>(smem_bytes);
-  if (threadIdx.x == 0) init_pipeline_barriers(smem, use_tma, kMathThreads / 32);
+  if (threadIdx.x == 0) init_pipeline_barriers(smem, use_tma, query_tma, kMathThreads / 32);
   __syncthreads();
 
   const int32_t* piece =
@@ -384,8 +387,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   if (threadIdx.x < kProducerThreads) {
     cutlass::arch::warpgroup_reg_dealloc<kProducerRegisters>();
     for_each_segment(params, piece, [&](const Segment& seg) {
-      produce_segment<Element, kHeadDim, kBlockM>(params, k_map, use_tma, seg, kv_head,
-                                                  row_base, smem, ring, q_phase, trace);
+      produce_segment<Element, kHeadDim, kBlockM>(params, k_map, use_tma, q_map, query_tma, seg,
+                                                  kv_head, row_base, smem, ring, q_phase, trace);
     });
     // Copies still in flight must land before their issuing threads exit.
     cp_async_wait<0>();
@@ -400,7 +403,8 @@ __global__ void __launch_bounds__(kThreads, 1)
 
 template <typename Element, int kHeadDim>
 cudaError_t launch_instance(const DecodeParams& params, const CUtensorMap& k_map, bool use_tma,
-                            dim3 grid, cudaStream_t stream) {
+                            const CUtensorMap& q_map, bool query_tma, dim3 grid,
+                            cudaStream_t stream) {
   constexpr size_t smem_size = sizeof(SharedStorage<Element, kHeadDim>);
   static_assert(smem_size <= 227 * 1024, "over the 227 KiB a Hopper CTA may use");
   static_assert(cosize_v<typename Layouts<Element, kHeadDim>::P> * sizeof(Element) ==
@@ -412,16 +416,19 @@ cudaError_t launch_instance(const DecodeParams& params, const CUtensorMap& k_map
     return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_size);
   });
   if (err != cudaSuccess) return err;
-  kernel<<<grid, kThreads, smem_size, stream>>>(params, k_map, use_tma);
+  kernel<<<grid, kThreads, smem_size, stream>>>(params, k_map, use_tma, q_map, query_tma);
   return cudaGetLastError();
 }
 
 template <typename Element>
 cudaError_t launch_for_element(const DecodeParams& params, const CUtensorMap& k_map,
-                               bool use_tma, dim3 grid, cudaStream_t stream) {
+                               bool use_tma, const CUtensorMap& q_map, bool query_tma, dim3 grid,
+                               cudaStream_t stream) {
   return params.head_dim == 576
-             ? launch_instance<Element, 576>(params, k_map, use_tma, grid, stream)
-             : launch_instance<Element, 512>(params, k_map, use_tma, grid, stream);
+             ? launch_instance<Element, 576>(params, k_map, use_tma, q_map, query_tma, grid,
+                                             stream)
+             : launch_instance<Element, 512>(params, k_map, use_tma, q_map, query_tma, grid,
+                                             stream);
 }
 
 }  // namespace
@@ -437,9 +444,15 @@ cudaError_t launch_split_kv_decode_wgmma(const DecodeParams& params, bool allow_
   const dim3 grid(params.num_sm_parts, params.num_heads_k, static_cast<unsigned>(row_blocks));
   CUtensorMap k_map = {};
   const bool use_tma = allow_tma && make_paged_kv_tensor_map(params, &k_map);
+  // Without allow_tma (JAX_FLASH_MLA_KERNEL=cpasync) the query rows go by cp.async too, so
+  // that choice still runs the whole fallback.
+  CUtensorMap q_map = {};
+  const bool query_tma = allow_tma && make_query_tensor_map(params, kBlockM, &q_map);
   return params.dtype == ElementType::kBF16
-             ? launch_for_element<cutlass::bfloat16_t>(params, k_map, use_tma, grid, stream)
-             : launch_for_element<cutlass::half_t>(params, k_map, use_tma, grid, stream);
+             ? launch_for_element<cutlass::bfloat16_t>(params, k_map, use_tma, q_map, query_tma,
+                                                       grid, stream)
+             : launch_for_element<cutlass::half_t>(params, k_map, use_tma, q_map, query_tma,
+                                                   grid, stream);
 }
 
 }  // namespace jax_flash_mla

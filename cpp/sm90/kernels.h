@@ -21,7 +21,8 @@ cudaError_t launch_tile_schedule(const int32_t* cache_seqlens, int batch, int nu
 // float32 partials in (o_accum, lse_accum) for the others.
 // Two implementations: CUDA cores (decode_kernel.cu, the first version) and Hopper tensor
 // cores (decode_wgmma_kernel.cu), which gathers keys with TMA where the page size allows and
-// `allow_tma`, else with cp.async.
+// stages query rows with TMA where the head count allows (both only with `allow_tma`), else
+// with cp.async.
 cudaError_t launch_split_kv_decode(const DecodeParams& params, cudaStream_t stream);
 cudaError_t launch_split_kv_decode_wgmma(const DecodeParams& params, bool allow_tma,
                                          cudaStream_t stream);

@@ -3,8 +3,10 @@
 // stages a segment's query rows and gathers its 64-key tiles into a 2-stage shared-memory ring
 // (72 KiB a stage at d = 576), with TMA boxes through the block table (its first warp; see
 // paged_kv_tensor_map.h) or, for page sizes TMA cannot box, with cp.async one token row at a
-// time. A stage's "full" mbarrier completes when its bytes have landed; the stage is refilled
-// as soon as every math warp has arrived on its "empty" mbarrier.
+// time. The query rows go by TMA too (one thread, query_tensor_map.h) where one box per 64
+// columns covers them, else by cp.async from every producer thread. A stage's "full" mbarrier
+// completes when its bytes have landed; the stage is refilled as soon as every math warp has
+// arrived on its "empty" mbarrier.
 //
 // Masking contract with the math warpgroups: key_valid[stage][key] says whether a key exists
 // (in the segment, on a valid page). TMA boxes of invalid pages are fetched out of range (TMA
@@ -20,6 +22,7 @@
 #include "../common/split_kv.h"
 #include "kernel_trace.h"
 #include "paged_kv_tensor_map.h"
+#include "query_tensor_map.h"
 
 namespace jax_flash_mla {
 namespace sm90 {
@@ -95,16 +98,17 @@ __device__ __forceinline__ void warp_release(uint64_t* barrier) {
 
 // mbarrier arrivals of a stage's "full" barrier: with TMA, one arrival that also expects the
 // tile's bytes; with cp.async, every producer thread's copies plus one plain arrival that
-// publishes the key offsets. "Empty" barriers: one arrival per math warp. By thread 0, before
-// the CTA's first __syncthreads.
+// publishes the key offsets. The query's "full" barrier: one arrival expecting the rows' bytes
+// with TMA (query_tma), every producer thread's copies with cp.async. "Empty" barriers: one
+// arrival per math warp. By thread 0, before the CTA's first __syncthreads.
 template <typename Storage>
 __device__ __forceinline__ void init_pipeline_barriers(Storage& smem, bool use_tma,
-                                                       uint32_t math_warps) {
+                                                       bool query_tma, uint32_t math_warps) {
   for (int s = 0; s < kStages; ++s) {
     ClusterBarrier::init(&smem.k_full[s], use_tma ? 1 : kProducerThreads + 1);
     ClusterBarrier::init(&smem.k_empty[s], math_warps);
   }
-  ClusterBarrier::init(&smem.q_full, kProducerThreads);
+  ClusterBarrier::init(&smem.q_full, query_tma ? 1 : kProducerThreads);
   ClusterBarrier::init(&smem.q_empty, math_warps);
   cutlass::arch::fence_barrier_init();
 }
@@ -270,10 +274,34 @@ __device__ __forceinline__ void load_query_rows(const DecodeParams& p, const Seg
   }
 }
 
+// TMA copy of a segment's query rows by one thread: one box of kQueryRows rows per 64 columns,
+// starting at row row_base of KV head kv_head (query_tensor_map.h: the same coordinates serve
+// both box shapes), all completing on `full`. Rows past rows_per_kv are tokens past seqlen_q,
+// out of range: TMA writes zeros, and still counts their bytes.
+template <typename Element, int kHeadDim, int kQueryRows, typename SmemTensor>
+__device__ __forceinline__ void load_query_rows_tma(const DecodeParams& p,
+                                                    const CUtensorMap& q_map, const Segment& seg,
+                                                    int kv_head, int row_base, uint64_t* full,
+                                                    SmemTensor& s_q) {
+  constexpr uint32_t kQueryBytes = kQueryRows * kHeadDim * sizeof(Element);
+  cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(full, kQueryBytes);
+  const int head = row_base % p.heads_per_kv;
+  const int token = row_base / p.heads_per_kv;
+  // Each 64-column block of the buffer holds its kQueryRows rows contiguously (a multiple of 8
+  // rows: it starts on a 1024-byte swizzle period), as a box lands. Not unrolled: the 64-row
+  // kernel's producer runs on 72 registers (setmaxnreg), and 9 unrolled copies (d = 576)
+  // spilled there; a loop of 9 copies once a segment costs nothing measurable.
+#pragma unroll 1
+  for (int column = 0; column < kHeadDim; column += 64)
+    SM90_TMA_LOAD_5D::copy(&q_map, full, static_cast<uint64_t>(TMA::CacheHintSm90::EVICT_NORMAL),
+                           &s_q(0, column), column, head, kv_head, token, seg.batch_idx);
+}
+
 // The producer warpgroup: for each segment, its query rows (once the math warpgroups are done
 // with the previous ones), then its key tiles, each as soon as a stage frees.
 template <typename Element, int kHeadDim, int kQueryRows>
 __device__ void produce_segment(const DecodeParams& p, const CUtensorMap& k_map, bool use_tma,
+                                const CUtensorMap& q_map, bool query_tma,
                                 const Segment& seg, int kv_head, int row_base,
                                 PipelineStorage<Element, kHeadDim, kQueryRows>& smem,
                                 RingPosition& ring, uint32_t& q_phase, WarpgroupTrace& trace) {
@@ -282,8 +310,10 @@ __device__ void produce_segment(const DecodeParams& p, const CUtensorMap& k_map,
   const int num_tiles = num_tiles_of(seg);
   if (num_tiles == 0) return;
   // With TMA one warp drives the copy engine for the keys; with cp.async all producer threads
-  // gather them. Every producer thread stages query rows.
+  // gather them. The query rows: thread 0 (in the TMA warp) alone with TMA, every producer
+  // thread with cp.async.
   const bool loads_keys = !use_tma || thread < 32;
+  const bool loads_query = !query_tma || thread == 0;
   const auto load_keys = [&](int tile) {
     const int tile_begin = seg.token_begin + tile * kBlockN;
     TmaTileLookup lookup{};
@@ -311,13 +341,20 @@ __device__ void produce_segment(const DecodeParams& p, const CUtensorMap& k_map,
   // segment's next-to-last tile is done, the query buffer only after its last tile's scores,
   // so the new segment's first keys are in flight while the previous one finishes.
   if (loads_keys) load_keys(0);
-  Barrier::wait(&smem.q_empty, q_phase ^ 1);
-  q_phase ^= 1;
-  trace.mark(kTraceQueryFree, -1);
-  Tensor s_q = make_tensor(make_smem_ptr(smem.q), typename L::Q{});
-  load_query_rows<kHeadDim, kQueryRows>(p, seg, kv_head, row_base, s_q, thread);
-  arrive_when_copies_land(&smem.q_full);
-  trace.mark(kTraceQueryIssued, -1);
+  if (loads_query) {
+    Barrier::wait(&smem.q_empty, q_phase ^ 1);
+    trace.mark(kTraceQueryFree, -1);
+    Tensor s_q = make_tensor(make_smem_ptr(smem.q), typename L::Q{});
+    if (query_tma) {
+      load_query_rows_tma<Element, kHeadDim, kQueryRows>(p, q_map, seg, kv_head, row_base,
+                                                         &smem.q_full, s_q);
+    } else {
+      load_query_rows<kHeadDim, kQueryRows>(p, seg, kv_head, row_base, s_q, thread);
+      arrive_when_copies_land(&smem.q_full);
+    }
+    trace.mark(kTraceQueryIssued, -1);
+  }
+  q_phase ^= 1;  // by every producer thread, so that the phases agree whichever path stages
   if (!loads_keys) return;
   for (int tile = 1; tile < num_tiles; ++tile) load_keys(tile);
 }
