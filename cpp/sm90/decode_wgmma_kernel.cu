@@ -17,9 +17,10 @@
 //     O += P V      math warpgroup w owns value columns [256w, 256w + 256) (m64n256k16, K = 64
 //                   keys), reading the whole P and the V^T view of the same key tile
 // so no FLOP is done twice and the 64 x 512 float accumulator is split 128 registers a thread.
-// Why S is split along the head dimension rather than by keys: a warpgroup's stream of small
-// wgmmas runs at about one instruction per 70 cycles whatever N is (NOTES v11: 36 m64n32k16
-// took 2670 cycles, 18 m64n64k16 move the same work in half the instructions).
+// Why S is split along the head dimension rather than by keys: split by keys, both warpgroups
+// read all of Q (216 KiB of shared-memory operands a tile instead of 144), and S is bound by
+// those reads (~80 bytes a cycle measured either way): 2670 cycles a tile split by keys, 1840
+// split by head dimension, plus ~450 for the exchange (benchmarks/NOTES.md, v11-v12).
 // Loads never wait on the math warpgroups' barriers: the next stage's copies are in flight the
 // moment a stage frees, and the math warpgroups sync only with each other (named barrier).
 // Schedules tried and measured no faster (benchmarks/NOTES.md, v7): the seesaw (alternate
