@@ -8,7 +8,7 @@ event tile clock` lines for a few CTAs:
     python3 benchmarks/trace_tiles.py summarize trace.log
 
 `run` makes one paged decode call of shape b,h_q,s_k (page 64, bf16, d = 576) twice inside
-jax.jit; the device prints each launch's records when the call synchronizes. `summarize` keeps
+jax.jit (profile_kernels.py's calls); the device prints each launch's records when the call synchronizes. `summarize` keeps
 the last launch and prints, per warpgroup of each traced CTA, the median cycles between each
 pair of consecutive events (a tile's steps: keys landed -> scores -> maxima shared -> P shared
 -> P V done), and the producer's copy-to-landing latency of every tile.
@@ -25,27 +25,6 @@ EVENTS = {
     10: "stage free", 11: "keys issued", 12: "query free", 13: "query issued",
 }
 KEYS_LANDED, KEYS_ISSUED = 2, 11
-
-
-def run(row):
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-
-    import jax_flash_mla
-
-    b, h_q, s_k = row
-    page, d, dv = 64, 576, 512
-    blocks = s_k // page
-    rng = np.random.default_rng(0)
-    pool = jax.random.normal(jax.random.key(0), (b * blocks, page, 1, d), jnp.bfloat16)
-    table = jnp.asarray(rng.permutation(b * blocks).reshape(b, blocks).astype(np.int32))
-    q = jax.random.normal(jax.random.key(1), (b, 1, h_q, d), jnp.bfloat16)
-    seqlens = jnp.full((b,), s_k, jnp.int32)
-    metadata = jax_flash_mla.get_mla_metadata(seqlens, h_q, 1)
-    decode = jax.jit(jax_flash_mla.flash_mla_with_kvcache, static_argnums=(4,))
-    for _ in range(2):
-        jax.block_until_ready(decode(q, pool, table, seqlens, dv, metadata))
 
 
 def last_launch(lines):
@@ -100,7 +79,9 @@ def summarize(path, clock_ghz):
 if __name__ == "__main__":
     command, *args = sys.argv[1:] or ["help"]
     if command == "run":
-        run(tuple(int(x) for x in args[0].split(",")))
+        from profile_kernels import main as profile_rows  # this script's folder is on sys.path
+
+        profile_rows([tuple(int(x) for x in args[0].split(","))], 0)
     elif command == "summarize":
         ghz = float(args[args.index("--clock-ghz") + 1]) if "--clock-ghz" in args else 1.98
         for path in (a for i, a in enumerate(args) if a != "--clock-ghz" and

@@ -143,7 +143,7 @@ __device__ void attend_segment_narrow(const DecodeParams& p, bool use_tma, const
   CUTE_UNROLL
   for (int j = 0; j < kRowSlots; ++j) {
     const int row = row_base + row_of_slot(j);
-    key_limit[j] = row < p.rows_per_kv ? min(key_limit_for_row(p, seqlen, row), seg.token_end) : 0;
+    key_limit[j] = segment_key_limit(p, seg, seqlen, row);
   }
   const float scale_log2 = p.softmax_scale * kLog2e;
 
@@ -151,20 +151,13 @@ __device__ void attend_segment_narrow(const DecodeParams& p, bool use_tma, const
   // The previous segment's warp_sum may still be being read.
   math_barrier();
   trace.mark(kTraceSegmentBegin, num_tiles);
-  if (num_tiles > 0) {
-    Barrier::wait(&smem.q_full, q_phase);
-    q_phase ^= 1;
-  }
-  trace.mark(kTraceQueryLanded, -1);
+  wait_query_rows(smem, num_tiles, q_phase, trace);
 
   for (int tile = 0; tile < num_tiles; ++tile) {
     const int stage = ring.stage;
     const uint8_t* key_valid = smem.key_valid[stage];
     const int tile_begin = seg.token_begin + tile * kBlockN;
-    Barrier::wait(&smem.k_full[stage], ring.phase);
-    trace.mark(kTraceKeysLanded, tile);
-    // The keys were written by TMA or cp.async; wgmma reads through the async proxy.
-    cutlass::arch::fence_view_async_shared();
+    wait_tile_keys(smem, ring, tile, trace);
     Tensor s_k = make_tensor(make_smem_ptr(smem.k[stage]), typename L::K{});
     Tensor frag_k = thr_s.partition_fragment_A(s_k);
     warpgroup_gemm<true>(mma_s, frag_k, frag_q, acc_s);

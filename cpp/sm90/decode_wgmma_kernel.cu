@@ -203,7 +203,7 @@ __device__ void attend_segment(const DecodeParams& p, bool use_tma, const Segmen
   int key_limit[2];
   for (int i = 0; i < 2; ++i) {
     const int row = row_base + my_row[i];
-    key_limit[i] = row < p.rows_per_kv ? min(key_limit_for_row(p, seqlen, row), seg.token_end) : 0;
+    key_limit[i] = segment_key_limit(p, seg, seqlen, row);
   }
   RowSoftmax softmax[2];  // sums: this thread's keys only, until the segment's end
   const float scale_log2 = p.softmax_scale * kLog2e;
@@ -212,20 +212,13 @@ __device__ void attend_segment(const DecodeParams& p, bool use_tma, const Segmen
   // The previous segment's row_sum may still be read by the other warpgroup.
   named_barrier_sync(kMathBarrier, kMathThreads);
   trace.mark(kTraceSegmentBegin, num_tiles);
-  if (num_tiles > 0) {
-    Barrier::wait(&smem.q_full, q_phase);
-    q_phase ^= 1;
-  }
-  trace.mark(kTraceQueryLanded, -1);
+  wait_query_rows(smem, num_tiles, q_phase, trace);
 
   for (int tile = 0; tile < num_tiles; ++tile) {
     const int stage = ring.stage;
     const uint8_t* key_valid = smem.key_valid[stage];
     const int tile_begin = seg.token_begin + tile * kBlockN;
-    Barrier::wait(&smem.k_full[stage], ring.phase);
-    trace.mark(kTraceKeysLanded, tile);
-    // The keys were written by TMA or cp.async; wgmma reads through the async proxy.
-    cutlass::arch::fence_view_async_shared();
+    wait_tile_keys(smem, ring, tile, trace);
     // Scores of this tile only: issuing the next tile's behind this tile's P V (tried) holds
     // this stage until the next tile has landed, so with 2 stages the next load cannot start
     // early; b >= 32 rows lost 20-30%.

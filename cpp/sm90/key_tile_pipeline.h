@@ -95,6 +95,35 @@ __device__ __forceinline__ void warp_release(uint64_t* barrier) {
   if (threadIdx.x % 32 == 0) Barrier::arrive(barrier);
 }
 
+// The math side of the ring. A segment's query rows: waited for only when it has tiles (the
+// producer stages none otherwise).
+template <typename Storage>
+__device__ __forceinline__ void wait_query_rows(Storage& smem, int num_tiles, uint32_t& q_phase,
+                                                WarpgroupTrace& trace) {
+  if (num_tiles > 0) {
+    Barrier::wait(&smem.q_full, q_phase);
+    q_phase ^= 1;
+  }
+  trace.mark(kTraceQueryLanded, -1);
+}
+
+// The keys of `tile`, in the ring's current stage. They were written by TMA or cp.async;
+// wgmma reads through the async proxy.
+template <typename Storage>
+__device__ __forceinline__ void wait_tile_keys(Storage& smem, const RingPosition& ring, int tile,
+                                               WarpgroupTrace& trace) {
+  Barrier::wait(&smem.k_full[ring.stage], ring.phase);
+  trace.mark(kTraceKeysLanded, tile);
+  cutlass::arch::fence_view_async_shared();
+}
+
+// Keys [0, limit) of the segment that query row `row` (of this CTA's KV head) may see; 0 for
+// the padding rows past rows_per_kv.
+__device__ __forceinline__ int segment_key_limit(const DecodeParams& p, const Segment& seg,
+                                                 int seqlen, int row) {
+  return row < p.rows_per_kv ? min(key_limit_for_row(p, seqlen, row), seg.token_end) : 0;
+}
+
 
 // mbarrier arrivals of a stage's "full" barrier: with TMA, one arrival that also expects the
 // tile's bytes; with cp.async, every producer thread's copies plus one plain arrival that

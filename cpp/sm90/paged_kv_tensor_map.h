@@ -43,30 +43,42 @@ inline TensorMapEncoder tensor_map_encoder() {
   return encode;
 }
 
+// Encodes a tensor map over bf16/fp16 `base` (the innermost dimension contiguous, `strides`
+// of the outer ones in bytes) whose boxes land in shared memory 128-byte swizzled, the layout
+// wgmma reads; out-of-range elements of a box read as zeros. False when the driver refuses it
+// or has no entry point.
+template <int kRank>
+inline bool encode_swizzled_tensor_map(ElementType dtype, const void* base,
+                                       const cuuint64_t (&sizes)[kRank],
+                                       const cuuint64_t (&strides)[kRank - 1],
+                                       const cuuint32_t (&box)[kRank], CUtensorMap* map) {
+  const TensorMapEncoder encode = tensor_map_encoder();
+  if (encode == nullptr) return false;
+  cuuint32_t element_strides[kRank];
+  for (int i = 0; i < kRank; ++i) element_strides[i] = 1;
+  const CUtensorMapDataType type = dtype == ElementType::kBF16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16
+                                                               : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
+  return encode(map, type, kRank, const_cast<void*>(base), sizes, strides, box, element_strides,
+                CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+}
+
 // False when TMA cannot express this cache (page not a multiple of 8 tokens, more token slots
 // than an int32 coordinate reaches, or no driver entry point): the caller gathers with cp.async.
 inline bool make_paged_kv_tensor_map(const DecodeParams& p, CUtensorMap* map) {
   const int tokens_per_box = tma_tokens_per_box(p.page_block_size);
   const int64_t token_slots = static_cast<int64_t>(p.num_blocks) * p.page_block_size;
   if (tokens_per_box < 8 || token_slots >= INT32_MAX || token_slots <= 0) return false;
-  const TensorMapEncoder encode = tensor_map_encoder();
-  if (encode == nullptr) return false;
   const cuuint64_t sizes[3] = {static_cast<cuuint64_t>(p.head_dim),
                                static_cast<cuuint64_t>(p.num_heads_k),
                                static_cast<cuuint64_t>(token_slots)};
   const cuuint64_t row_bytes = static_cast<cuuint64_t>(p.head_dim) * 2;
   const cuuint64_t strides[2] = {row_bytes, row_bytes * p.num_heads_k};  // dims 1 and 2
   const cuuint32_t box[3] = {64, 1, static_cast<cuuint32_t>(tokens_per_box)};
-  const cuuint32_t element_strides[3] = {1, 1, 1};
-  const CUtensorMapDataType type = p.dtype == ElementType::kBF16
-                                       ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16
-                                       : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
   // Out-of-range boxes (invalid pages, keys past the request) read as zeros: the tile's rows
   // are then finite, so P (0 for them) times V adds nothing.
-  return encode(map, type, 3, const_cast<void*>(p.k_cache), sizes, strides, box, element_strides,
-                CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
-                CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
-                CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+  return encode_swizzled_tensor_map(p.dtype, p.k_cache, sizes, strides, box, map);
 }
 
 }  // namespace jax_flash_mla

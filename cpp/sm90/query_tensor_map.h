@@ -72,24 +72,15 @@ inline bool make_query_tensor_map(const DecodeParams& p, int query_rows, CUtenso
                                  row_bytes * p.num_heads_q * p.seqlen_q};
   for (cuuint64_t stride : strides)
     if (stride % 16 != 0 || stride >= (cuuint64_t{1} << 40)) return false;
-  const TensorMapEncoder encode = tensor_map_encoder();
-  if (encode == nullptr) return false;
   const cuuint64_t sizes[5] = {
       static_cast<cuuint64_t>(p.head_dim), static_cast<cuuint64_t>(p.heads_per_kv),
       static_cast<cuuint64_t>(p.num_heads_k), static_cast<cuuint64_t>(p.seqlen_q),
       static_cast<cuuint64_t>(p.batch)};
   const cuuint32_t box[5] = {64, static_cast<cuuint32_t>(box_heads), 1,
                              static_cast<cuuint32_t>(box_tokens), 1};
-  const cuuint32_t element_strides[5] = {1, 1, 1, 1, 1};
-  const CUtensorMapDataType type = p.dtype == ElementType::kBF16
-                                       ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16
-                                       : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
   // Out-of-range tokens (past seqlen_q) read as zeros: rows that no query owns stay finite, so
   // their scores are finite and masked like any other row past rows_per_kv.
-  return encode(map, type, 5, const_cast<void*>(p.q), sizes, strides, box, element_strides,
-                CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
-                CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
-                CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+  return encode_swizzled_tensor_map(p.dtype, p.q, sizes, strides, box, map);
 }
 
 }  // namespace jax_flash_mla
