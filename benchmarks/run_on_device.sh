@@ -5,7 +5,7 @@
 # Editable, so that python run from the repository root imports the built package.
 #
 #   bash benchmarks/run_on_device.sh [build] [test] [quicktest] [main] [sanitize] [profile]
-#                                    [devicetest] [detail] [timeline] [graphbench] [multigpu] [graphs] [demo] [bench] [quickbench]
+#                                    [devicetest] [detail] [timeline] [calls] [graphbench] [multigpu] [graphs] [demo] [bench] [quickbench]
 #                                    [trace] (last: it leaves the diagnostic build)
 #   (default: build test main sanitize)
 # Logs go under $OUT (the device tool brings that folder back).
@@ -109,7 +109,7 @@ step_detail() {
 # b = 64): every kernel XLA runs, with nsys (start times show gaps) when the machine has it,
 # else ncu durations (no cache flush).
 step_timeline() {
-  local rows="1,16,4096 64,16,4096"
+  local rows="${TIMELINE_ROWS:-1,16,4096 64,16,4096}"
   if command -v nsys >/dev/null; then
     timeout 240 nsys profile -t cuda -o "$OUT/timeline" -f true \
       python3 benchmarks/profile_kernels.py --calls 6 $rows >"$OUT/nsys.log" 2>&1
@@ -121,6 +121,14 @@ step_timeline() {
       python3 benchmarks/profile_kernels.py --calls 3 $rows >"$OUT/ncu_all.log" 2>&1
     grep -E "profiled|^  [a-zA-Z_]|gpu__time_duration" "$OUT/ncu_all.log" | cut -c1-110 | tail -70
   fi
+}
+
+# What one call costs on the GPU inside the benchmark's jitted function, from the JAX
+# profiler's kernel timestamps (no nsys needed): kernel durations, busy time, idle gaps.
+step_calls() {
+  timeout 300 python3 benchmarks/call_timeline.py ${CALL_ROWS:-} 2>&1 | tee "$OUT/call_timeline.log" | \
+    grep -v -e "^W0000\|^I0000\|^E0000"
+  return "${PIPESTATUS[0]}"
 }
 
 # CUDA graphs: the DeepSeek-style step with XLA command buffers on and off.

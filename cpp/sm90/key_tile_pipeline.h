@@ -142,6 +142,15 @@ __device__ __forceinline__ void init_pipeline_barriers(Storage& smem, bool use_t
   cutlass::arch::fence_barrier_init();
 }
 
+// The tensor maps live in kernel parameter space; a TMA copy's first use of one fetches its
+// 128 bytes first. Fetched at the CTA's start instead, by the thread that sets up the barriers,
+// so that the first segment's key and query copies do not wait for it.
+__device__ __forceinline__ void prefetch_tensor_maps(const CUtensorMap& k_map, bool use_tma,
+                                                     const CUtensorMap& q_map, bool query_tma) {
+  if (use_tma) cute::prefetch_tma_descriptor(&k_map);
+  if (query_tma) cute::prefetch_tma_descriptor(&q_map);
+}
+
 // C (+)= A B, issued by one warpgroup, waited for.
 template <bool kZeroInit, typename TiledMma, typename FragA, typename FragB, typename FragC>
 __device__ __forceinline__ void warpgroup_gemm(TiledMma& mma, const FragA& a, const FragB& b,

@@ -1,0 +1,94 @@
+"""Where one decode call's time goes on the GPU, from the JAX profiler's kernel timestamps.
+
+    python3 benchmarks/call_timeline.py [b,h_q,s_k ...]      (GPU; default: ROWS)
+
+Runs the benchmark's jitted function of back-to-back calls (jax_flash_mla/benchmark.py) under
+jax.profiler.trace and reads the trace back (jax.profiler.ProfileData): for each row, the wall
+time per call as the benchmark takes it, next to what the GPU did per call: the median duration
+of each kernel, the busy time (the kernels' durations added), and the span from the first
+kernel's start to the last one's end over the calls. span - busy is time the GPU sat idle
+between kernels; wall - span is the host's share (dispatch, sync). FlashMLA's figures are
+CUDA-graph replays, whose idle time between kernels is about a microsecond a launch.
+"""
+
+import collections
+import statistics
+import sys
+import tempfile
+import time
+
+import jax
+import numpy as np
+
+import jax_flash_mla
+from jax_flash_mla.benchmark import build_case, make_many_calls
+
+ROWS = [(1, 16, 4096), (1, 128, 4096), (64, 16, 4096), (64, 64, 4096), (128, 128, 4096)]
+CALLS = 20
+PAGE = 64
+
+
+def gpu_kernels(trace_dir):
+    """(name, start_ns, end_ns) of every kernel on the first GPU, in start order."""
+    data = jax.profiler.ProfileData.from_file(next(_xplane_files(trace_dir)))
+    plane = next(p for p in data.planes if p.name.startswith("/device:GPU:0"))
+    events = []
+    for line in plane.lines:
+        # The per-stream lines carry the kernels; the "XLA Ops"/"XLA Modules" lines repeat them.
+        if not line.name.startswith("Stream"):
+            continue
+        for e in line.events:
+            events.append((e.name, e.start_ns, e.start_ns + e.duration_ns))
+    return sorted(events, key=lambda e: e[1])
+
+
+def _xplane_files(trace_dir):
+    import glob
+    return iter(sorted(glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True)))
+
+
+def short_name(name):
+    for key in ("split_kv_decode_wgmma", "split_kv_decode_narrow", "split_kv_decode", "combine",
+                "tile_schedule"):
+        if key in name:
+            return key
+    return name.split("(")[0][:40]
+
+
+def profile_row(rng, b, h_q, s_k):
+    q, pool, tables, lengths, copies = build_case(rng, b, h_q, s_k, 1, False, PAGE, 50 << 20)
+    metadata = jax_flash_mla.get_mla_metadata(lengths, h_q, 1)
+    fn = make_many_calls(jax_flash_mla.flash_mla_with_kvcache, CALLS, copies, False)
+    args = (q, pool, tables, lengths, metadata)
+    for _ in range(3):
+        jax.block_until_ready(fn(*args))
+    walls = []
+    for _ in range(5):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        walls.append(time.perf_counter() - start)
+    with tempfile.TemporaryDirectory() as trace_dir:
+        with jax.profiler.trace(trace_dir):
+            jax.block_until_ready(fn(*args))
+        kernels = gpu_kernels(trace_dir)
+    durations = collections.defaultdict(list)
+    for name, begin, end in kernels:
+        durations[short_name(name)].append((end - begin) / 1e3)
+    decode = [k for k in kernels if "split_kv" in k[0] or "combine" in k[0]]
+    span = (decode[-1][2] - decode[0][1]) / 1e3 / CALLS if decode else float("nan")
+    busy = sum((e - s) for _, s, e in decode) / 1e3 / CALLS
+    print(f"b={b} h_q={h_q} s_k={s_k}: wall {statistics.median(walls) / CALLS * 1e6:.1f} us a call,"
+          f" GPU span {span:.1f}, busy {busy:.1f} (idle between kernels {span - busy:.1f})")
+    for name, values in sorted(durations.items(), key=lambda kv: -sum(kv[1])):
+        print(f"    {name:40s} x{len(values):3d}  median {statistics.median(values):8.2f} us")
+    sys.stdout.flush()
+
+
+def main(rows):
+    rng = np.random.default_rng(0)
+    for row in rows:
+        profile_row(rng, *row)
+
+
+if __name__ == "__main__":
+    main([tuple(int(x) for x in arg.split(",")) for arg in sys.argv[1:]] or ROWS)
