@@ -3,8 +3,8 @@
     python3 benchmarks/call_timeline.py [b,h_q,s_k ...]      (GPU; default: ROWS)
 
 Runs the benchmark's jitted function of back-to-back calls (jax_flash_mla/benchmark.py) under
-jax.profiler.trace and reads the trace back (jax.profiler.ProfileData): for each row, the wall
-time per call as the benchmark takes it, next to what the GPU did per call: the median duration
+jax.profiler.trace and reads the trace back (device_timing.py): for each row, the wall time per
+call (the benchmark's figure before v14), next to what the GPU did per call: the median duration
 of each kernel, the busy time (the kernels' durations added), and the span from the first
 kernel's start to the last one's end over the calls. span - busy is time the GPU sat idle
 between kernels; wall - span is the host's share (dispatch, sync). FlashMLA's figures are
@@ -22,29 +22,11 @@ import numpy as np
 
 import jax_flash_mla
 from jax_flash_mla.benchmark import build_case, make_many_calls
+from jax_flash_mla.device_timing import gpu_kernel_events
 
 ROWS = [(1, 16, 4096), (1, 128, 4096), (64, 16, 4096), (64, 64, 4096), (128, 128, 4096)]
 CALLS = 20
 PAGE = 64
-
-
-def gpu_kernels(trace_dir):
-    """(name, start_ns, end_ns) of every kernel on the first GPU, in start order."""
-    data = jax.profiler.ProfileData.from_file(next(_xplane_files(trace_dir)))
-    plane = next(p for p in data.planes if p.name.startswith("/device:GPU:0"))
-    events = []
-    for line in plane.lines:
-        # The per-stream lines carry the kernels; the "XLA Ops"/"XLA Modules" lines repeat them.
-        if not line.name.startswith("Stream"):
-            continue
-        for e in line.events:
-            events.append((e.name, e.start_ns, e.start_ns + e.duration_ns))
-    return sorted(events, key=lambda e: e[1])
-
-
-def _xplane_files(trace_dir):
-    import glob
-    return iter(sorted(glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True)))
 
 
 def short_name(name):
@@ -70,7 +52,7 @@ def profile_row(rng, b, h_q, s_k):
     with tempfile.TemporaryDirectory() as trace_dir:
         with jax.profiler.trace(trace_dir):
             jax.block_until_ready(fn(*args))
-        kernels = gpu_kernels(trace_dir)
+        kernels = gpu_kernel_events(trace_dir)
     durations = collections.defaultdict(list)
     for name, begin, end in kernels:
         durations[short_name(name)].append((end - begin) / 1e3)

@@ -2,9 +2,10 @@
 public JAX API inside jax.jit.
 
 Timing: each measurement jits one function that makes `calls` back-to-back decode calls
-(metadata precomputed, as in FlashMLA's figures) and takes the wall time of the whole function
-over `calls`, median of `repeats` runs after warm-up: host dispatch is paid once per function,
-not per call. The calls differ in softmax_scale by 1e-6 relative steps so that XLA cannot merge
+(metadata precomputed, as in FlashMLA's figures). On a GPU the figure is device time: the
+function's span on the GPU from the profiler's kernel timestamps, over `calls`, median of
+`repeats` runs (device_timing.py); no host time is in it. Elsewhere (CPU) it is the wall time of
+the whole function over `calls`, median of `repeats` runs after warm-up. The calls differ in softmax_scale by 1e-6 relative steps so that XLA cannot merge
 them, and rotate over copies of the page pool (through the block table) so that the cache read
 by consecutive calls exceeds 4x the L2 and each call reads from HBM.
 
@@ -28,6 +29,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import jax_flash_mla
+from jax_flash_mla.device_timing import device_time_per_call
 
 D, DV = 576, 512
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -47,6 +49,8 @@ TARGET_ROWS = [
     (128, 128, 4096, 1, True, False), (64, 16, 8192, 1, True, False),
     (128, 128, 4096, 2, False, True),
 ]
+TIMING = {True: "GPU span of a run (profiler kernel timestamps) / calls",
+          False: "wall time of a run / calls"}
 PAGE_SWEEP = [16, 32, 64, 128, 256]  # at b=64, h_q=16, s_k=4096 and 16384
 SK_SWEEP = [512, 1024, 2048, 4096, 8192, 16384, 32768]  # at b=64, h_q=16
 
@@ -61,6 +65,13 @@ def traffic(lengths, b, h_q, s_q, h_kv=1):
     total = float(np.sum(lengths))
     return (total * h_kv * D * 2 + b * s_q * h_q * (D + DV) * 2,
             2.0 * s_q * h_q * (D + DV) * total)
+
+
+def time_per_call(fn, args, calls, repeats):
+    """Seconds per call: GPU span from the profiler on a GPU, wall time elsewhere."""
+    if jax.devices()[0].platform == "gpu":
+        return device_time_per_call(fn, args, calls, repeats)
+    return time_function(fn, args, repeats) / calls
 
 
 def time_function(fn, args, repeats):
@@ -116,14 +127,14 @@ def measure(rng, row, page, args, l2_bytes, with_reference, head_shards=1):
         pool, tables, lengths, metadata = jax.device_put((pool, tables, lengths, metadata),
                                                          NamedSharding(mesh, P()))
     fn = make_many_calls(jax_flash_mla.flash_mla_with_kvcache, args.calls, copies, causal)
-    ours = time_function(fn, (q, pool, tables, lengths, metadata), args.repeats) / args.calls
+    ours = time_per_call(fn, (q, pool, tables, lengths, metadata), args.calls, args.repeats)
     ref = None
     if with_reference:
         calls = max(2, args.calls // 5)
         ref_fn = make_many_calls(jax_flash_mla.reference.flash_mla_with_kvcache, calls, copies,
                                  causal)
         try:
-            ref = time_function(ref_fn, (q, pool, tables, lengths, metadata), 3) / calls
+            ref = time_per_call(ref_fn, (q, pool, tables, lengths, metadata), calls, 3)
         except Exception as e:  # e.g. out of memory for the dense gather
             print(f"  reference failed: {type(e).__name__}")
     nbytes, flops = traffic(np.asarray(lengths), b, h_q, s_q)
@@ -136,10 +147,10 @@ def measure_ceilings():
     """Copy bandwidth (read + write) and bf16 matmul rate of this GPU, measured now."""
     x = jax.random.normal(jax.random.key(0), (1 << 30,), jnp.float32)  # 4 GiB
     copy = jax.jit(lambda x: x * 2)
-    t = time_function(copy, (x,), 20)
+    t = time_per_call(copy, (x,), 1, 20)
     a = jax.random.normal(jax.random.key(0), (8192, 8192), jnp.bfloat16)
     mm = jax.jit(lambda a: a @ a)
-    tm = time_function(mm, (a,), 20)
+    tm = time_per_call(mm, (a,), 1, 20)
     del x
     return 2 * 4 * (1 << 30) / t / 1e9, 2 * 8192**3 / tm / 1e12
 
@@ -231,7 +242,8 @@ def run(args) -> int:
     all_rows = [dict(r, section=t) for t, rs in sections.items() for r in rs]
     with open(os.path.join(args.out, "bench.json"), "w") as f:
         json.dump(dict(device=device.device_kind, copy_gbps=copy_gbps, matmul_tflops=mm_tflops,
-                       method=f"{args.calls} calls per jitted function, median of {args.repeats}",
+                       method=(f"{args.calls} calls per jitted function, median of {args.repeats}"
+                               f" runs; {TIMING[device.platform == 'gpu']}"),
                        rows=all_rows), f, indent=1)
     plot(all_rows, copy_gbps, mm_tflops, os.path.join(args.out, "roofline.png"))
     return 0

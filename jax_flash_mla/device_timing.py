@@ -1,0 +1,70 @@
+"""Per-call device time of a jitted function of back-to-back calls, from the GPU's own clock.
+
+The benchmark's figure on a GPU: the function runs `repeats` times inside one JAX profiler
+trace, and each run's span on the GPU (first kernel's start to last kernel's end, from the
+kernel timestamps the profiler records) is divided by the calls it makes; the median over runs
+is returned. Host dispatch and synchronization never enter it, while any idle time the GPU has
+between kernels does, as in FlashMLA's CUDA-graph replays. Wall time over the whole function
+(dispatch paid once per function) was the figure before; it charged each call a share of the
+function's fixed host cost (argument handling, launch, sync), about 15 us a call at b = 1 with
+20 calls, where the calls themselves take 14-19 us on the GPU (benchmarks/NOTES.md, v14).
+"""
+
+from __future__ import annotations
+
+import glob
+import statistics
+import tempfile
+
+import jax
+
+
+def kernel_events(data) -> list[tuple[str, float, float]]:
+    """(name, start_ns, end_ns) of every kernel the first GPU ran in a jax.profiler.ProfileData,
+    by start time."""
+    events = []
+    for plane in data.planes:
+        if plane.name != "/device:GPU:0":
+            continue
+        for line in plane.lines:
+            # Kernels sit on the per-stream lines; "XLA Ops" / "XLA Modules" lines repeat them
+            # as annotations.
+            if not line.name.startswith("Stream"):
+                continue
+            events.extend((e.name, e.start_ns, e.start_ns + e.duration_ns) for e in line.events)
+    return sorted(events, key=lambda e: e[1])
+
+
+def gpu_kernel_events(trace_dir: str) -> list[tuple[str, float, float]]:
+    """kernel_events of the trace jax.profiler wrote under trace_dir ([] if none)."""
+    files = sorted(glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True))
+    return kernel_events(jax.profiler.ProfileData.from_file(files[-1])) if files else []
+
+
+def spans_per_call(events, runs: int, calls: int) -> list[float]:
+    """Seconds per call of each of `runs` runs of one compiled function, whose kernels `events`
+    are: every run launches the same kernels, so the sequence splits into equal runs."""
+    if not events or len(events) % runs:
+        raise RuntimeError(f"the trace holds {len(events)} GPU kernels for {runs} runs")
+    per_run = len(events) // runs
+    return [(events[(i + 1) * per_run - 1][2] - events[i * per_run][1]) * 1e-9 / calls
+            for i in range(runs)]
+
+
+def device_time_per_call(fn, args, calls: int, repeats: int) -> float:
+    """Seconds per call on the GPU: median over `repeats` traced runs (after a warm-up) of a
+    run's kernel span over `calls`."""
+    jax.block_until_ready(fn(*args))
+    jax.block_until_ready(fn(*args))
+    options = jax.profiler.ProfileOptions()
+    options.python_tracer_level = 0
+    options.host_tracer_level = 0
+    with tempfile.TemporaryDirectory() as trace_dir:
+        jax.profiler.start_trace(trace_dir, profiler_options=options)
+        try:
+            for _ in range(repeats):
+                jax.block_until_ready(fn(*args))
+        finally:
+            jax.profiler.stop_trace()
+        events = gpu_kernel_events(trace_dir)
+    return statistics.median(spans_per_call(events, repeats, calls))
