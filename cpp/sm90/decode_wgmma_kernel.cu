@@ -95,6 +95,8 @@ struct Layouts : TileLayouts<Element, kHeadDim, kBlockM> {
                            GMMA::Major::K, GMMA::Major::MN>()));
 };
 
+constexpr int kKeysPerWg = kBlockN / kMathWarpGroups;  // keys whose softmax a warpgroup owns
+
 // Partial scores one math warpgroup sends the other: 16 floats a thread, stored as 4 float4 of
 // consecutive threads (conflict-free), 8 KiB.
 constexpr int kPartialFloats = 16 * 128;
@@ -262,7 +264,6 @@ __device__ void attend_segment(const DecodeParams& p, bool use_tma, const Segmen
     // TMA reads whole boxes: keys past the segment inside a valid one hold whatever the cache
     // holds. Both warpgroups' scores are done (the barrier above): each zeroes the value
     // columns of its own keys.
-    constexpr int kKeysPerWg = kBlockN / kMathWarpGroups;
     if (use_tma && seg.token_end - tile_begin < kBlockN)
       zero_value_rows(s_k, max(seg.token_end - tile_begin, wg * kKeysPerWg),
                       (wg + 1) * kKeysPerWg, wg_thread);
@@ -271,16 +272,27 @@ __device__ void attend_segment(const DecodeParams& p, bool use_tma, const Segmen
                                  make_coord(0, wg));
     Tensor p_out = thr_own.partition_C(s_p_half);
 
-    // Mask, scale into the log2 domain, and take this warpgroup's row maxima.
+    // Mask, scale into the log2 domain, and take this warpgroup's row maxima. Most tiles are
+    // inside every row's visible range with all their keys present: those skip the per-key
+    // tests (16 flag loads and compares a thread).
     float tile_max[2] = {-INFINITY, -INFINITY};
-    CUTE_UNROLL
-    for (int i = 0; i < size(acc_s); ++i) {
-      const int half = row_half(i);
-      const int key = wg * (kBlockN / kMathWarpGroups) + get<1>(coord_s(i));
-      const bool visible = key_valid[key] && tile_begin + key < key_limit[half];
-      const float s = visible ? acc_s(i) * scale_log2 : -INFINITY;
-      acc_s(i) = s;
-      tile_max[half] = fmaxf(tile_max[half], s);
+    if (tile_begin + (wg + 1) * kKeysPerWg <= min(key_limit[0], key_limit[1]) &&
+        all_keys_present<kKeysPerWg>(key_valid + wg * kKeysPerWg)) {
+      CUTE_UNROLL
+      for (int i = 0; i < size(acc_s); ++i) {
+        acc_s(i) *= scale_log2;
+        tile_max[row_half(i)] = fmaxf(tile_max[row_half(i)], acc_s(i));
+      }
+    } else {
+      CUTE_UNROLL
+      for (int i = 0; i < size(acc_s); ++i) {
+        const int half = row_half(i);
+        const int key = wg * kKeysPerWg + get<1>(coord_s(i));
+        const bool visible = key_valid[key] && tile_begin + key < key_limit[half];
+        const float s = visible ? acc_s(i) * scale_log2 : -INFINITY;
+        acc_s(i) = s;
+        tile_max[half] = fmaxf(tile_max[half], s);
+      }
     }
     for (int h = 0; h < 2; ++h) {
       tile_max[h] = quad_max(tile_max[h]);
@@ -294,12 +306,15 @@ __device__ void attend_segment(const DecodeParams& p, bool use_tma, const Segmen
       reference[h] = softmax[h].advance(
           fmaxf(smem.row_max[0][my_row[h]], smem.row_max[1][my_row[h]]), rescale[h]);
     }
+    // Elements i and i + 1 (i even) are adjacent columns of one row: one 4-byte store.
     CUTE_UNROLL
-    for (int i = 0; i < size(acc_s); ++i) {
+    for (int i = 0; i < size(acc_s); i += 2) {
       const int half = row_half(i);
-      const float prob = exp2f(acc_s(i) - reference[half]);
-      softmax[half].sum += prob;
-      p_out(i) = static_cast<Element>(prob);
+      const float prob0 = exp2f(acc_s(i) - reference[half]);
+      const float prob1 = exp2f(acc_s(i + 1) - reference[half]);
+      softmax[half].sum += prob0 + prob1;
+      const Element pair[2] = {static_cast<Element>(prob0), static_cast<Element>(prob1)};
+      *reinterpret_cast<uint32_t*>(&p_out(i)) = *reinterpret_cast<const uint32_t*>(pair);
     }
     // P (and any zeroed keys) were written through the generic proxy; wgmma reads them
     // through the async proxy.
@@ -307,8 +322,12 @@ __device__ void attend_segment(const DecodeParams& p, bool use_tma, const Segmen
     named_barrier_sync(kMathBarrier, kMathThreads);
     trace.mark(kTraceProbsShared, tile);
 
-    CUTE_UNROLL
-    for (int i = 0; i < size(acc_o); ++i) acc_o(i) *= rescale[row_half(i)];
+    // Once the running maxima settle, most tiles move none of a warp's rows: the 128
+    // multiplies a thread are skipped then (rescale is exactly 1 when the max is unchanged).
+    if (__any_sync(0xffffffffu, rescale[0] != 1.f || rescale[1] != 1.f)) {
+      CUTE_UNROLL
+      for (int i = 0; i < size(acc_o); ++i) acc_o(i) *= rescale[row_half(i)];
+    }
     Tensor s_vt = make_tensor(make_smem_ptr(smem.k[stage]), typename L::Vt{});
     Tensor s_vt_half = local_tile(s_vt, Shape<Int<kHeadDimV / kMathWarpGroups>, Int<kBlockN>>{},
                                   make_coord(wg, 0));
