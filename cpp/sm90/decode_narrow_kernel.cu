@@ -139,13 +139,11 @@ __device__ void attend_segment_narrow(const DecodeParams& p, bool use_tma, const
 
   const int seqlen = clamped_seqlen(p, seg.batch_idx);
   int key_limit[kRowSlots];
-  int min_key_limit = seg.token_end;  // a tile below it is visible to all the thread's rows
   RowSoftmax softmax[kRowSlots];  // sums: this thread's keys only, until the segment's end
   CUTE_UNROLL
   for (int j = 0; j < kRowSlots; ++j) {
     const int row = row_base + row_of_slot(j);
     key_limit[j] = segment_key_limit(p, seg, seqlen, row);
-    min_key_limit = min(min_key_limit, key_limit[j]);
   }
   const float scale_log2 = p.softmax_scale * kLog2e;
 
@@ -170,28 +168,18 @@ __device__ void attend_segment_narrow(const DecodeParams& p, bool use_tma, const
     if (use_tma && seg.token_end - tile_begin < kBlockN)
       zero_value_rows(s_k, seg.token_end - tile_begin, kBlockN, math_thread);
 
-    // Mask, scale into the log2 domain, and take this thread's maxima of each query row. Most
-    // tiles are inside every row's visible range with all their keys present: those skip the
-    // per-key tests.
+    // Mask, scale into the log2 domain, and take this thread's maxima of each query row.
     float tile_max[kRowSlots];
     CUTE_UNROLL
     for (int j = 0; j < kRowSlots; ++j) tile_max[j] = -INFINITY;
-    if (tile_begin + kBlockN <= min_key_limit && all_keys_present<kBlockN>(key_valid)) {
-      CUTE_UNROLL
-      for (int i = 0; i < size(acc_s); ++i) {
-        acc_s(i) *= scale_log2;
-        tile_max[row_slot(i)] = fmaxf(tile_max[row_slot(i)], acc_s(i));
-      }
-    } else {
-      CUTE_UNROLL
-      for (int i = 0; i < size(acc_s); ++i) {
-        const int j = row_slot(i);
-        const int key = get<0>(coord_s(i));
-        const bool visible = key_valid[key] && tile_begin + key < key_limit[j];
-        const float s = visible ? acc_s(i) * scale_log2 : -INFINITY;
-        acc_s(i) = s;
-        tile_max[j] = fmaxf(tile_max[j], s);
-      }
+    CUTE_UNROLL
+    for (int i = 0; i < size(acc_s); ++i) {
+      const int j = row_slot(i);
+      const int key = get<0>(coord_s(i));
+      const bool visible = key_valid[key] && tile_begin + key < key_limit[j];
+      const float s = visible ? acc_s(i) * scale_log2 : -INFINITY;
+      acc_s(i) = s;
+      tile_max[j] = fmaxf(tile_max[j], s);
     }
     CUTE_UNROLL
     for (int j = 0; j < kRowSlots; ++j) {
@@ -223,15 +211,8 @@ __device__ void attend_segment_narrow(const DecodeParams& p, bool use_tma, const
     math_barrier();
     trace.mark(kTraceProbsShared, tile);
 
-    // Once the running maxima settle, most tiles move none of a warp's rows: the 128
-    // multiplies a thread are skipped then (rescale is exactly 1 when the max is unchanged).
-    bool rescaled = false;
     CUTE_UNROLL
-    for (int j = 0; j < kRowSlots; ++j) rescaled = rescaled || rescale[j] != 1.f;
-    if (__any_sync(0xffffffffu, rescaled)) {
-      CUTE_UNROLL
-      for (int i = 0; i < size(acc_o); ++i) acc_o(i) *= rescale[row_slot(i % kValuesPerBlock)];
-    }
+    for (int i = 0; i < size(acc_o); ++i) acc_o(i) *= rescale[row_slot(i % kValuesPerBlock)];
     Tensor s_vt = make_tensor(make_smem_ptr(smem.k[stage]), typename L::Vt{});
     Tensor frag_vt = thr_o.partition_fragment_A(s_vt);
     warpgroup_gemm<false>(mma_o, frag_vt, frag_pt, acc_o);

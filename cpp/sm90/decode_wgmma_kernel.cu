@@ -272,27 +272,18 @@ __device__ void attend_segment(const DecodeParams& p, bool use_tma, const Segmen
                                  make_coord(0, wg));
     Tensor p_out = thr_own.partition_C(s_p_half);
 
-    // Mask, scale into the log2 domain, and take this warpgroup's row maxima. Most tiles are
-    // inside every row's visible range with all their keys present: those skip the per-key
-    // tests (16 flag loads and compares a thread).
+    // Mask, scale into the log2 domain, and take this warpgroup's row maxima. (Skipping the
+    // per-key tests on tiles every row sees whole measured no faster: this step is bound by
+    // the exchange's barrier, benchmarks/NOTES.md v14.)
     float tile_max[2] = {-INFINITY, -INFINITY};
-    if (tile_begin + (wg + 1) * kKeysPerWg <= min(key_limit[0], key_limit[1]) &&
-        all_keys_present<kKeysPerWg>(key_valid + wg * kKeysPerWg)) {
-      CUTE_UNROLL
-      for (int i = 0; i < size(acc_s); ++i) {
-        acc_s(i) *= scale_log2;
-        tile_max[row_half(i)] = fmaxf(tile_max[row_half(i)], acc_s(i));
-      }
-    } else {
-      CUTE_UNROLL
-      for (int i = 0; i < size(acc_s); ++i) {
-        const int half = row_half(i);
-        const int key = wg * kKeysPerWg + get<1>(coord_s(i));
-        const bool visible = key_valid[key] && tile_begin + key < key_limit[half];
-        const float s = visible ? acc_s(i) * scale_log2 : -INFINITY;
-        acc_s(i) = s;
-        tile_max[half] = fmaxf(tile_max[half], s);
-      }
+    CUTE_UNROLL
+    for (int i = 0; i < size(acc_s); ++i) {
+      const int half = row_half(i);
+      const int key = wg * kKeysPerWg + get<1>(coord_s(i));
+      const bool visible = key_valid[key] && tile_begin + key < key_limit[half];
+      const float s = visible ? acc_s(i) * scale_log2 : -INFINITY;
+      acc_s(i) = s;
+      tile_max[half] = fmaxf(tile_max[half], s);
     }
     for (int h = 0; h < 2; ++h) {
       tile_max[h] = quad_max(tile_max[h]);

@@ -58,8 +58,7 @@ struct PipelineStorage {
   alignas(1024) Element q[cosize_v<typename L::Q>];
   alignas(1024) Element k[kStages][cosize_v<typename L::K>];
   int64_t token_offset[kStages][kBlockN];  // cp.async gather: k_cache offset of each key, -1: none
-  // The key exists (in the segment, on a valid page): 0 or 1, read 16 flags at a time.
-  alignas(16) uint8_t key_valid[kStages][kBlockN];
+  uint8_t key_valid[kStages][kBlockN];     // the key exists (in the segment, on a valid page)
   uint64_t k_full[kStages];   // a stage's keys (and their offsets) have landed
   uint64_t k_empty[kStages];  // every math warp is done with a stage
   uint64_t q_full;            // the segment's query rows have landed
@@ -116,21 +115,6 @@ __device__ __forceinline__ void wait_tile_keys(Storage& smem, const RingPosition
   Barrier::wait(&smem.k_full[ring.stage], ring.phase);
   trace.mark(kTraceKeysLanded, tile);
   cutlass::arch::fence_view_async_shared();
-}
-
-// Whether keys [0, kKeys) of a tile all exist, from their key_valid flags (0 or 1, 16-byte
-// aligned, read 16 at a time): most tiles' masks reduce to this one test.
-template <int kKeys>
-__device__ __forceinline__ bool all_keys_present(const uint8_t* flags) {
-  static_assert(kKeys % 16 == 0, "whole 16-byte words of flags");
-  const uint4* words = reinterpret_cast<const uint4*>(flags);
-  bool all = true;
-  CUTE_UNROLL
-  for (int i = 0; i < kKeys / 16; ++i) {
-    const uint4 w = words[i];
-    all = all && (w.x & w.y & w.z & w.w) == 0x01010101u;
-  }
-  return all;
 }
 
 // Keys [0, limit) of the segment that query row `row` (of this CTA's KV head) may see; 0 for
