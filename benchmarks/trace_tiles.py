@@ -21,7 +21,7 @@ import sys
 EVENTS = {
     0: "segment begin", 1: "query landed", 2: "keys landed", 3: "scores done",
     4: "maxima shared", 5: "P shared", 6: "P V done", 7: "segment end",
-    8: "partials in",
+    8: "partials in", 9: "rows ready",
     10: "stage free", 11: "keys issued", 12: "query free", 13: "query issued",
 }
 KEYS_LANDED, KEYS_ISSUED = 2, 11

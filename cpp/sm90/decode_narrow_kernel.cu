@@ -237,6 +237,7 @@ __device__ void attend_segment_narrow(const DecodeParams& p, bool use_tma, const
     for (int w = 0; w < kMathWarps; ++w) total += smem.warp_sum[w][row_of_slot(j)];
     result[j] = softmax[j].finish(total);
   }
+  trace.mark(kTraceRowsReady, num_tiles);
   const SegmentOutput output(p, seg, kv_head);
   if (math_thread < 4) {
     CUTE_UNROLL

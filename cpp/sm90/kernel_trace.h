@@ -29,6 +29,7 @@ enum TraceEvent : int {
   kTraceValuesDone = 6,     // math: P V has completed; the stage is released
   kTraceSegmentEnd = 7,     // math: the segment's output is stored
   kTracePartialsShared = 8, // math: partial scores exchanged between the math warpgroups
+  kTraceRowsReady = 9,      // math: denominators known, the output's stores begin
   kTraceStageFree = 10,     // producer: the stage's "empty" wait returned
   kTraceKeysIssued = 11,    // producer: the tile's copies are issued
   kTraceQueryFree = 12,     // producer: the query buffer's "empty" wait returned
