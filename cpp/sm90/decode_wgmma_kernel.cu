@@ -178,7 +178,7 @@ __device__ __forceinline__ void store_output_rows(const Accumulator& acc_o,
       if (only_split) {
         using Pair = std::conditional_t<std::is_same_v<Element, cutlass::bfloat16_t>,
                                         __nv_bfloat162, __half2>;
-        Pair pairs[2];
+        alignas(8) Pair pairs[2];
         reinterpret_cast<Element*>(pairs)[0] = static_cast<Element>(v.x * scale);
         reinterpret_cast<Element*>(pairs)[1] = static_cast<Element>(v.y * scale);
         reinterpret_cast<Element*>(pairs)[2] = static_cast<Element>(v.z * scale);
