@@ -243,68 +243,22 @@ __device__ void attend_segment_narrow(const DecodeParams& p, bool use_tma, const
     CUTE_UNROLL
     for (int j = 0; j < kRowSlots; ++j) output.store_lse(p, row_base + row_of_slot(j), result[j]);
   }
-  // The stores. In O^T's C layout a thread holds, per 64-column block and column half, one
-  // value column (lanes 4c..4c+3 hold column c) for kRowSlots query rows: stored as they are,
-  // a warp instruction writes 4 bytes a lane (0.5 KiB in 4 rows), 128 instructions a thread,
-  // ~2.4 us a segment (benchmarks/NOTES.md v14). So the 4 lanes holding 4 consecutive columns
-  // (lane / 4 = 4g + c, c = 0..3, same lane % 4) transpose 4 x 4 values through 4 shuffles:
-  // in round r lane c takes column (c + r) % 4's value for its row c, the sender picking the
-  // row (c - r) % 4 the taker wants. Lane c then holds 4 consecutive columns of row slot
-  // 4s + c of each group s: one 16-byte store (8 for bf16/fp16 output).
-  const int lane = threadIdx.x % 32;
-  const int column_lane = (lane / 4) % 4;  // c: which of the 4 consecutive columns
-  constexpr int kRowGroups = kRowSlots / 4;
-  RowDestination<Element> destination[kRowGroups];
-  float inv_sum[kRowGroups];
+  // Each query row's destination is computed once; element i of the fragment is at value
+  // column get<0>(coord_o(i)) of row slot row_slot(i % kValuesPerBlock).
+  RowDestination<Element> destination[kRowSlots];
   CUTE_UNROLL
-  for (int g = 0; g < kRowGroups; ++g) {
-    const int slot = 4 * g + column_lane;
-    destination[g] = output.destination<Element>(p, row_base + row_of_slot(slot));
-    inv_sum[g] = 0.f;
-    CUTE_UNROLL
-    for (int j = 4 * g; j < 4 * g + 4; ++j) inv_sum[g] = j == slot ? result[j].inv_sum : inv_sum[g];
-  }
-  constexpr int kBlocks = decltype(size(acc_o))::value / kValuesPerBlock;
+  for (int j = 0; j < kRowSlots; ++j)
+    destination[j] = output.destination<Element>(p, row_base + row_of_slot(j));
   CUTE_UNROLL
-  for (int b = 0; b < kBlocks; ++b) {
-    CUTE_UNROLL
-    for (int half = 0; half < 2; ++half) {
-      // Element v = v0 + 2 half + 4 v2 of the block is on row slot v0 + 2 v2 (row_slot).
-      const int first = b * kValuesPerBlock + 2 * half;
-      const int column = get<0>(coord_o(first)) - column_lane;  // 4 consecutive columns
-      CUTE_UNROLL
-      for (int g = 0; g < kRowGroups; ++g) {
-        float mine[4];  // this lane's column, row slots 4g..4g+3
-        CUTE_UNROLL
-        for (int r = 0; r < 4; ++r) {
-          const int slot = 4 * g + r;
-          mine[r] = acc_o(first + slot % 2 + 4 * (slot / 2));
-        }
-        float row[4] = {0.f, 0.f, 0.f, 0.f};  // after it: row slot 4g + column_lane
-        CUTE_UNROLL
-        for (int r = 0; r < 4; ++r) {
-          const int wanted = (column_lane - r) & 3;
-          const float send = wanted == 0 ? mine[0] : wanted == 1 ? mine[1]
-                                                   : wanted == 2 ? mine[2] : mine[3];
-          const int from = (column_lane + r) & 3;
-          const float got = __shfl_sync(0xffffffffu, send, lane + 4 * (from - column_lane));
-          CUTE_UNROLL
-          for (int c = 0; c < 4; ++c) row[c] = c == from ? got : row[c];
-        }
-        if (!destination[g].live) continue;
-        const float scale = inv_sum[g];
-        if (seg.is_only_split) {
-          alignas(8) Element packed[4];
-          CUTE_UNROLL
-          for (int c = 0; c < 4; ++c) packed[c] = static_cast<Element>(row[c] * scale);
-          *reinterpret_cast<uint2*>(destination[g].out + column) =
-              *reinterpret_cast<const uint2*>(packed);
-        } else {
-          *reinterpret_cast<float4*>(destination[g].partial + column) =
-              make_float4(row[0] * scale, row[1] * scale, row[2] * scale, row[3] * scale);
-        }
-      }
-    }
+  for (int i = 0; i < size(acc_o); ++i) {
+    const int j = row_slot(i % kValuesPerBlock);
+    if (!destination[j].live) continue;
+    const int column = get<0>(coord_o(i));
+    const float value = acc_o(i) * result[j].inv_sum;
+    if (seg.is_only_split)
+      destination[j].out[column] = static_cast<Element>(value);
+    else
+      destination[j].partial[column] = value;
   }
   trace.mark(kTraceSegmentEnd, num_tiles);
 }
