@@ -412,11 +412,7 @@ __global__ void __launch_bounds__(kThreads, 1)
                                  const __grid_constant__ CUtensorMap q_map, bool query_tma) {
   extern __shared__ __align__(1024) unsigned char smem_bytes[];
   auto& smem = *reinterpret_cast<SharedStorage<Element, kHeadDim>*>(smem_bytes);
-  if (threadIdx.x == 0) {
-    prefetch_tensor_maps(k_map, use_tma, q_map, query_tma);
-    init_pipeline_barriers(smem, use_tma, query_tma, kMathThreads / 32);
-  }
-  __syncthreads();
+  start_pipeline(smem, k_map, use_tma, q_map, query_tma, kMathThreads / 32);
 
   const int32_t* piece =
       params.tile_scheduler_metadata + static_cast<int64_t>(blockIdx.x) * kMetadataInts;

@@ -151,6 +151,19 @@ __device__ __forceinline__ void prefetch_tensor_maps(const CUtensorMap& k_map, b
   if (query_tma) cute::prefetch_tma_descriptor(&q_map);
 }
 
+// A CTA's start, called by every thread of both sm90 kernels: thread 0 fetches the tensor maps
+// and initializes the barriers, and no thread goes on before they are initialized.
+template <typename Storage>
+__device__ __forceinline__ void start_pipeline(Storage& smem, const CUtensorMap& k_map,
+                                               bool use_tma, const CUtensorMap& q_map,
+                                               bool query_tma, uint32_t math_warps) {
+  if (threadIdx.x == 0) {
+    prefetch_tensor_maps(k_map, use_tma, q_map, query_tma);
+    init_pipeline_barriers(smem, use_tma, query_tma, math_warps);
+  }
+  __syncthreads();
+}
+
 // C (+)= A B, issued by one warpgroup, waited for.
 template <bool kZeroInit, typename TiledMma, typename FragA, typename FragB, typename FragC>
 __device__ __forceinline__ void warpgroup_gemm(TiledMma& mma, const FragA& a, const FragB& b,
