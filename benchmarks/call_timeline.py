@@ -14,7 +14,6 @@ CUDA-graph replays, whose idle time between kernels is about a microsecond a lau
 import collections
 import statistics
 import sys
-import tempfile
 import time
 
 import jax
@@ -22,7 +21,7 @@ import numpy as np
 
 import jax_flash_mla
 from jax_flash_mla.benchmark import build_case, make_many_calls
-from jax_flash_mla.device_timing import gpu_kernel_events
+from jax_flash_mla.device_timing import traced_kernel_events
 
 ROWS = [(1, 16, 4096), (1, 128, 4096), (64, 16, 4096), (64, 64, 4096), (128, 128, 4096)]
 CALLS = 20
@@ -49,10 +48,7 @@ def profile_row(rng, b, h_q, s_k):
         start = time.perf_counter()
         jax.block_until_ready(fn(*args))
         walls.append(time.perf_counter() - start)
-    with tempfile.TemporaryDirectory() as trace_dir:
-        with jax.profiler.trace(trace_dir):
-            jax.block_until_ready(fn(*args))
-        kernels = gpu_kernel_events(trace_dir)
+    kernels = traced_kernel_events(fn, args, 1)
     durations = collections.defaultdict(list)
     for name, begin, end in kernels:
         durations[short_name(name)].append((end - begin) / 1e3)

@@ -51,9 +51,9 @@ def spans_per_call(events, runs: int, calls: int) -> list[float]:
             for i in range(runs)]
 
 
-def device_time_per_call(fn, args, calls: int, repeats: int) -> float:
-    """Seconds per call on the GPU: median over `repeats` traced runs (after a warm-up) of a
-    run's kernel span over `calls`."""
+def traced_kernel_events(fn, args, runs: int) -> list[tuple[str, float, float]]:
+    """kernel_events of `runs` runs of fn(*args) inside one profiler trace (host and Python
+    tracing off), after a warm-up of two runs."""
     jax.block_until_ready(fn(*args))
     jax.block_until_ready(fn(*args))
     options = jax.profiler.ProfileOptions()
@@ -62,9 +62,14 @@ def device_time_per_call(fn, args, calls: int, repeats: int) -> float:
     with tempfile.TemporaryDirectory() as trace_dir:
         jax.profiler.start_trace(trace_dir, profiler_options=options)
         try:
-            for _ in range(repeats):
+            for _ in range(runs):
                 jax.block_until_ready(fn(*args))
         finally:
             jax.profiler.stop_trace()
-        events = gpu_kernel_events(trace_dir)
-    return statistics.median(spans_per_call(events, repeats, calls))
+        return gpu_kernel_events(trace_dir)
+
+
+def device_time_per_call(fn, args, calls: int, repeats: int) -> float:
+    """Seconds per call on the GPU: median over `repeats` traced runs of a run's kernel span
+    over `calls`."""
+    return statistics.median(spans_per_call(traced_kernel_events(fn, args, repeats), repeats, calls))
