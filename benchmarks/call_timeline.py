@@ -29,7 +29,8 @@ PAGE = 64
 
 
 def short_name(name):
-    for key in ("split_kv_decode_wgmma", "split_kv_decode_narrow", "split_kv_decode", "combine",
+    for key in ("split_kv_decode_seesaw", "split_kv_decode_wgmma", "split_kv_decode_narrow",
+                "split_kv_decode", "combine",
                 "tile_schedule"):
         if key in name:
             return key

@@ -73,7 +73,7 @@ step_devicetest() {
 
 # Fast correctness pass for kernel iterations: the FlashMLA shape grid only.
 step_quicktest() {
-  run_pytest pytest_quick.log "${TEST_TIMEOUT:-300}" 15 -m gpu -k flashmla_grid
+  run_pytest pytest_quick.log "${TEST_TIMEOUT:-300}" 15 -m gpu -k "${QUICK_TESTS:-flashmla_grid}"
 }
 
 step_quickbench() {

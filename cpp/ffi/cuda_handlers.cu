@@ -22,10 +22,13 @@ ffi::Error cuda_error(const char* what, cudaError_t err) {
 
 // JAX_FLASH_MLA_KERNEL selects the split-KV kernel, for comparisons: "simple" is the first
 // (CUDA-core) kernel, "cpasync" the tensor-core kernels with their cp.async key gather and
-// query rows for every shape, "wide" the 64-row tensor-core kernel for every head count; unset,
-// the tensor-core kernels copy with TMA where they can and at most kNarrowMaxRows query rows per
-// KV head go to the narrow kernel. Read once per process.
-enum class KernelChoice { kSimple, kCpAsync, kWide, kTma };
+// query rows for every shape, "wide" the 64-row tensor-core kernel for every head count,
+// "seesaw" the seesaw schedule (decode_seesaw_kernel.cu) where it applies (d = 576, TMA key
+// tiles, more than kNarrowMaxRows rows); unset, the tensor-core kernels copy with TMA where
+// they can and at most kNarrowMaxRows query rows per KV head go to the narrow kernel, more to
+// the 64-row one. (The seesaw kernel is not the default: not yet faster end to end,
+// benchmarks/NOTES.md v15.) Read once per process.
+enum class KernelChoice { kSimple, kCpAsync, kWide, kSeesaw, kTma };
 
 KernelChoice kernel_choice() {
   static const KernelChoice choice = [] {
@@ -33,6 +36,7 @@ KernelChoice kernel_choice() {
     if (name != nullptr && std::string(name) == "simple") return KernelChoice::kSimple;
     if (name != nullptr && std::string(name) == "cpasync") return KernelChoice::kCpAsync;
     if (name != nullptr && std::string(name) == "wide") return KernelChoice::kWide;
+    if (name != nullptr && std::string(name) == "seesaw") return KernelChoice::kSeesaw;
     return KernelChoice::kTma;
   }();
   return choice;
@@ -76,7 +80,8 @@ ffi::Error DecodeImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k_ca
   else if (choice != KernelChoice::kWide && params.rows_per_kv <= kNarrowMaxRows)
     err = launch_split_kv_decode_narrow(params, allow_tma, stream);
   else
-    err = launch_split_kv_decode_wgmma(params, allow_tma, stream);
+    err = launch_split_kv_decode_wgmma(params, allow_tma, choice == KernelChoice::kSeesaw,
+                                       stream);
   if (err != cudaSuccess) return cuda_error("split-KV decode kernel", err);
   err = launch_combine(params, stream);
   if (err != cudaSuccess) return cuda_error("combine kernel", err);

@@ -293,7 +293,7 @@ __global__ void __launch_bounds__(kThreads, 1)
                                                       smem, ring, q_phase, trace);
     });
   }
-  trace.print();
+  trace.publish();
 }
 
 template <typename Element, int kHeadDim, int kRows>
@@ -309,6 +309,7 @@ cudaError_t launch_instance(const DecodeParams& params, const CUtensorMap& k_map
   });
   if (err != cudaSuccess) return err;
   kernel<<<grid, kThreads, smem_size, stream>>>(params, k_map, use_tma, q_map, query_tma);
+  launch_trace_print(stream);
   return cudaGetLastError();
 }
 

@@ -3,8 +3,8 @@
 //
 // Compiled in only with -DJAX_FLASH_MLA_TRACE (CMake: -DJAX_FLASH_MLA_TRACE=ON); otherwise
 // every call below is empty and the kernels are unchanged. When on, the leader thread of each
-// warpgroup of CTAs (x < kTraceCtas, 0, 0) records (event, tile, clock64) in global memory and
-// prints its records at the kernel's end, one line each:
+// warpgroup of CTAs (x < kTraceCtas, 0, 0) records (event, tile, clock64) in global memory, and
+// a one-thread kernel launched after the traced one prints the records, one line each:
 //     TRACE <cta> <warpgroup> <index> <event> <tile> <clock>
 // benchmarks/trace_tiles.py runs a few shapes and turns the lines into per-step durations.
 // clock64 counts SM cycles, so times compare only within a CTA (one SM).
@@ -34,6 +34,8 @@ enum TraceEvent : int {
   kTraceKeysIssued = 11,    // producer: the tile's copies are issued
   kTraceQueryFree = 12,     // producer: the query buffer's "empty" wait returned
   kTraceQueryIssued = 13,   // producer: the query rows' copies are issued
+  kTraceHandoffIn = 14,     // math (seesaw): a wait on the other math warpgroup returned
+  kTraceRestLanded = 15,    // math (seesaw): the tile's second column group landed
 };
 
 constexpr int kTraceCtas = 2;
@@ -47,7 +49,9 @@ struct TraceRecord {
   int tile;
 };
 
-__device__ TraceRecord g_trace_records[kTraceCtas][kTraceWarpgroups][kTraceEvents];
+// Per translation unit (static): each kernel file records and prints its own launches.
+static __device__ TraceRecord g_trace_records[kTraceCtas][kTraceWarpgroups][kTraceEvents];
+static __device__ int g_trace_counts[kTraceCtas][kTraceWarpgroups];
 
 class WarpgroupTrace {
  public:
@@ -59,12 +63,11 @@ class WarpgroupTrace {
     if (on_ && count_ < kTraceEvents)
       g_trace_records[blockIdx.x][warpgroup_][count_++] = {clock64(), event, tile};
   }
-  __device__ void print() const {
-    if (!on_) return;
-    for (int i = 0; i < count_; ++i) {
-      const TraceRecord& r = g_trace_records[blockIdx.x][warpgroup_][i];
-      printf("TRACE %d %d %d %d %d %lld\n", blockIdx.x, warpgroup_, i, r.event, r.tile, r.clock);
-    }
+  // At the kernel's end: how many records there are. The printing is another kernel's
+  // (print_trace_records): a printf call inside the traced kernel made ptxas serialize every
+  // wgmma in it (C7510, "pipeline crossing function boundary"), skewing the timings.
+  __device__ void publish() const {
+    if (on_) g_trace_counts[blockIdx.x][warpgroup_] = count_;
   }
 
  private:
@@ -72,6 +75,21 @@ class WarpgroupTrace {
   bool on_;
   int count_ = 0;
 };
+
+static __global__ void print_trace_records() {
+  for (int cta = 0; cta < kTraceCtas; ++cta) {
+    for (int wg = 0; wg < kTraceWarpgroups; ++wg) {
+      for (int i = 0; i < g_trace_counts[cta][wg]; ++i) {
+        const TraceRecord& r = g_trace_records[cta][wg][i];
+        printf("TRACE %d %d %d %d %d %lld\n", cta, wg, i, r.event, r.tile, r.clock);
+      }
+      g_trace_counts[cta][wg] = 0;
+    }
+  }
+}
+
+// After each launch of a traced kernel, on its stream.
+inline void launch_trace_print(cudaStream_t stream) { print_trace_records<<<1, 1, 0, stream>>>(); }
 
 // The device's printf buffer holds a launch's records (1 MiB by default does not). Host side,
 // before the kernel's first launch; a later call fails once a printing kernel has run, and that
@@ -84,8 +102,9 @@ inline void prepare_trace_output() {
 class WarpgroupTrace {
  public:
   __device__ void mark(int, int) {}
-  __device__ void print() const {}
+  __device__ void publish() const {}
 };
+inline void launch_trace_print(cudaStream_t) {}
 inline void prepare_trace_output() {}
 #endif
 

@@ -253,26 +253,45 @@ __device__ __forceinline__ TmaTileLookup lookup_tile_tma(const DecodeParams& p, 
   return lookup;
 }
 
+// Which keys of a tile exist, for the math warpgroups' masks: written by the loading warp,
+// published by its lane 0's next (release) arrival on the stage's "full" barrier.
+__device__ __forceinline__ void publish_key_valid(const TmaTileLookup& lookup, uint8_t* key_valid) {
+  const int lane = threadIdx.x % 32;
+  CUTE_UNROLL
+  for (int i = 0; i < kBlockN / 32; ++i) key_valid[lane + 32 * i] = lookup.key_valid[i];
+  __syncwarp();
+}
+
+// Columns [kBegin, kEnd) of a tile's keys (multiples of 64), by one producer warp: one box per
+// (page run, 64 columns), all completing on `full`, which expects their bytes.
+template <typename Element, int kBegin, int kEnd, typename SmemTensor>
+__device__ __forceinline__ void load_columns_tma(const DecodeParams& p, const CUtensorMap& k_map,
+                                                 const TmaTileLookup& lookup, int kv_head,
+                                                 uint64_t* full, SmemTensor& s_k) {
+  static_assert(kBegin % 64 == 0 && kEnd % 64 == 0 && kBegin < kEnd, "64-column boxes");
+  const int lane = threadIdx.x % 32;
+  constexpr uint32_t kBytes = kBlockN * (kEnd - kBegin) * sizeof(Element);
+  if (lane == 0) cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(full, kBytes);
+  __syncwarp();
+  // tokens_per_box >= 8, so a lane has at most one box row: 64 / tokens_per_box lanes do.
+  const int first = lane * tma_tokens_per_box(p.page_block_size);
+  if (first < kBlockN) {
+    // Not unrolled: the producer runs on few registers (setmaxnreg), and one copy per 64
+    // columns keeps a loop's overhead negligible.
+#pragma unroll 1
+    for (int column = kBegin; column < kEnd; column += 64)
+      SM90_TMA_LOAD_3D::copy(&k_map, full, static_cast<uint64_t>(TMA::CacheHintSm90::EVICT_NORMAL),
+                             &s_k(first, column), column, kv_head, lookup.slot);
+  }
+}
+
 template <typename Element, int kHeadDim, typename SmemTensor>
 __device__ __forceinline__ void load_tile_tma(const DecodeParams& p, const CUtensorMap& k_map,
                                               const TmaTileLookup& lookup, int kv_head,
                                               uint8_t* key_valid, uint64_t* full,
                                               SmemTensor& s_k) {
-  const int lane = threadIdx.x % 32;
-  CUTE_UNROLL
-  for (int i = 0; i < kBlockN / 32; ++i) key_valid[lane + 32 * i] = lookup.key_valid[i];
-  __syncwarp();  // the flags are published by lane 0's (release) arrival
-  constexpr uint32_t kTileBytes = kBlockN * kHeadDim * sizeof(Element);
-  if (lane == 0) cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(full, kTileBytes);
-  __syncwarp();
-  // tokens_per_box >= 8, so a lane has at most one box row: 64 / tokens_per_box lanes do.
-  const int first = lane * tma_tokens_per_box(p.page_block_size);
-  if (first < kBlockN) {
-    CUTE_UNROLL
-    for (int column = 0; column < kHeadDim; column += 64)
-      SM90_TMA_LOAD_3D::copy(&k_map, full, static_cast<uint64_t>(TMA::CacheHintSm90::EVICT_NORMAL),
-                             &s_k(first, column), column, kv_head, lookup.slot);
-  }
+  publish_key_valid(lookup, key_valid);
+  load_columns_tma<Element, 0, kHeadDim>(p, k_map, lookup, kv_head, full, s_k);
 }
 
 // The math side's half of the masking contract: zeroes the value columns of keys
@@ -348,6 +367,28 @@ __device__ __forceinline__ void load_query_rows_tma(const DecodeParams& p,
                            &s_q(0, column), column, head, kv_head, token, seg.batch_idx);
 }
 
+// A segment's query rows, once every math warp is done with the previous ones: by TMA from
+// producer thread 0 (query_tma), else by cp.async from every producer thread. `Storage` has
+// q, q_full and q_empty as PipelineStorage does.
+template <typename Element, int kHeadDim, int kQueryRows, typename Storage>
+__device__ __forceinline__ void stage_query_rows(const DecodeParams& p, const CUtensorMap& q_map,
+                                                 bool query_tma, const Segment& seg, int kv_head,
+                                                 int row_base, Storage& smem, uint32_t q_phase,
+                                                 WarpgroupTrace& trace) {
+  using L = TileLayouts<Element, kHeadDim, kQueryRows>;
+  Barrier::wait(&smem.q_empty, q_phase ^ 1);
+  trace.mark(kTraceQueryFree, -1);
+  Tensor s_q = make_tensor(make_smem_ptr(smem.q), typename L::Q{});
+  if (query_tma) {
+    load_query_rows_tma<Element, kHeadDim, kQueryRows>(p, q_map, seg, kv_head, row_base,
+                                                       &smem.q_full, s_q);
+  } else {
+    load_query_rows<kHeadDim, kQueryRows>(p, seg, kv_head, row_base, s_q, threadIdx.x);
+    arrive_when_copies_land(&smem.q_full);
+  }
+  trace.mark(kTraceQueryIssued, -1);
+}
+
 // The producer warpgroup: for each segment, its query rows (once the math warpgroups are done
 // with the previous ones), then its key tiles, each as soon as a stage frees.
 template <typename Element, int kHeadDim, int kQueryRows>
@@ -392,19 +433,9 @@ __device__ void produce_segment(const DecodeParams& p, const CUtensorMap& k_map,
   // segment's next-to-last tile is done, the query buffer only after its last tile's scores,
   // so the new segment's first keys are in flight while the previous one finishes.
   if (loads_keys) load_keys(0);
-  if (loads_query) {
-    Barrier::wait(&smem.q_empty, q_phase ^ 1);
-    trace.mark(kTraceQueryFree, -1);
-    Tensor s_q = make_tensor(make_smem_ptr(smem.q), typename L::Q{});
-    if (query_tma) {
-      load_query_rows_tma<Element, kHeadDim, kQueryRows>(p, q_map, seg, kv_head, row_base,
-                                                         &smem.q_full, s_q);
-    } else {
-      load_query_rows<kHeadDim, kQueryRows>(p, seg, kv_head, row_base, s_q, thread);
-      arrive_when_copies_land(&smem.q_full);
-    }
-    trace.mark(kTraceQueryIssued, -1);
-  }
+  if (loads_query)
+    stage_query_rows<Element, kHeadDim, kQueryRows>(p, q_map, query_tma, seg, kv_head, row_base,
+                                                    smem, q_phase, trace);
   q_phase ^= 1;  // by every producer thread, so that the phases agree whichever path stages
   if (!loads_keys) return;
   for (int tile = 1; tile < num_tiles; ++tile) load_keys(tile);

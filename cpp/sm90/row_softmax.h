@@ -11,6 +11,20 @@ namespace sm90 {
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 
+// Which of a thread's two accumulator rows element i of a wgmma C fragment is on; a
+// compile-time function of i, so per-row arrays stay in registers.
+__host__ __device__ constexpr int row_half(int i) { return (i / 2) % 2; }
+
+__device__ __forceinline__ float quad_max(float x) {
+  x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
+  return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
+}
+
+__device__ __forceinline__ float quad_sum(float x) {
+  x += __shfl_xor_sync(0xffffffffu, x, 1);
+  return x + __shfl_xor_sync(0xffffffffu, x, 2);
+}
+
 // What a segment's row ends with: its weight for the output and its log-sum-exp (natural log).
 struct RowResult {
   bool saw_key;   // some key was visible to the row

@@ -4,7 +4,12 @@
 // (per-element index math once made an epilogue thousands of instructions long).
 #pragma once
 
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cutlass/numeric_types.h>
+
 #include <cmath>
+#include <type_traits>
 
 #include "../common/split_kv.h"
 #include "key_tile_pipeline.h"
@@ -50,6 +55,61 @@ struct SegmentOutput {
       p.lse_accum[accum_row_index(p, seg.slot, kv_head, row)] = r.saw_key ? r.lse : -INFINITY;
   }
 };
+
+// A thread's output: its two rows (row_half) of a 64 x 256 wgmma C fragment, scaled by
+// 1 / denominator. In the C layout a quad of threads holds 8 consecutive columns of a row per
+// group j of 4 elements (thread q of the quad: columns 8j + 2q, 8j + 2q + 1), so a store of
+// each thread's pairs writes 8 rows x 32 bytes per warp instruction, 64 instructions a thread.
+// Two shuffles within the quad first give thread q the 4 consecutive columns 16k + 4q.. of
+// groups 2k and 2k + 1 (round 1: quad lanes 0, 2, 1, 3 send to 0, 1, 2, 3, the even ones their
+// group 2k pair, the odd ones their 2k + 1 pair; round 2: lanes 1, 3, 0, 2, the odd ones 2k,
+// the even ones 2k + 1): 32 stores of 16 bytes (float partials) or 8 (bf16/fp16 output).
+template <typename Element, typename Accumulator>
+__device__ __forceinline__ void store_output_rows(const Accumulator& acc_o,
+                                                 const RowResult (&result)[2],
+                                                 const RowDestination<Element> (&destination)[2],
+                                                 bool only_split, int column_base) {
+  const int q = threadIdx.x % 4;
+  const int lane_base = threadIdx.x % 32 - q;
+  const int source1 = lane_base + (q == 0 ? 0 : q == 1 ? 2 : q == 2 ? 1 : 3);
+  const int source2 = lane_base + (q == 0 ? 1 : q == 1 ? 3 : q == 2 ? 0 : 2);
+  const bool sends_first_group_in_round1 = q % 2 == 0;
+  constexpr int kGroups = decltype(size(acc_o))::value / 4;  // 8-column groups of a row
+  CUTE_UNROLL
+  for (int k = 0; k < kGroups / 2; ++k) {
+    CUTE_UNROLL
+    for (int h = 0; h < 2; ++h) {
+      // This thread's pairs of groups 2k and 2k + 1 in row half h: elements 4j + 2h, + 1.
+      const int first = 4 * (2 * k) + 2 * h;
+      const int second = 4 * (2 * k + 1) + 2 * h;
+      const float send1_x = sends_first_group_in_round1 ? acc_o(first) : acc_o(second);
+      const float send1_y = sends_first_group_in_round1 ? acc_o(first + 1) : acc_o(second + 1);
+      const float send2_x = sends_first_group_in_round1 ? acc_o(second) : acc_o(first);
+      const float send2_y = sends_first_group_in_round1 ? acc_o(second + 1) : acc_o(first + 1);
+      const float r1x = __shfl_sync(0xffffffffu, send1_x, source1);
+      const float r1y = __shfl_sync(0xffffffffu, send1_y, source1);
+      const float r2x = __shfl_sync(0xffffffffu, send2_x, source2);
+      const float r2y = __shfl_sync(0xffffffffu, send2_y, source2);
+      if (!destination[h].live) continue;
+      const float scale = result[h].inv_sum;
+      const float4 v = q < 2 ? make_float4(r1x, r1y, r2x, r2y) : make_float4(r2x, r2y, r1x, r1y);
+      const int column = column_base + 16 * k + 4 * q;
+      if (only_split) {
+        using Pair = std::conditional_t<std::is_same_v<Element, cutlass::bfloat16_t>,
+                                        __nv_bfloat162, __half2>;
+        alignas(8) Pair pairs[2];
+        reinterpret_cast<Element*>(pairs)[0] = static_cast<Element>(v.x * scale);
+        reinterpret_cast<Element*>(pairs)[1] = static_cast<Element>(v.y * scale);
+        reinterpret_cast<Element*>(pairs)[2] = static_cast<Element>(v.z * scale);
+        reinterpret_cast<Element*>(pairs)[3] = static_cast<Element>(v.w * scale);
+        *reinterpret_cast<uint2*>(destination[h].out + column) = *reinterpret_cast<uint2*>(pairs);
+      } else {
+        *reinterpret_cast<float4*>(destination[h].partial + column) =
+            make_float4(v.x * scale, v.y * scale, v.z * scale, v.w * scale);
+      }
+    }
+  }
+}
 
 }  // namespace sm90
 }  // namespace jax_flash_mla
