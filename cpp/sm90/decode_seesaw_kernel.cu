@@ -25,6 +25,9 @@
 // stage 0 group 1, stage 1 group 0), and each warpgroup's next S starts with the group that
 // freed first: A with [0, 256) of stage 0, B with [256, 576) of stage 1.
 //
+// Opt-in (JAX_FLASH_MLA_KERNEL=seesaw): its traced CTAs run 2.10 us a tile against the
+// lockstep kernel's 2.47, but the kernel as a whole is not yet faster (benchmarks/NOTES.md v15).
+//
 // Masking is the 64-row kernel's (key_valid per key, key limit per row); keys past the
 // segment inside a valid TMA box are zeroed, value columns [0, 512), by the warpgroup that
 // scored their tile, after its S and before any P V reads them.
