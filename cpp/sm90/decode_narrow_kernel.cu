@@ -300,17 +300,9 @@ template <typename Element, int kHeadDim, int kRows>
 cudaError_t launch_instance(const DecodeParams& params, const CUtensorMap& k_map, bool use_tma,
                             const CUtensorMap& q_map, bool query_tma, dim3 grid,
                             cudaStream_t stream) {
-  constexpr size_t smem_size = sizeof(NarrowStorage<Element, kHeadDim, kRows>);
-  static_assert(smem_size <= 227 * 1024, "over the 227 KiB a Hopper CTA may use");
-  const auto kernel = split_kv_decode_narrow_kernel<Element, kHeadDim, kRows>;
-  const cudaError_t err = once_per_device([&] {
-    prepare_trace_output();
-    return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_size);
-  });
-  if (err != cudaSuccess) return err;
-  kernel<<<grid, kThreads, smem_size, stream>>>(params, k_map, use_tma, q_map, query_tma);
-  launch_trace_print(stream);
-  return cudaGetLastError();
+  return launch_decode_kernel<split_kv_decode_narrow_kernel<Element, kHeadDim, kRows>,
+                              sizeof(NarrowStorage<Element, kHeadDim, kRows>)>(
+      grid, kThreads, stream, params, k_map, use_tma, q_map, query_tma);
 }
 
 template <typename Element, int kRows>

@@ -330,6 +330,15 @@ __device__ void attend_segment(const DecodeParams& p, const Segment& seg, int kv
                        typename L::P{});
   };
 
+  // O half += P V half with the P of `stage`'s tile from its buffer (P0 over stage 0's rope,
+  // P1 its own), issued and committed, not waited for.
+  const auto issue_values_shared_p = [&](int s) {
+    Tensor frag_p = thr_shared.partition_fragment_A(p_buffer(s));
+    Tensor frag_v = thr_shared.partition_fragment_B(value_half(s));
+    warpgroup_fence_operand(acc_o);
+    issue_steps<0, kBlockN / 16>(mma_shared, frag_p, frag_v, acc_o);
+  };
+
   const int my_row[2] = {(wg_thread / 32) * 16 + (wg_thread % 32) / 4,
                          (wg_thread / 32) * 16 + (wg_thread % 32) / 4 + 8};
   const int seqlen = clamped_seqlen(p, seg.batch_idx);
@@ -395,12 +404,7 @@ __device__ void attend_segment(const DecodeParams& p, const Segment& seg, int kv
       // P0 and any zeroed value rows (generic proxy) must be visible to the wgmmas (async).
       cutlass::arch::fence_view_async_shared();
       named_barrier_sync(kOwnP0Stored, 128);  // every warp's part of P0
-      {
-        Tensor frag_p0 = thr_shared.partition_fragment_A(p_buffer(0));
-        Tensor frag_v0 = thr_shared.partition_fragment_B(value_half(0));
-        warpgroup_fence_operand(acc_o);
-        issue_steps<0, kBlockN / 16>(mma_shared, frag_p0, frag_v0, acc_o);
-      }
+      issue_values_shared_p(0);
       // B's scale1, then P0 scale1 for B once P0 V0_L is done with stage 0's first group.
       trace.mark(kTraceValuesDone, -1);  // P0 V0_L issued
       named_barrier_sync(kScale1Ready, kMathThreads);
@@ -421,10 +425,7 @@ __device__ void attend_segment(const DecodeParams& p, const Segment& seg, int kv
         // O_L += P1 V1_L, P1 from B's buffer.
         named_barrier_sync(kP1Ready, kMathThreads);
         trace.mark(kTraceHandoffIn, first + 1);
-        Tensor frag_p1 = thr_shared.partition_fragment_A(p_buffer(1));
-        Tensor frag_v1 = thr_shared.partition_fragment_B(value_half(1));
-        warpgroup_fence_operand(acc_o);
-        issue_steps<0, kBlockN / 16>(mma_shared, frag_p1, frag_v1, acc_o);
+        issue_values_shared_p(1);
         warpgroup_wait<0>();
         warpgroup_fence_operand(acc_o);
         warp_release(&smem.k_empty[1][0]);
@@ -494,10 +495,7 @@ __device__ void attend_segment(const DecodeParams& p, const Segment& seg, int kv
       // O_R += (P0 scale1) V0_R, P0 from A.
       named_barrier_sync(kP0Ready, kMathThreads);
       trace.mark(kTraceHandoffIn, first);
-      Tensor frag_p0 = thr_shared.partition_fragment_A(p_buffer(0));
-      Tensor frag_v0 = thr_shared.partition_fragment_B(value_half(0));
-      warpgroup_fence_operand(acc_o);
-      issue_steps<0, kBlockN / 16>(mma_shared, frag_p0, frag_v0, acc_o);
+      issue_values_shared_p(0);
       warpgroup_wait<0>();
       warpgroup_fence_operand(acc_o);
       warp_release(&smem.k_empty[0][1]);
@@ -552,11 +550,7 @@ __global__ void __launch_bounds__(kThreads, 1)
                                   const __grid_constant__ CUtensorMap q_map, bool query_tma) {
   extern __shared__ __align__(1024) unsigned char smem_bytes[];
   auto& smem = *reinterpret_cast<SharedStorage<Element>*>(smem_bytes);
-  if (threadIdx.x == 0) {
-    prefetch_tensor_maps(k_map, true, q_map, query_tma);
-    init_barriers(smem, query_tma);
-  }
-  __syncthreads();
+  start_pipeline(k_map, true, q_map, query_tma, [&] { init_barriers(smem, query_tma); });
 
   const int32_t* piece =
       params.tile_scheduler_metadata + static_cast<int64_t>(blockIdx.x) * kMetadataInts;
@@ -586,17 +580,9 @@ template <typename Element>
 cudaError_t launch_instance(const DecodeParams& params, const CUtensorMap& k_map,
                             const CUtensorMap& q_map, bool query_tma, dim3 grid,
                             cudaStream_t stream) {
-  constexpr size_t smem_size = sizeof(SharedStorage<Element>);
-  static_assert(smem_size <= 227 * 1024, "over the 227 KiB a Hopper CTA may use");
-  const auto kernel = split_kv_decode_seesaw_kernel<Element>;
-  const cudaError_t err = once_per_device([&] {
-    prepare_trace_output();
-    return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_size);
-  });
-  if (err != cudaSuccess) return err;
-  kernel<<<grid, kThreads, smem_size, stream>>>(params, k_map, q_map, query_tma);
-  launch_trace_print(stream);
-  return cudaGetLastError();
+  return launch_decode_kernel<split_kv_decode_seesaw_kernel<Element>,
+                              sizeof(SharedStorage<Element>)>(grid, kThreads, stream, params,
+                                                               k_map, q_map, query_tma);
 }
 
 }  // namespace

@@ -74,8 +74,6 @@ constexpr int kMathBarrier = kProducerBarrier + 1;
 
 // kHeadDim (576 or 512) is a template parameter so that every k-loop over it unrolls: a
 // run-time trip count made ptxas serialize the wgmma chain (warning C7515).
-// kHeadDim (576 or 512) is a template parameter so that every k-loop over it unrolls: a
-// run-time trip count made ptxas serialize the wgmma chain (warning C7515).
 template <typename Element, int kHeadDim>
 struct Layouts : TileLayouts<Element, kHeadDim, kBlockM> {
   using Atom = GMMA::Layout_K_SW128_Atom<Element>;
@@ -374,20 +372,12 @@ template <typename Element, int kHeadDim>
 cudaError_t launch_instance(const DecodeParams& params, const CUtensorMap& k_map, bool use_tma,
                             const CUtensorMap& q_map, bool query_tma, dim3 grid,
                             cudaStream_t stream) {
-  constexpr size_t smem_size = sizeof(SharedStorage<Element, kHeadDim>);
-  static_assert(smem_size <= 227 * 1024, "over the 227 KiB a Hopper CTA may use");
   static_assert(cosize_v<typename Layouts<Element, kHeadDim>::P> * sizeof(Element) ==
                     kPartialFloats * sizeof(float),
                 "P and one warpgroup's partial scores share a buffer");
-  const auto kernel = split_kv_decode_wgmma_kernel<Element, kHeadDim>;
-  const cudaError_t err = once_per_device([&] {
-    prepare_trace_output();
-    return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_size);
-  });
-  if (err != cudaSuccess) return err;
-  kernel<<<grid, kThreads, smem_size, stream>>>(params, k_map, use_tma, q_map, query_tma);
-  launch_trace_print(stream);
-  return cudaGetLastError();
+  return launch_decode_kernel<split_kv_decode_wgmma_kernel<Element, kHeadDim>,
+                              sizeof(SharedStorage<Element, kHeadDim>)>(
+      grid, kThreads, stream, params, k_map, use_tma, q_map, query_tma);
 }
 
 template <typename Element>

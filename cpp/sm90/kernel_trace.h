@@ -88,8 +88,11 @@ static __global__ void print_trace_records() {
   }
 }
 
-// After each launch of a traced kernel, on its stream.
-inline void launch_trace_print(cudaStream_t stream) { print_trace_records<<<1, 1, 0, stream>>>(); }
+// After each launch of a traced kernel, on its stream. Static like the records: each
+// translation unit launches its own printer.
+static inline void launch_trace_print(cudaStream_t stream) {
+  print_trace_records<<<1, 1, 0, stream>>>();
+}
 
 // The device's printf buffer holds a launch's records (1 MiB by default does not). Host side,
 // before the kernel's first launch; a later call fails once a printing kernel has run, and that
@@ -104,7 +107,7 @@ class WarpgroupTrace {
   __device__ void mark(int, int) {}
   __device__ void publish() const {}
 };
-inline void launch_trace_print(cudaStream_t) {}
+static inline void launch_trace_print(cudaStream_t) {}
 inline void prepare_trace_output() {}
 #endif
 

@@ -151,17 +151,27 @@ __device__ __forceinline__ void prefetch_tensor_maps(const CUtensorMap& k_map, b
   if (query_tma) cute::prefetch_tma_descriptor(&q_map);
 }
 
-// A CTA's start, called by every thread of both sm90 kernels: thread 0 fetches the tensor maps
-// and initializes the barriers, and no thread goes on before they are initialized.
+// A CTA's start, called by every thread of the sm90 kernels: thread 0 fetches the tensor maps
+// and initializes the barriers (`init_barriers()`), and no thread goes on before they are
+// initialized.
+template <typename InitBarriers>
+__device__ __forceinline__ void start_pipeline(const CUtensorMap& k_map, bool use_tma,
+                                               const CUtensorMap& q_map, bool query_tma,
+                                               InitBarriers&& init_barriers) {
+  if (threadIdx.x == 0) {
+    prefetch_tensor_maps(k_map, use_tma, q_map, query_tma);
+    init_barriers();
+  }
+  __syncthreads();
+}
+
+// The same with PipelineStorage's barriers.
 template <typename Storage>
 __device__ __forceinline__ void start_pipeline(Storage& smem, const CUtensorMap& k_map,
                                                bool use_tma, const CUtensorMap& q_map,
                                                bool query_tma, uint32_t math_warps) {
-  if (threadIdx.x == 0) {
-    prefetch_tensor_maps(k_map, use_tma, q_map, query_tma);
-    init_pipeline_barriers(smem, use_tma, query_tma, math_warps);
-  }
-  __syncthreads();
+  start_pipeline(k_map, use_tma, q_map, query_tma,
+                 [&] { init_pipeline_barriers(smem, use_tma, query_tma, math_warps); });
 }
 
 // C (+)= A B, issued by one warpgroup, waited for.
