@@ -25,7 +25,7 @@ EVENTS = {
     10: "stage free", 11: "keys issued", 12: "query free", 13: "query issued",
     14: "handoff in", 15: "rest landed",
 }
-KEYS_LANDED, KEYS_ISSUED = 2, 11
+KEYS_LANDED, SCORES_DONE, KEYS_ISSUED = 2, 3, 11
 
 
 def last_launch(lines):
@@ -52,8 +52,14 @@ def summarize(path, clock_ghz):
     for cta in sorted({c for c, _ in records}):
         start = min(r[0][2] for (c, _), r in records.items() if c == cta)
         end = max(r[-1][2] for (c, _), r in records.items() if c == cta)
+        # Warpgroup 0 is a producer in the kernels that have one (the seesaw kernel has none:
+        # its two math warpgroups issue the copies and score alternate tiles).
+        has_producer = not any(e == SCORES_DONE for e, _, _ in records.get((cta, 0), []))
         landed = [r for (c, w), r in records.items() if c == cta and w == 1]
         tiles = sum(1 for e, _, _ in (landed[0] if landed else []) if e == KEYS_LANDED)
+        if not tiles:  # the seesaw kernel: each tile scored once, by one math warpgroup
+            tiles = sum(1 for (c, _), r in records.items() if c == cta
+                        for e, _, _ in r if e == SCORES_DONE)
         print(f"{path}: CTA {cta}: {tiles} tiles, {end - start} cycles ({us(end - start):.1f} us"
               f" at {clock_ghz} GHz), {us(end - start) / max(tiles, 1):.2f} us a tile")
         for wg in sorted(w for c, w in records if c == cta):
@@ -61,7 +67,7 @@ def summarize(path, clock_ghz):
             events = records[(cta, wg)]
             for (e0, _, c0), (e1, _, c1) in zip(events, events[1:]):
                 steps[(e0, e1)].append(c1 - c0)
-            role = "producer" if wg == 0 else f"math {wg - 1}"
+            role = ("producer" if wg == 0 else f"math {wg - 1}") if has_producer else f"math {wg}"
             print(f"  warpgroup {wg} ({role}): step, count, median cycles (us), total share")
             total = events[-1][2] - events[0][2] or 1
             for (e0, e1), d in sorted(steps.items(), key=lambda kv: -sum(kv[1])):
@@ -72,6 +78,8 @@ def summarize(path, clock_ghz):
         if landed and issued:
             arrivals = [c for e, _, c in landed[0] if e == KEYS_LANDED]
             latency = [a - i for i, a in zip(issued, arrivals)]
+            if not latency:  # no "keys landed" marks (the seesaw kernel's pieces)
+                continue
             print(f"  keys issued -> math 0's wait returned: median {statistics.median(latency):.0f}"
                   f" cycles ({us(statistics.median(latency)):.2f} us), min {min(latency)},"
                   f" max {max(latency)}")

@@ -24,10 +24,10 @@ ffi::Error cuda_error(const char* what, cudaError_t err) {
 // (CUDA-core) kernel, "cpasync" the tensor-core kernels with their cp.async key gather and
 // query rows for every shape, "wide" the 64-row tensor-core kernel for every head count,
 // "seesaw" the seesaw schedule (decode_seesaw_kernel.cu) where it applies (d = 576, TMA key
-// tiles, more than kNarrowMaxRows rows); unset, the tensor-core kernels copy with TMA where
-// they can and at most kNarrowMaxRows query rows per KV head go to the narrow kernel, more to
-// the 64-row one. (The seesaw kernel is not the default: not yet faster end to end,
-// benchmarks/NOTES.md v15.) Read once per process.
+// tiles and query rows, more than kNarrowMaxRows rows); unset, the tensor-core kernels copy
+// with TMA where they can and at most kNarrowMaxRows query rows per KV head go to the narrow
+// kernel, more to the 64-row one. (The seesaw kernel is not the default: not yet faster end to
+// end, benchmarks/NOTES.md v16.) Read once per process.
 enum class KernelChoice { kSimple, kCpAsync, kWide, kSeesaw, kTma };
 
 KernelChoice kernel_choice() {

@@ -1,42 +1,44 @@
 // Split-KV MLA decode on Hopper tensor cores for more than 32 query rows per KV head, d = 576,
-// keys gathered by TMA: the "seesaw" schedule, in which each math warpgroup's softmax runs
-// while the other's wgmmas keep the tensor cores busy. (The 64-row kernel of
-// decode_wgmma_kernel.cu runs the two math warpgroups in lockstep, so the ~1 760 cycles of
+// keys and query rows gathered by TMA: the "seesaw" schedule, in which each math warpgroup's
+// softmax runs while the other's wgmmas keep the tensor cores busy. (The 64-row kernel of
+// decode_wgmma_kernel.cu runs its two math warpgroups in lockstep, so the ~1 760 cycles of
 // score exchange and softmax a tile leave the tensor cores idle: benchmarks/NOTES.md v14.)
 //
 // One CTA = (piece of the schedule, KV head, block of 64 query rows), 3 warpgroups: a producer
-// (query rows and key tiles, key_tile_pipeline.h) and math warpgroups A and B. A owns output
-// columns [0, 256) (O_L), B [256, 512) (O_R), 128 float registers a thread each. Tiles come in
-// pairs: tile 2j lands in stage 0, tile 2j + 1 in stage 1. Per pair, with m the running row max
-// (in log2 units), shared through shared memory:
-//   A: S0 = Q K0^T (all 576 columns), m0 = max(m, rowmax S0), scale0 = 2^(m - m0),
-//      P0 = 2^(S0 - m0), O_L = O_L scale0 + P0 V0_L (P0 from registers)
-//   B: S1 = Q K1^T, m1 = max(m0, rowmax S1), scale1 = 2^(m0 - m1), P1 = 2^(S1 - m1),
-//      O_R = O_R scale0 scale1 + P1 V1_R (P1 from registers), then O_R += (P0 scale1) V0_R
-//   A: O_L = O_L scale1 + P1 V1_L
-// so every tile's scores are computed once, by one warpgroup, and while A works out P0 the
-// tensor cores run B's S1, while B works out P1 they run A's P0 V0_L, and so on.
-// P0 scale1 goes to B over tile 0's rope columns (dead once S0 is done), P1 to A in a buffer of
-// its own. Each stage has two column groups, [0, 256) and [256, 576), each with its own "full"
-// and "empty" mbarrier: A is the last reader of stage 0's first group (P0 V0_L) and of stage
-// 1's first group (P1 V1_L), B of stage 1's second group (P1 V1_R) and of stage 0's second
-// (P0 V0_R, and P0 over the rope), and each group is refilled as soon as its last reader is
-// done. The producer refills in the order the groups free (stage 0 group 0, stage 1 group 1,
-// stage 0 group 1, stage 1 group 0), and each warpgroup's next S starts with the group that
-// freed first: A with [0, 256) of stage 0, B with [256, 576) of stage 1.
+// (key pieces and query rows by TMA, on 56 registers) and math warpgroups A and B (224). A
+// owns output columns [0, 256) (O_L), B [256, 512) (O_R), 128 float registers a thread each. Tiles come in pairs: tile 2j lands in
+// stage 0 and is scored by A, tile 2j + 1 in stage 1, scored by B. Per pair, with m the
+// running row max (log2 units) in shared memory and S0, S1 already computed:
+//   A: m0 = max(m, rowmax S0), scale0 = 2^(m - m0), P0 = 2^(S0 - m0),
+//      O_L = O_L scale0 + P0 V0_L (P0 from registers)
+//   B: m1 = max(m0, rowmax S1), scale1 = 2^(m0 - m1), P1 = 2^(S1 - m1),
+//      O_R = O_R scale0 scale1 + P1 V1_R (P1 from registers) + (P0 scale1) V0_R
+//   A: O_L = O_L scale1 + P1 V1_L, then the next pair's S0
+//   B: the next pair's S1
+// so B's softmax runs under A's P0 V0_L and A's next softmax under B's next S1. P0 scale1 goes
+// to B over stage 0's rope columns (dead once S0 is done), P1 to A in a buffer of its own.
 //
-// Opt-in (JAX_FLASH_MLA_KERNEL=seesaw): its traced CTAs run 2.10 us a tile against the
-// lockstep kernel's 2.47, but the kernel as a whole is not yet faster (benchmarks/NOTES.md v15).
+// Each stage's 576 columns are 9 pieces of 64, each with its own "full" mbarrier, so S starts
+// on the first piece to land, and two refill groups with their own "empty" mbarrier, released
+// by each group's last reader: pieces 0-3 (V_L) by A's P V, pieces 4-8 (V_R and the rope, P0's
+// buffer in stage 0) by B's. The producer refills them in the order they free (stage 0's 0-3
+// after P0 V0_L, stage 1's 4-8 after P1 V1_R, stage 0's 4-8 after P0 V0_R, stage 1's 0-3 after
+// P1 V1_L); A's S starts with pieces 0-3, B's with 4-8.
 //
-// Masking is the 64-row kernel's (key_valid per key, key limit per row); keys past the
-// segment inside a valid TMA box are zeroed, value columns [0, 512), by the warpgroup that
-// scored their tile, after its S and before any P V reads them.
+// Opt-in (JAX_FLASH_MLA_KERNEL=seesaw): correct and memcheck-clean, but not yet faster than
+// the lockstep kernel in the release build (benchmarks/NOTES.md v16).
+//
+// Masking as in the 64-row kernel (which keys exist, here a 64-bit mask a tile, and a key
+// limit per row); keys past the segment inside a valid TMA box are zeroed, value columns
+// [0, 512), by the warpgroup that scored their tile, after its S and before any P V reads
+// them.
 #include <cute/tensor.hpp>
 #include <cutlass/arch/barrier.h>
 #include <cutlass/arch/reg_reconfig.h>
 #include <cutlass/numeric_types.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "../common/split_kv.h"
 #include "kernels.h"
@@ -58,23 +60,29 @@ constexpr int kHeadDim = 576;
 constexpr int kMathWarpGroups = 2;
 constexpr int kMathThreads = 128 * kMathWarpGroups;
 constexpr int kThreads = kProducerThreads + kMathThreads;
-// setmaxnreg: 128 (168 - p) >= 256 (m - 168), i.e. p + 2m <= 504 (decode_wgmma_kernel.cu).
-constexpr uint32_t kProducerRegisters = 72;
-constexpr uint32_t kMathRegisters = 216;
-// Named barriers after the producer's: both math warpgroups; then the seesaw's handoffs, each
+// setmaxnreg: 128 (168 - p) >= 256 (m - 168), i.e. p + 2m <= 504. The producer only waits,
+// looks up pages and issues copies; the math warpgroups hold O (128), S (32) and P (16).
+constexpr uint32_t kProducerRegisters = 56;
+constexpr uint32_t kMathRegisters = 224;
+// Named barriers (0 is __syncthreads): both math warpgroups; then the seesaw's handoffs, each
 // arrived at by one math warpgroup and waited at by the other.
-constexpr int kMathBarrier = kProducerBarrier + 1;
-constexpr int kMax0Ready = kProducerBarrier + 2;    // A -> B: m0 and scale0 in shared memory
-constexpr int kScale1Ready = kProducerBarrier + 3;  // B -> A: m1 and scale1
-constexpr int kP0Ready = kProducerBarrier + 4;      // A -> B: P0 scale1 over stage 0's rope
-constexpr int kP1Ready = kProducerBarrier + 5;      // B -> A: P1 in its buffer
-constexpr int kOwnP0Stored = kProducerBarrier + 6;  // A's warps: P0 written / read
+constexpr int kMathBarrier = 1;
+constexpr int kMax0Ready = 2;    // A -> B: m0 and scale0 in shared memory
+constexpr int kScale1Ready = 3;  // B -> A: m1 and scale1
+constexpr int kP0Ready = 4;      // A -> B: P0 scale1 over stage 0's rope
+// B -> A: P1 in its buffer (and B's zeroed value rows), and B's P V both issued, so that A's
+// P1 V1_L and next S queue behind B's P0 V0_R, whose end frees stage 0's pieces 4-8.
+constexpr int kP1Ready = 5;
 
-// Column groups of a stage: [0, kSplitColumn) = V_L, [kSplitColumn, 576) = V_R and the rope.
-constexpr int kGroups = 2;
+// A stage's column pieces: [0, kLeftPieces) hold V_L, the rest V_R and the rope.
+constexpr int kPieceColumns = 64;
+constexpr int kPieces = kHeadDim / kPieceColumns;
 constexpr int kSplitColumn = kHeadDimV / kMathWarpGroups;
-constexpr int kSplitStep = kSplitColumn / 16;  // S's k-steps (16 columns) before the split
-constexpr int kSteps = kHeadDim / 16;
+constexpr int kLeftPieces = kSplitColumn / kPieceColumns;
+// A stage's two refill groups: pieces [0, kLeftPieces) (last read by A's P V) and the rest
+// (last read by B's), each with its own "empty" mbarrier.
+constexpr int kGroups = 2;
+constexpr int kStepsPerPiece = kPieceColumns / 16;  // S's k-steps (16 columns) per piece
 
 template <typename Element>
 struct Layouts : TileLayouts<Element, kHeadDim, kBlockM> {
@@ -101,19 +109,20 @@ struct SharedStorage {
   alignas(1024) Element q[cosize_v<typename L::Q>];
   alignas(1024) Element k[kStages][cosize_v<typename L::K>];
   alignas(1024) Element p1[cosize_v<typename L::P>];  // B's P1 for A
-  uint8_t key_valid[kStages][kBlockN];
+  // Which keys of a tile exist (bit k: key k), per stage and pair parity: a tile's are
+  // written while the previous pair's (same stage) may still be read.
+  uint64_t key_mask[kStages][2];
   float row_max[kBlockM];  // the running max: m0 after A's step, m1 after B's
   float scale0[kBlockM];
   float scale1[kBlockM];
   float row_sum[kMathWarpGroups][kBlockM];  // each warpgroup's denominator, at the end
-  uint64_t k_full[kStages][kGroups];
+  uint64_t k_full[kStages][kPieces];
   uint64_t k_empty[kStages][kGroups];
   uint64_t q_full;
   uint64_t q_empty;
 };
 
-// The mbarrier parity of each stage, flipped by producer and consumers alike after each use
-// (a pair with one tile leaves stage 1 untouched).
+// The mbarrier parity of each stage, flipped by the producer after each use of the stage.
 struct StagePhases {
   uint32_t bits = 0;
   __device__ uint32_t parity(int stage) const { return (bits >> stage) & 1u; }
@@ -124,7 +133,9 @@ __device__ __forceinline__ void named_barrier_arrive(int id, int threads) {
   asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
 }
 
-// `ptr`, as a value the compiler must assume changes at each call.
+// `ptr`, as a value the compiler must assume changes at each call: S's operand descriptors
+// are loop-invariant, and hoisted out of the pair loop they held 36 k-steps x 2 x 64 bits
+// live across it (v15 spilled).
 template <typename T>
 __device__ __forceinline__ T* opaque(T* ptr) {
   asm volatile("" : "+l"(ptr));
@@ -136,57 +147,112 @@ __device__ __forceinline__ Element* p0_buffer(SharedStorage<Element>& smem) {
   return smem.k[0] + kBlockN * kHeadDimV;  // stage 0's rope block: 64 x 64, the size of P
 }
 
-// The producer: per pair, both tiles' block-table lookups first, then each column group as
-// it frees. The first pair's early groups go before the query rows (whose buffer frees only
-// after the previous segment's last scores).
+__device__ __forceinline__ int key_mask_slot(int tile) { return (tile / kStages) % 2; }
+
+// The loading warp's lookups as a 64-bit mask for the math warpgroups, written before (and
+// released by) the warp's first arrival on the tile's pieces. One 8-byte load a thread then
+// replaces 32 byte loads in the mask step.
+__device__ __forceinline__ void publish_key_mask(const TmaTileLookup& lookup, uint64_t* mask) {
+  static_assert(kBlockN == 64, "two keys a lane");
+  const uint32_t low = __ballot_sync(0xffffffffu, lookup.key_valid[0]);
+  const uint32_t high = __ballot_sync(0xffffffffu, lookup.key_valid[1]);
+  if (threadIdx.x % 32 == 0) *mask = (static_cast<uint64_t>(high) << 32) | low;
+  __syncwarp();
+}
+
+// Key (column) of element i of a thread's m64n64 C fragment, less the thread's first key
+// ((thread % 4) * 2): pairs of adjacent keys, 8 apart (the layout row_half describes).
+__host__ __device__ constexpr int key_offset(int i) { return i % 2 + 8 * (i / 4); }
+
+// The producer's warp 0: group `group` of a tile (its lookup made ahead) into `stage`, once
+// the group's last reader has released it; each piece completes on its own barrier. With
+// `publish`, the tile's key mask first (released by the first piece's arrival).
+template <typename Element>
+__device__ __forceinline__ void load_group(const DecodeParams& p, const CUtensorMap& k_map,
+                                           const TmaTileLookup& lookup, int kv_head, int tile,
+                                           int stage, int group, uint32_t parity, bool publish,
+                                           SharedStorage<Element>& smem,
+                                           WarpgroupTrace& trace) {
+  using L = Layouts<Element>;
+  Barrier::wait(&smem.k_empty[stage][group], parity ^ 1);
+  trace.mark(kTraceStageFree, tile);
+  if (publish) publish_key_mask(lookup, &smem.key_mask[stage][key_mask_slot(tile)]);
+  Tensor s_k = make_tensor(make_smem_ptr(smem.k[stage]), typename L::K{});
+  const int first = group == 0 ? 0 : kLeftPieces;
+  const int end = group == 0 ? kLeftPieces : kPieces;
+#pragma unroll 1
+  for (int piece = first; piece < end; ++piece)
+    load_piece_tma<Element>(p, k_map, lookup, kv_head, piece * kPieceColumns,
+                            &smem.k_full[stage][piece], s_k);
+  trace.mark(kTraceKeysIssued, tile);
+}
+
+// The producer: per pair, both tiles' lookups from block-table entries fetched a pair earlier
+// (under the key traffic an entry can take an HBM round trip: fetched just before, the two
+// lookups took ~2 800 cycles of the producer's ~8 700 a pair), then each group as it frees: stage 0's [0, 4) (A's P0 V0_L), stage 1's
+// [4, 9) (B's P1 V1_R), stage 0's [4, 9) (B's P0 V0_R), stage 1's [0, 4) (A's P1 V1_L). The
+// first pair's first groups go before the query rows, whose buffer frees only after the
+// previous segment's last scores. (Issuing the copies from the math warpgroups themselves,
+// at each release, cost the issuing warpgroup 1 300-1 500 cycles a refill: a TMA issue waits
+// while earlier boxes drain. benchmarks/NOTES.md v16.)
 template <typename Element>
 __device__ void produce_segment(const DecodeParams& p, const CUtensorMap& k_map,
-                                const CUtensorMap& q_map, bool query_tma, const Segment& seg,
-                                int kv_head, int row_base, SharedStorage<Element>& smem,
-                                StagePhases& phases, uint32_t& q_phase, WarpgroupTrace& trace) {
+                                const CUtensorMap& q_map, const Segment& seg, int kv_head,
+                                int row_base, SharedStorage<Element>& smem, StagePhases& phases,
+                                uint32_t& q_phase, WarpgroupTrace& trace) {
   using L = Layouts<Element>;
   const int num_tiles = num_tiles_of(seg);
-  if (num_tiles == 0) return;
-  const bool loads_keys = threadIdx.x < 32;
-  const bool loads_query = !query_tma || threadIdx.x == 0;
+  if (num_tiles == 0 || threadIdx.x >= 32) return;
+  const auto tile_begin_of = [&](int tile) { return seg.token_begin + tile * kBlockN; };
+  TilePages pages[kStages];  // the next pair's entries (-1 past the segment, not read)
+  for (int s = 0; s < kStages; ++s) pages[s] = fetch_tile_pages(p, seg, tile_begin_of(s));
   for (int first = 0; first < num_tiles; first += kStages) {
     const bool has_second = first + 1 < num_tiles;
     TmaTileLookup lookup[kStages];
-    Tensor s_k0 = make_tensor(make_smem_ptr(smem.k[0]), typename L::K{});
-    Tensor s_k1 = make_tensor(make_smem_ptr(smem.k[1]), typename L::K{});
-    if (loads_keys) {
-      lookup[0] = lookup_tile_tma(p, seg, seg.token_begin + first * kBlockN);
-      if (has_second) lookup[1] = lookup_tile_tma(p, seg, seg.token_begin + (first + 1) * kBlockN);
-      Barrier::wait(&smem.k_empty[0][0], phases.parity(0) ^ 1);
-      trace.mark(kTraceStageFree, first);
-      publish_key_valid(lookup[0], smem.key_valid[0]);
-      load_columns_tma<Element, 0, kSplitColumn>(p, k_map, lookup[0], kv_head,
-                                                 &smem.k_full[0][0], s_k0);
-      if (has_second) {
-        Barrier::wait(&smem.k_empty[1][1], phases.parity(1) ^ 1);
-        publish_key_valid(lookup[1], smem.key_valid[1]);
-        load_columns_tma<Element, kSplitColumn, kHeadDim>(p, k_map, lookup[1], kv_head,
-                                                          &smem.k_full[1][1], s_k1);
-      }
+    for (int s = 0; s < kStages; ++s)
+      lookup[s] = resolve_tile_lookup(p, seg, tile_begin_of(first + s), pages[s]);
+    for (int s = 0; s < kStages; ++s)
+      pages[s] = fetch_tile_pages(p, seg, tile_begin_of(first + kStages + s));
+    load_group(p, k_map, lookup[0], kv_head, first, 0, 0, phases.parity(0), true, smem, trace);
+    if (has_second)
+      load_group(p, k_map, lookup[1], kv_head, first + 1, 1, 1, phases.parity(1), true, smem,
+                 trace);
+    if (first == 0 && threadIdx.x == 0) {
+      Barrier::wait(&smem.q_empty, q_phase ^ 1);
+      trace.mark(kTraceQueryFree, -1);
+      Tensor s_q = make_tensor(make_smem_ptr(smem.q), typename L::Q{});
+      load_query_rows_tma<Element, kHeadDim, kBlockM>(p, q_map, seg, kv_head, row_base,
+                                                      &smem.q_full, s_q);
     }
-    if (first == 0) {
-      if (loads_query)
-        stage_query_rows<Element, kHeadDim, kBlockM>(p, q_map, query_tma, seg, kv_head,
-                                                     row_base, smem, q_phase, trace);
-      q_phase ^= 1;  // by every producer thread, so that the phases agree
-    }
-    if (!loads_keys) return;
-    Barrier::wait(&smem.k_empty[0][1], phases.parity(0) ^ 1);
-    load_columns_tma<Element, kSplitColumn, kHeadDim>(p, k_map, lookup[0], kv_head,
-                                                      &smem.k_full[0][1], s_k0);
+    load_group(p, k_map, lookup[0], kv_head, first, 0, 1, phases.parity(0), false, smem, trace);
     phases.flip(0);
     if (has_second) {
-      Barrier::wait(&smem.k_empty[1][0], phases.parity(1) ^ 1);
-      load_columns_tma<Element, 0, kSplitColumn>(p, k_map, lookup[1], kv_head,
-                                                 &smem.k_full[1][0], s_k1);
+      load_group(p, k_map, lookup[1], kv_head, first + 1, 1, 0, phases.parity(1), false, smem,
+                 trace);
       phases.flip(1);
     }
-    trace.mark(kTraceKeysIssued, first);
+  }
+  q_phase ^= 1;
+}
+
+// S's pieces [kFirst, kEnd) of the tile in `stage`, each issued as its own batch as soon as
+// it has landed; not waited for.
+template <int kFirst, int kEnd, typename Element, typename TiledMma, typename FragQ,
+          typename FragK, typename FragS>
+__device__ __forceinline__ void issue_score_pieces(SharedStorage<Element>& smem, int stage,
+                                                   uint32_t parity, TiledMma& mma,
+                                                   const FragQ& frag_q, const FragK& frag_k,
+                                                   FragS& acc_s) {
+  CUTE_UNROLL
+  for (int piece = kFirst; piece < kEnd; ++piece) {
+    Barrier::wait(&smem.k_full[stage][piece], parity);
+    warpgroup_arrive();
+    CUTE_UNROLL
+    for (int k = piece * kStepsPerPiece; k < (piece + 1) * kStepsPerPiece; ++k) {
+      cute::gemm(mma, frag_q(_, _, k), frag_k(_, _, k), acc_s);
+      mma.accumulate_ = GMMA::ScaleOut::One;
+    }
+    warpgroup_commit_batch();
   }
 }
 
@@ -203,45 +269,20 @@ __device__ __forceinline__ void issue_steps(TiledMma& mma, const FragA& a, const
   warpgroup_commit_batch();
 }
 
-// S = Q K^T of the tile in `stage`, each column group as soon as it has landed: A (stage 0)
-// starts with [0, 256), B (stage 1) with [256, 576), the groups their stages refill first.
-template <typename Element, typename TiledMma, typename FragQ, typename FragK, typename FragS>
-__device__ __forceinline__ void compute_scores(SharedStorage<Element>& smem, int stage,
-                                               uint32_t parity, TiledMma& mma,
-                                               const FragQ& frag_q, const FragK& frag_k,
-                                               FragS& acc_s, WarpgroupTrace& trace, int tile) {
-  warpgroup_fence_operand(acc_s);
-  mma.accumulate_ = GMMA::ScaleOut::Zero;
-  const int first_group = stage == 0 ? 0 : 1;
-  Barrier::wait(&smem.k_full[stage][first_group], parity);
-  trace.mark(kTraceKeysLanded, tile);
-  if (stage == 0)
-    issue_steps<0, kSplitStep>(mma, frag_q, frag_k, acc_s);
-  else
-    issue_steps<kSplitStep, kSteps>(mma, frag_q, frag_k, acc_s);
-  Barrier::wait(&smem.k_full[stage][1 - first_group], parity);
-  trace.mark(kTraceRestLanded, tile);
-  if (stage == 0)
-    issue_steps<kSplitStep, kSteps>(mma, frag_q, frag_k, acc_s);
-  else
-    issue_steps<0, kSplitStep>(mma, frag_q, frag_k, acc_s);
-  warpgroup_wait<0>();
-  warpgroup_fence_operand(acc_s);
-}
-
 // Masks S (to -inf where a key is absent or out of the row's reach), scales it into the log2
 // domain and returns the row maxima of this thread's two rows over the quad (the whole row).
-template <typename FragS, typename Coords>
-__device__ __forceinline__ void mask_and_max(FragS& acc_s, const Coords& coord_s,
-                                             const uint8_t* key_valid, int tile_begin,
+template <typename FragS>
+__device__ __forceinline__ void mask_and_max(FragS& acc_s, uint64_t key_mask, int tile_begin,
                                              const int (&key_limit)[2], float scale_log2,
                                              float (&tile_max)[2]) {
+  const int first_key = threadIdx.x % 4 * 2;
+  const uint64_t mine = key_mask >> first_key;
   tile_max[0] = tile_max[1] = -INFINITY;
   CUTE_UNROLL
   for (int i = 0; i < size(acc_s); ++i) {
     const int half = row_half(i);
-    const int key = get<1>(coord_s(i));
-    const bool visible = key_valid[key] && tile_begin + key < key_limit[half];
+    const int key = first_key + key_offset(i);
+    const bool visible = (mine >> key_offset(i) & 1) && tile_begin + key < key_limit[half];
     const float s = visible ? acc_s(i) * scale_log2 : -INFINITY;
     acc_s(i) = s;
     tile_max[half] = fmaxf(tile_max[half], s);
@@ -294,13 +335,22 @@ __device__ __forceinline__ void rescale_output(FragO& acc_o, const float (&scale
 }
 
 template <typename Element>
-__device__ void attend_segment(const DecodeParams& p, const Segment& seg, int kv_head,
-                               int row_base, SharedStorage<Element>& smem, StagePhases& phases,
-                               uint32_t& q_phase, WarpgroupTrace& trace) {
+__device__ __forceinline__ void attend_segment(const DecodeParams& p, const Segment& seg,
+                                               int kv_head, int row_base,
+                                               SharedStorage<Element>& smem, uint32_t& phase,
+                                               uint32_t& q_phase, WarpgroupTrace& trace) {
   using L = Layouts<Element>;
   const int wg = (threadIdx.x - kProducerThreads) / 128;  // 0: A, 1: B
   const int wg_thread = threadIdx.x % 128;
   const int stage = wg;  // the stage of the tiles this warpgroup scores
+  const int num_tiles = num_tiles_of(seg);
+  const auto tile_begin_of = [&](int tile) { return seg.token_begin + tile * kBlockN; };
+  // Every warp of this warpgroup is done with a group of a stage (its wgmmas waited for).
+  const auto release = [&](int s, int group) { warp_release(&smem.k_empty[s][group]); };
+
+  // The previous segment's row sums may still be read by the other warpgroup.
+  named_barrier_sync(kMathBarrier, kMathThreads);
+  trace.mark(kTraceSegmentBegin, num_tiles);
 
   typename L::MmaS mma_s;
   typename L::MmaOwnP mma_own;
@@ -310,7 +360,6 @@ __device__ void attend_segment(const DecodeParams& p, const Segment& seg, int kv
   auto thr_shared = mma_shared.get_thread_slice(wg_thread);
 
   Tensor acc_s = partition_fragment_C(mma_s, Shape<Int<kBlockM>, Int<kBlockN>>{});
-  Tensor coord_s = thr_s.partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kBlockN>>{}));
   // This tile's P as P V's A operand, in registers: for 16-bit inputs the m64n64 C fragment's
   // element order is the A fragment's of four k16 steps (thread's pair, row half, 8-key half,
   // then step), so the C-ordered copy is the operand as is.
@@ -325,18 +374,40 @@ __device__ void attend_segment(const DecodeParams& p, const Segment& seg, int kv
     Tensor s_vt = make_tensor(make_smem_ptr(opaque(smem.k[s])), typename L::Vt{});
     return local_tile(s_vt, Shape<Int<kSplitColumn>, Int<kBlockN>>{}, make_coord(wg, 0));
   };
-  const auto p_buffer = [&](int which) {  // P0 over stage 0's rope, P1 its own
+  const auto p_buffer = [&](int which) {
     return make_tensor(make_smem_ptr(opaque(which == 0 ? p0_buffer(smem) : smem.p1)),
                        typename L::P{});
   };
-
-  // O half += P V half with the P of `stage`'s tile from its buffer (P0 over stage 0's rope,
-  // P1 its own), issued and committed, not waited for.
+  // O half += P V half with the P of stage `s`'s tile from its buffer; not waited for.
   const auto issue_values_shared_p = [&](int s) {
     Tensor frag_p = thr_shared.partition_fragment_A(p_buffer(s));
     Tensor frag_v = thr_shared.partition_fragment_B(value_half(s));
     warpgroup_fence_operand(acc_o);
     issue_steps<0, kBlockN / 16>(mma_shared, frag_p, frag_v, acc_o);
+  };
+  // S = Q K^T of the tile in this warpgroup's stage, waited for: A's pieces 0-3 first (its
+  // stage's first refill group), B's 4-8 first.
+  const auto score_fragments = [&] {
+    Tensor s_q = make_tensor(make_smem_ptr(opaque(smem.q)), typename L::Q{});
+    Tensor s_k = make_tensor(make_smem_ptr(opaque(smem.k[stage])), typename L::K{});
+    return cute::make_tuple(thr_s.partition_fragment_A(s_q), thr_s.partition_fragment_B(s_k));
+  };
+  const auto score_whole_tile = [&](int tile) __attribute__((always_inline)) {
+    auto [frag_q, frag_k] = score_fragments();
+    warpgroup_fence_operand(acc_s);
+    mma_s.accumulate_ = GMMA::ScaleOut::Zero;
+    // Each batch waited for in the branch that issued it (C7511/C7514 otherwise).
+    if (wg == 0) {
+      issue_score_pieces<0, kPieces>(smem, 0, phase, mma_s, frag_q, frag_k, acc_s);
+      warpgroup_wait<0>();
+    } else {
+      issue_score_pieces<kLeftPieces, kPieces>(smem, 1, phase, mma_s, frag_q, frag_k, acc_s);
+      issue_score_pieces<0, kLeftPieces>(smem, 1, phase, mma_s, frag_q, frag_k, acc_s);
+      warpgroup_wait<0>();
+    }
+    warpgroup_fence_operand(acc_s);
+    phase ^= 1;
+    trace.mark(kTraceScoresDone, tile);
   };
 
   const int my_row[2] = {(wg_thread / 32) * 16 + (wg_thread % 32) / 4,
@@ -348,35 +419,32 @@ __device__ void attend_segment(const DecodeParams& p, const Segment& seg, int kv
   float row_sum[2] = {0.f, 0.f};  // this thread's share, measured from the running max
   float running_max[2] = {-INFINITY, -INFINITY};  // B's m1 after each pair (B only)
 
-  const int num_tiles = num_tiles_of(seg);
-  // The previous segment's row sums may still be read by the other warpgroup.
-  named_barrier_sync(kMathBarrier, kMathThreads);
-  trace.mark(kTraceSegmentBegin, num_tiles);
-  wait_query_rows(smem, num_tiles, q_phase, trace);
+  if (num_tiles > 0) {
+    Barrier::wait(&smem.q_full, q_phase);
+    q_phase ^= 1;
+    trace.mark(kTraceQueryLanded, -1);
+    if (stage < num_tiles) score_whole_tile(stage);
+  }
 
-  for (int first = 0; first < num_tiles; first += kStages) {
-    const bool last_pair = first + kStages >= num_tiles;
-    const bool has_second = first + 1 < num_tiles;
-    const uint32_t parity0 = phases.parity(0);
-    const uint32_t parity1 = phases.parity(1);
-    // S's operand descriptors, from pointers the compiler cannot see through: loop-invariant,
-    // they were hoisted out of the loop, 36 k-steps x 2 operands x 64 bits held live across
-    // it (the math warpgroups spilled). (Made after each of S's waits instead: 8% slower.)
-    Tensor s_q = make_tensor(make_smem_ptr(opaque(smem.q)), typename L::Q{});
-    Tensor s_k = make_tensor(make_smem_ptr(opaque(smem.k[stage])), typename L::K{});
-    Tensor frag_q = thr_s.partition_fragment_A(s_q);
-    Tensor frag_k = thr_s.partition_fragment_B(s_k);
+  // One pair of tiles (first, first + 1); kHasNext: the segment goes on after it (so both
+  // tiles exist, and this pair scores the next); kHasSecond: tile first + 1
+  // exists. Compile-time, so that every wgmma batch is waited for in the code that issued it
+  // (ptxas serialized every wgmma of the kernel otherwise, C7511/C7514).
+  const auto attend_pair = [&](int first, auto has_next, auto has_second) __attribute__((always_inline)) {
+    constexpr bool kHasNext = decltype(has_next)::value;
+    constexpr bool kHasSecond = decltype(has_second)::value;
+    const bool next_has_second = first + 3 < num_tiles;
+    // The segment's last pair: every S is done (each tile's S runs a pair ahead).
+    if constexpr (!kHasNext) warp_release(&smem.q_empty);
     if (wg == 0) {
       // ---- A: tile `first`, stage 0 ----
-      const int tile_begin = seg.token_begin + first * kBlockN;
-      compute_scores(smem, 0, parity0, mma_s, frag_q, frag_k, acc_s, trace, first);
-      trace.mark(kTraceScoresDone, first);
-      if (last_pair) warp_release(&smem.q_empty);
+      const int tile_begin = tile_begin_of(first);
+      Tensor s_k0 = make_tensor(make_smem_ptr(smem.k[0]), typename L::K{});
       if (seg.token_end - tile_begin < kBlockN)
-        zero_value_rows(s_k, seg.token_end - tile_begin, kBlockN, wg_thread);
+        zero_value_rows(s_k0, seg.token_end - tile_begin, kBlockN, wg_thread);
       float tile_max[2];
-      mask_and_max(acc_s, coord_s, smem.key_valid[0], tile_begin, key_limit, scale_log2,
-                   tile_max);
+      mask_and_max(acc_s, smem.key_mask[0][key_mask_slot(first)], tile_begin, key_limit,
+                   scale_log2, tile_max);
       float reference[2], scale0[2];
       for (int h = 0; h < 2; ++h) {
         const float previous = first == 0 ? -INFINITY : smem.row_max[my_row[h]];
@@ -391,60 +459,74 @@ __device__ void attend_segment(const DecodeParams& p, const Segment& seg, int kv
       }
       named_barrier_arrive(kMax0Ready, kMathThreads);
       trace.mark(kTraceMaxShared, first);
-      // P0 for A's own P0 V0_L, over stage 0's rope (dead once S0 is done); rewritten times
-      // scale1 for B once that is done. (P0 as a register operand would keep 16 more
-      // registers live beside S and O: the math warpgroups spilled.)
       float tile_sum[2];
       exponentiate(acc_s, reference, tile_sum);
       for (int h = 0; h < 2; ++h) row_sum[h] = row_sum[h] * scale0[h] + tile_sum[h];
-      Tensor p0_out = thr_s.partition_C(p_buffer(0));
-      const float unit[2] = {1.f, 1.f};
-      store_probs<Element>(acc_s, unit, p0_out);
+      CUTE_UNROLL
+      for (int i = 0; i < size(acc_s); ++i) p_regs(i) = static_cast<Element>(acc_s(i));
       rescale_output(acc_o, scale0);
-      // P0 and any zeroed value rows (generic proxy) must be visible to the wgmmas (async).
+      // Zeroed value rows (generic proxy) must be visible to the wgmmas (async proxy).
       cutlass::arch::fence_view_async_shared();
-      named_barrier_sync(kOwnP0Stored, 128);  // every warp's part of P0
-      issue_values_shared_p(0);
-      // B's scale1, then P0 scale1 for B once P0 V0_L is done with stage 0's first group.
-      trace.mark(kTraceValuesDone, -1);  // P0 V0_L issued
+      {  // O_L += P0 V0_L, P0 from registers; then V0_L's pieces are free.
+        Tensor frag_v0 = thr_own.partition_fragment_B(value_half(0));
+        warpgroup_fence_operand(p_regs);
+        warpgroup_fence_operand(acc_o);
+        issue_steps<0, kBlockN / 16>(mma_own, p_regs, frag_v0, acc_o);
+        warpgroup_wait<0>();
+        warpgroup_fence_operand(acc_o);
+        warpgroup_fence_operand(p_regs);
+      }
+      release(0, 0);
+      trace.mark(kTraceValuesDone, first);
+      // P0 scale1 for B over stage 0's rope.
       named_barrier_sync(kScale1Ready, kMathThreads);
       trace.mark(kTraceHandoffIn, first);
       float scale1[2];
       for (int h = 0; h < 2; ++h) scale1[h] = smem.scale1[my_row[h]];
-      warpgroup_wait<0>();
-      warpgroup_fence_operand(acc_o);
-      warp_release(&smem.k_empty[0][0]);
-      named_barrier_sync(kOwnP0Stored, 128);  // every warp's P0 V0_L has read P0
+      Tensor p0_out = thr_s.partition_C(p_buffer(0));
       store_probs<Element>(acc_s, scale1, p0_out);
       cutlass::arch::fence_view_async_shared();
       named_barrier_arrive(kP0Ready, kMathThreads);
       trace.mark(kTraceProbsShared, first);
       for (int h = 0; h < 2; ++h) row_sum[h] *= scale1[h];
       rescale_output(acc_o, scale1);
-      if (has_second) {
-        // O_L += P1 V1_L, P1 from B's buffer.
+      if constexpr (kHasSecond) {  // O_L += P1 V1_L, P1 from B's buffer
         named_barrier_sync(kP1Ready, kMathThreads);
         trace.mark(kTraceHandoffIn, first + 1);
         issue_values_shared_p(1);
+      }
+      if constexpr (kHasNext) {
+        // The next S0 under P1 V1_L: pieces 0-3 (released above), then, once P1 V1_L is done
+        // with stage 1's pieces 0-3 (released), pieces 4-8 (released by B's P0 V0_R).
+        auto [frag_q, frag_k] = score_fragments();
+        warpgroup_fence_operand(acc_s);
+        mma_s.accumulate_ = GMMA::ScaleOut::Zero;
+        issue_score_pieces<0, kLeftPieces>(smem, 0, phase, mma_s, frag_q, frag_k, acc_s);
+        warpgroup_wait<kLeftPieces>();
+        warpgroup_fence_operand(acc_o);
+        release(1, 0);
+        trace.mark(kTraceValuesDone, first + 1);
+        issue_score_pieces<kLeftPieces, kPieces>(smem, 0, phase, mma_s, frag_q, frag_k, acc_s);
+        warpgroup_wait<0>();
+        warpgroup_fence_operand(acc_s);
+        phase ^= 1;
+        trace.mark(kTraceScoresDone, first + 2);
+      } else {
         warpgroup_wait<0>();
         warpgroup_fence_operand(acc_o);
-        warp_release(&smem.k_empty[1][0]);
+        if constexpr (kHasSecond) release(1, 0);
+        trace.mark(kTraceValuesDone, first + 1);
       }
-      trace.mark(kTraceValuesDone, first);
     } else {
-      // ---- B: tile `first + 1`, stage 1 (none in a segment's last pair of odd length) ----
-      const int tile_begin = seg.token_begin + (first + 1) * kBlockN;
+      // ---- B: tile `first + 1`, stage 1 ----
+      const int tile_begin = tile_begin_of(first + 1);
       float tile_max[2] = {-INFINITY, -INFINITY};
-      if (has_second) {
-        compute_scores(smem, 1, parity1, mma_s, frag_q, frag_k, acc_s, trace, first + 1);
-        trace.mark(kTraceScoresDone, first + 1);
-      }
-      if (last_pair) warp_release(&smem.q_empty);
-      if (has_second) {
+      if constexpr (kHasSecond) {
+        Tensor s_k1 = make_tensor(make_smem_ptr(smem.k[1]), typename L::K{});
         if (seg.token_end - tile_begin < kBlockN)
-          zero_value_rows(s_k, seg.token_end - tile_begin, kBlockN, wg_thread);
-        mask_and_max(acc_s, coord_s, smem.key_valid[1], tile_begin, key_limit, scale_log2,
-                     tile_max);
+          zero_value_rows(s_k1, seg.token_end - tile_begin, kBlockN, wg_thread);
+        mask_and_max(acc_s, smem.key_mask[1][key_mask_slot(first + 1)], tile_begin, key_limit,
+                     scale_log2, tile_max);
       }
       named_barrier_sync(kMax0Ready, kMathThreads);
       trace.mark(kTraceHandoffIn, first);
@@ -467,7 +549,7 @@ __device__ void attend_segment(const DecodeParams& p, const Segment& seg, int kv
       trace.mark(kTraceMaxShared, first + 1);
       for (int h = 0; h < 2; ++h) row_sum[h] *= output_scale[h];
       rescale_output(acc_o, output_scale);
-      if (has_second) {
+      if constexpr (kHasSecond) {
         float tile_sum[2];
         exponentiate(acc_s, reference, tile_sum);
         for (int h = 0; h < 2; ++h) row_sum[h] += tile_sum[h];
@@ -478,32 +560,47 @@ __device__ void attend_segment(const DecodeParams& p, const Segment& seg, int kv
         store_probs<Element>(p_regs, unit, p1_out);
         // P1 and any zeroed value rows, for A's wgmma (async proxy).
         cutlass::arch::fence_view_async_shared();
-        named_barrier_arrive(kP1Ready, kMathThreads);
         trace.mark(kTraceProbsShared, first + 1);
         Tensor frag_v1 = thr_own.partition_fragment_B(value_half(1));
         warpgroup_fence_operand(p_regs);
         warpgroup_fence_operand(acc_o);
         issue_steps<0, kBlockN / 16>(mma_own, p_regs, frag_v1, acc_o);
-        // Each batch waited for in the branch that issued it: ptxas serialized every wgmma
-        // of the kernel (C7511/C7514) when a batch could be in flight across branches.
-        warpgroup_wait<0>();
-        warpgroup_fence_operand(acc_o);
-        warpgroup_fence_operand(p_regs);
-        warp_release(&smem.k_empty[1][1]);
-        trace.mark(kTraceValuesDone, first + 1);
       }
       // O_R += (P0 scale1) V0_R, P0 from A.
       named_barrier_sync(kP0Ready, kMathThreads);
       trace.mark(kTraceHandoffIn, first);
       issue_values_shared_p(0);
-      warpgroup_wait<0>();
-      warpgroup_fence_operand(acc_o);
-      warp_release(&smem.k_empty[0][1]);
-      trace.mark(kTraceValuesDone, first + 1);
+      if constexpr (kHasSecond) named_barrier_arrive(kP1Ready, kMathThreads);
+      if constexpr (kHasNext) {
+        // P1 V1_R done: stage 1's pieces 4-8 are free; P0 V0_R done: stage 0's pieces 4-8
+        // (P0's buffer included).
+        warpgroup_wait<1>();
+        release(1, 1);
+        warpgroup_wait<0>();
+        warpgroup_fence_operand(acc_o);
+        warpgroup_fence_operand(p_regs);
+        release(0, 1);
+        trace.mark(kTraceValuesDone, first + 1);
+        if (next_has_second) score_whole_tile(first + 3);
+      } else {
+        warpgroup_wait<0>();
+        warpgroup_fence_operand(acc_o);
+        warpgroup_fence_operand(p_regs);
+        if constexpr (kHasSecond) release(1, 1);
+        release(0, 1);
+        trace.mark(kTraceValuesDone, first + 1);
+      }
     }
-    phases.flip(0);
-    if (has_second) phases.flip(1);
-  }
+  };
+
+  int first = 0;
+#pragma unroll 1
+  for (; first + kStages < num_tiles; first += kStages)
+    attend_pair(first, std::true_type{}, std::true_type{});
+  if (first + 1 < num_tiles)
+    attend_pair(first, std::false_type{}, std::true_type{});
+  else if (first < num_tiles)
+    attend_pair(first, std::false_type{}, std::false_type{});
 
   // Denominators: each warpgroup's quad partial sums, then the other warpgroup's.
   for (int h = 0; h < 2; ++h) {
@@ -531,14 +628,16 @@ __device__ void attend_segment(const DecodeParams& p, const Segment& seg, int kv
 }
 
 template <typename Element>
-__device__ __forceinline__ void init_barriers(SharedStorage<Element>& smem, bool query_tma) {
+__device__ __forceinline__ void init_barriers(SharedStorage<Element>& smem) {
   for (int s = 0; s < kStages; ++s) {
-    for (int g = 0; g < kGroups; ++g) {
-      ClusterBarrier::init(&smem.k_full[s][g], 1);  // the TMA warp's arrival with the bytes
-      ClusterBarrier::init(&smem.k_empty[s][g], 4);  // the 4 warps of the group's last reader
-    }
+    // One arrival each (the loading warp's lane 0, with the piece's bytes).
+    for (int piece = 0; piece < kPieces; ++piece) ClusterBarrier::init(&smem.k_full[s][piece], 1);
   }
-  ClusterBarrier::init(&smem.q_full, query_tma ? 1 : kProducerThreads);
+  for (int s = 0; s < kStages; ++s) {
+    // The 4 warps of the group's last reader.
+    for (int g = 0; g < kGroups; ++g) ClusterBarrier::init(&smem.k_empty[s][g], 4);
+  }
+  ClusterBarrier::init(&smem.q_full, 1);
   ClusterBarrier::init(&smem.q_empty, kMathThreads / 32);
   cutlass::arch::fence_barrier_init();
 }
@@ -547,30 +646,32 @@ template <typename Element>
 __global__ void __launch_bounds__(kThreads, 1)
     split_kv_decode_seesaw_kernel(const __grid_constant__ DecodeParams params,
                                   const __grid_constant__ CUtensorMap k_map,
-                                  const __grid_constant__ CUtensorMap q_map, bool query_tma) {
+                                  const __grid_constant__ CUtensorMap q_map) {
   extern __shared__ __align__(1024) unsigned char smem_bytes[];
   auto& smem = *reinterpret_cast<SharedStorage<Element>*>(smem_bytes);
-  start_pipeline(k_map, true, q_map, query_tma, [&] { init_barriers(smem, query_tma); });
+  start_pipeline(k_map, true, q_map, true, [&] { init_barriers(smem); });
 
   const int32_t* piece =
       params.tile_scheduler_metadata + static_cast<int64_t>(blockIdx.x) * kMetadataInts;
-  StagePhases phases;
   uint32_t q_phase = 0;
   WarpgroupTrace trace;
   const int kv_head = blockIdx.y;
   const int row_base = blockIdx.z * kBlockM;
-  // Every role walks the same segments in the same order, so the stage phases agree.
+  // Every role walks the same segments in the same order, so the phases agree.
   if (threadIdx.x < kProducerThreads) {
     cutlass::arch::warpgroup_reg_dealloc<kProducerRegisters>();
-    for_each_segment(params, piece, [&](const Segment& seg) {
-      produce_segment<Element>(params, k_map, q_map, query_tma, seg, kv_head, row_base, smem,
-                               phases, q_phase, trace);
+    StagePhases phases;
+    for_each_segment(params, piece, [&](const Segment& seg) __attribute__((always_inline)) {
+      produce_segment<Element>(params, k_map, q_map, seg, kv_head, row_base, smem, phases,
+                               q_phase, trace);
     });
-    cp_async_wait<0>();  // the cp.async query rows, if any, land before their threads exit
   } else {
     cutlass::arch::warpgroup_reg_alloc<kMathRegisters>();
-    for_each_segment(params, piece, [&](const Segment& seg) {
-      attend_segment<Element>(params, seg, kv_head, row_base, smem, phases, q_phase, trace);
+    uint32_t phase = 0;  // of this warpgroup's stage's "full" barriers
+    // Inlined (as are attend_segment and its lambdas): a wgmma pipeline crossing a call made
+    // ptxas serialize every wgmma (C7510), and a call passed the accumulators on the stack.
+    for_each_segment(params, piece, [&](const Segment& seg) __attribute__((always_inline)) {
+      attend_segment<Element>(params, seg, kv_head, row_base, smem, phase, q_phase, trace);
     });
   }
   trace.publish();
@@ -578,23 +679,22 @@ __global__ void __launch_bounds__(kThreads, 1)
 
 template <typename Element>
 cudaError_t launch_instance(const DecodeParams& params, const CUtensorMap& k_map,
-                            const CUtensorMap& q_map, bool query_tma, dim3 grid,
-                            cudaStream_t stream) {
+                            const CUtensorMap& q_map, dim3 grid, cudaStream_t stream) {
   return launch_decode_kernel<split_kv_decode_seesaw_kernel<Element>,
                               sizeof(SharedStorage<Element>)>(grid, kThreads, stream, params,
-                                                               k_map, q_map, query_tma);
+                                                               k_map, q_map);
 }
 
 }  // namespace
 
 cudaError_t launch_split_kv_decode_seesaw(const DecodeParams& params, const CUtensorMap& k_map,
-                                          const CUtensorMap& q_map, bool query_tma, dim3 grid,
+                                          const CUtensorMap& q_map, dim3 grid,
                                           cudaStream_t stream) {
   if (params.head_dim != kHeadDim || params.head_dim_v != kHeadDimV)
     return cudaErrorInvalidValue;
   return params.dtype == ElementType::kBF16
-             ? launch_instance<cutlass::bfloat16_t>(params, k_map, q_map, query_tma, grid, stream)
-             : launch_instance<cutlass::half_t>(params, k_map, q_map, query_tma, grid, stream);
+             ? launch_instance<cutlass::bfloat16_t>(params, k_map, q_map, grid, stream)
+             : launch_instance<cutlass::half_t>(params, k_map, q_map, grid, stream);
 }
 
 }  // namespace jax_flash_mla

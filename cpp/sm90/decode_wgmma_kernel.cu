@@ -408,8 +408,8 @@ cudaError_t launch_split_kv_decode_wgmma(const DecodeParams& params, bool allow_
   // that choice still runs the whole fallback.
   CUtensorMap q_map = {};
   const bool query_tma = allow_tma && make_query_tensor_map(params, kBlockM, &q_map);
-  if (allow_seesaw && use_tma && params.head_dim == 576)
-    return launch_split_kv_decode_seesaw(params, k_map, q_map, query_tma, grid, stream);
+  if (allow_seesaw && use_tma && query_tma && params.head_dim == 576)
+    return launch_split_kv_decode_seesaw(params, k_map, q_map, grid, stream);
   return params.dtype == ElementType::kBF16
              ? launch_for_element<cutlass::bfloat16_t>(params, k_map, use_tma, q_map, query_tma,
                                                        grid, stream)

@@ -25,14 +25,14 @@ cudaError_t launch_tile_schedule(const int32_t* cache_seqlens, int batch, int nu
 // stages query rows with TMA where the head count allows (both only with `allow_tma`), else
 // with cp.async.
 cudaError_t launch_split_kv_decode(const DecodeParams& params, cudaStream_t stream);
-// With `allow_seesaw`, d = 576 with TMA key tiles goes to the seesaw schedule
+// With `allow_seesaw`, d = 576 with TMA key tiles and query rows goes to the seesaw schedule
 // (decode_seesaw_kernel.cu) instead.
 cudaError_t launch_split_kv_decode_wgmma(const DecodeParams& params, bool allow_tma,
                                          bool allow_seesaw, cudaStream_t stream);
 // The seesaw kernel, on the tensor maps the caller built (keys: paged_kv_tensor_map.h; query
-// rows: query_tensor_map.h, used when query_tma) and the 64-row kernel's grid.
+// rows: query_tensor_map.h, both required) and the 64-row kernel's grid.
 cudaError_t launch_split_kv_decode_seesaw(const DecodeParams& params, const CUtensorMap& k_map,
-                                          const CUtensorMap& q_map, bool query_tma, dim3 grid,
+                                          const CUtensorMap& q_map, dim3 grid,
                                           cudaStream_t stream);
 // The same for at most kNarrowMaxRows query rows per KV head (decode_narrow_kernel.cu): the
 // products transposed so that keys and value columns fill wgmma's M of 64, not padded rows.

@@ -242,25 +242,56 @@ struct TmaTileLookup {
   int32_t slot;                  // the box starting at key lane * tokens_per_box, if there is one
 };
 
-// One lane's share of the lookups, done before the stage frees: the block-table reads (an L2
-// round trip) overlap the wait instead of delaying the copy.
-__device__ __forceinline__ TmaTileLookup lookup_tile_tma(const DecodeParams& p, const Segment& seg,
-                                                         int tile_begin) {
+// A lane's block-table entries for a tile: those of keys lane and lane + 32 (-1 past the
+// segment), as loaded. Fetching is separate from resolving (resolve_tile_lookup) so that a
+// kernel can issue the loads long before it needs them: an entry can take an HBM round trip.
+struct TilePages {
+  int32_t entry[kBlockN / 32];
+};
+
+__device__ __forceinline__ TilePages fetch_tile_pages(const DecodeParams& p, const Segment& seg,
+                                                      int tile_begin) {
   const int lane = threadIdx.x % 32;
-  TmaTileLookup lookup;
+  TilePages pages;
   CUTE_UNROLL
   for (int i = 0; i < kBlockN / 32; ++i) {
     const int token = tile_begin + lane + 32 * i;
-    lookup.key_valid[i] = token < seg.token_end && page_of_token(p, seg.batch_idx, token) >= 0;
+    pages.entry[i] = token < seg.token_end
+                         ? p.block_table[static_cast<int64_t>(seg.batch_idx) *
+                                             p.max_blocks_per_seq +
+                                         token / p.page_block_size]
+                         : -1;
   }
+  return pages;
+}
+
+// The lookup from the entries (every lane of the warp at once: the box lanes read the entry of
+// their box's first key from the lane holding it).
+__device__ __forceinline__ TmaTileLookup resolve_tile_lookup(const DecodeParams& p,
+                                                             const Segment& seg, int tile_begin,
+                                                             const TilePages& pages) {
+  const int lane = threadIdx.x % 32;
+  const auto valid_page = [&](int32_t entry) { return entry >= 0 && entry < p.num_blocks; };
+  TmaTileLookup lookup;
+  CUTE_UNROLL
+  for (int i = 0; i < kBlockN / 32; ++i) lookup.key_valid[i] = valid_page(pages.entry[i]);
   const int tokens_per_box = tma_tokens_per_box(p.page_block_size);
-  const int token = tile_begin + lane * tokens_per_box;
+  const int first_key = min(lane * tokens_per_box, kBlockN - 1);
+  const int32_t low = __shfl_sync(0xffffffffu, pages.entry[0], first_key % 32);
+  const int32_t high = __shfl_sync(0xffffffffu, pages.entry[1], first_key % 32);
+  const int32_t page = first_key < 32 ? low : high;
+  const int token = tile_begin + first_key;
   lookup.slot = p.num_blocks * p.page_block_size;  // past the end: TMA writes zeros
-  if (lane * tokens_per_box < kBlockN && token < seg.token_end) {
-    const int page = page_of_token(p, seg.batch_idx, token);
-    if (page >= 0) lookup.slot = page * p.page_block_size + token % p.page_block_size;
-  }
+  if (lane * tokens_per_box < kBlockN && token < seg.token_end && valid_page(page))
+    lookup.slot = page * p.page_block_size + token % p.page_block_size;
   return lookup;
+}
+
+// One warp's lookups of a tile, done before the stage frees: the block-table reads (an L2
+// round trip) overlap the wait instead of delaying the copy.
+__device__ __forceinline__ TmaTileLookup lookup_tile_tma(const DecodeParams& p, const Segment& seg,
+                                                         int tile_begin) {
+  return resolve_tile_lookup(p, seg, tile_begin, fetch_tile_pages(p, seg, tile_begin));
 }
 
 // Which keys of a tile exist, for the math warpgroups' masks: written by the loading warp,
@@ -272,27 +303,47 @@ __device__ __forceinline__ void publish_key_valid(const TmaTileLookup& lookup, u
   __syncwarp();
 }
 
-// Columns [kBegin, kEnd) of a tile's keys (multiples of 64), by one producer warp: one box per
+// This lane's TMA box of a tile's columns [column, column + 64), if it has one (tokens_per_box
+// >= 8, so a lane has at most one box row: 64 / tokens_per_box lanes do), completing on `full`.
+template <typename SmemTensor>
+__device__ __forceinline__ void copy_key_box(const DecodeParams& p, const CUtensorMap& k_map,
+                                             const TmaTileLookup& lookup, int kv_head,
+                                             int column, uint64_t* full, SmemTensor& s_k) {
+  const int first = threadIdx.x % 32 * tma_tokens_per_box(p.page_block_size);
+  if (first < kBlockN)
+    SM90_TMA_LOAD_3D::copy(&k_map, full, static_cast<uint64_t>(TMA::CacheHintSm90::EVICT_NORMAL),
+                           &s_k(first, column), column, kv_head, lookup.slot);
+}
+
+// Columns [kBegin, kEnd) of a tile's keys (multiples of 64), by one warp: one box per
 // (page run, 64 columns), all completing on `full`, which expects their bytes.
 template <typename Element, int kBegin, int kEnd, typename SmemTensor>
 __device__ __forceinline__ void load_columns_tma(const DecodeParams& p, const CUtensorMap& k_map,
                                                  const TmaTileLookup& lookup, int kv_head,
                                                  uint64_t* full, SmemTensor& s_k) {
   static_assert(kBegin % 64 == 0 && kEnd % 64 == 0 && kBegin < kEnd, "64-column boxes");
-  const int lane = threadIdx.x % 32;
   constexpr uint32_t kBytes = kBlockN * (kEnd - kBegin) * sizeof(Element);
-  if (lane == 0) cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(full, kBytes);
+  if (threadIdx.x % 32 == 0)
+    cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(full, kBytes);
   __syncwarp();
-  // tokens_per_box >= 8, so a lane has at most one box row: 64 / tokens_per_box lanes do.
-  const int first = lane * tma_tokens_per_box(p.page_block_size);
-  if (first < kBlockN) {
-    // Not unrolled: the producer runs on few registers (setmaxnreg), and one copy per 64
-    // columns keeps a loop's overhead negligible.
+  // Not unrolled: the producer runs on few registers (setmaxnreg), and one copy per 64
+  // columns keeps a loop's overhead negligible.
 #pragma unroll 1
-    for (int column = kBegin; column < kEnd; column += 64)
-      SM90_TMA_LOAD_3D::copy(&k_map, full, static_cast<uint64_t>(TMA::CacheHintSm90::EVICT_NORMAL),
-                             &s_k(first, column), column, kv_head, lookup.slot);
-  }
+  for (int column = kBegin; column < kEnd; column += 64)
+    copy_key_box(p, k_map, lookup, kv_head, column, full, s_k);
+}
+
+// Columns [column, column + 64) of a tile's keys, by one warp, completing on their own `full`
+// barrier (which expects their bytes), so that a reader can start on them alone.
+template <typename Element, typename SmemTensor>
+__device__ __forceinline__ void load_piece_tma(const DecodeParams& p, const CUtensorMap& k_map,
+                                               const TmaTileLookup& lookup, int kv_head,
+                                               int column, uint64_t* full, SmemTensor& s_k) {
+  constexpr uint32_t kBytes = kBlockN * 64 * sizeof(Element);
+  if (threadIdx.x % 32 == 0)
+    cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(full, kBytes);
+  __syncwarp();
+  copy_key_box(p, k_map, lookup, kv_head, column, full, s_k);
 }
 
 template <typename Element, int kHeadDim, typename SmemTensor>
