@@ -7,6 +7,10 @@ event tile clock` lines for a few CTAs:
     python3 benchmarks/trace_tiles.py run 128,128,4096 > trace.log   # one row per process
     python3 benchmarks/trace_tiles.py summarize trace.log
 
+Microseconds are cycles over --clock-ghz (default 1.98, the H200's maximum); under a heavy
+tensor load the H200 ran at ~1.67 GHz (a traced CTA's cycles against the kernel's device
+time, NOTES v16), so pass the clock measured that way when the us matter.
+
 `run` makes one paged decode call of shape b,h_q,s_k (page 64, bf16, d = 576) twice inside
 jax.jit (profile_kernels.py's calls); the device prints each launch's records when the call synchronizes. `summarize` keeps
 the last launch and prints, per warpgroup of each traced CTA, the median cycles between each
