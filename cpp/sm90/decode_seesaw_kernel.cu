@@ -6,9 +6,10 @@
 //
 // One CTA = (piece of the schedule, KV head, block of 64 query rows), 3 warpgroups: a producer
 // (key pieces and query rows by TMA, on 56 registers) and math warpgroups A and B (224). A
-// owns output columns [0, 256) (O_L), B [256, 512) (O_R), 128 float registers a thread each. Tiles come in pairs: tile 2j lands in
-// stage 0 and is scored by A, tile 2j + 1 in stage 1, scored by B. Per pair, with m the
-// running row max (log2 units) in shared memory and S0, S1 already computed:
+// owns output columns [0, 256) (O_L), B [256, 512) (O_R), 128 float registers a thread each.
+// Tiles come in pairs: tile 2j lands in stage 0 and is scored by A, tile 2j + 1 in stage 1,
+// scored by B. Per pair, with m the running row max (log2 units) in shared memory and S0, S1
+// already computed:
 //   A: m0 = max(m, rowmax S0), scale0 = 2^(m - m0), P0 = 2^(S0 - m0),
 //      O_L = O_L scale0 + P0 V0_L (P0 from registers)
 //   B: m1 = max(m0, rowmax S1), scale1 = 2^(m0 - m1), P1 = 2^(S1 - m1),
@@ -189,9 +190,10 @@ __device__ __forceinline__ void load_group(const DecodeParams& p, const CUtensor
 
 // The producer: per pair, both tiles' lookups from block-table entries fetched a pair earlier
 // (under the key traffic an entry can take an HBM round trip: fetched just before, the two
-// lookups took ~2 800 cycles of the producer's ~8 700 a pair), then each group as it frees: stage 0's [0, 4) (A's P0 V0_L), stage 1's
-// [4, 9) (B's P1 V1_R), stage 0's [4, 9) (B's P0 V0_R), stage 1's [0, 4) (A's P1 V1_L). The
-// first pair's first groups go before the query rows, whose buffer frees only after the
+// lookups took ~2 800 of the producer's ~8 700 cycles a pair, though fetching them ahead did
+// not shorten the pair), then each group as it frees: stage 0's [0, 4) (A's P0 V0_L), stage
+// 1's [4, 9) (B's P1 V1_R), stage 0's [4, 9) (B's P0 V0_R), stage 1's [0, 4) (A's P1 V1_L).
+// The first pair's first groups go before the query rows, whose buffer frees only after the
 // previous segment's last scores. (Issuing the copies from the math warpgroups themselves,
 // at each release, cost the issuing warpgroup 1 300-1 500 cycles a refill: a TMA issue waits
 // while earlier boxes drain. benchmarks/NOTES.md v16.)
@@ -414,7 +416,8 @@ __device__ __forceinline__ void attend_segment(const DecodeParams& p, const Segm
                          (wg_thread / 32) * 16 + (wg_thread % 32) / 4 + 8};
   const int seqlen = clamped_seqlen(p, seg.batch_idx);
   int key_limit[2];
-  for (int h = 0; h < 2; ++h) key_limit[h] = segment_key_limit(p, seg, seqlen, row_base + my_row[h]);
+  for (int h = 0; h < 2; ++h)
+    key_limit[h] = segment_key_limit(p, seg, seqlen, row_base + my_row[h]);
   const float scale_log2 = p.softmax_scale * kLog2e;
   float row_sum[2] = {0.f, 0.f};  // this thread's share, measured from the running max
   float running_max[2] = {-INFINITY, -INFINITY};  // B's m1 after each pair (B only)
@@ -430,7 +433,8 @@ __device__ __forceinline__ void attend_segment(const DecodeParams& p, const Segm
   // tiles exist, and this pair scores the next); kHasSecond: tile first + 1
   // exists. Compile-time, so that every wgmma batch is waited for in the code that issued it
   // (ptxas serialized every wgmma of the kernel otherwise, C7511/C7514).
-  const auto attend_pair = [&](int first, auto has_next, auto has_second) __attribute__((always_inline)) {
+  const auto attend_pair = [&](int first, auto has_next,
+                               auto has_second) __attribute__((always_inline)) {
     constexpr bool kHasNext = decltype(has_next)::value;
     constexpr bool kHasSecond = decltype(has_second)::value;
     const bool next_has_second = first + 3 < num_tiles;
