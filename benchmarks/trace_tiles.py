@@ -27,7 +27,7 @@ EVENTS = {
     4: "maxima shared", 5: "P shared", 6: "P V done", 7: "segment end",
     8: "partials in", 9: "rows ready",
     10: "stage free", 11: "keys issued", 12: "query free", 13: "query issued",
-    14: "handoff in", 15: "rest landed",
+    14: "handoff in",
 }
 KEYS_LANDED, SCORES_DONE, KEYS_ISSUED = 2, 3, 11
 

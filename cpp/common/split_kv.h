@@ -34,12 +34,21 @@ FMLA_HOST_DEVICE int key_limit_for_row(const DecodeParams& p, int seqlen, int ro
   return limit < 0 ? 0 : (limit > seqlen ? seqlen : limit);
 }
 
+// The block-table entry of token `token` of request `batch_idx`, as stored (any int32).
+FMLA_HOST_DEVICE int32_t block_table_entry(const DecodeParams& p, int batch_idx, int token) {
+  return p.block_table[static_cast<int64_t>(batch_idx) * p.max_blocks_per_seq +
+                       token / p.page_block_size];
+}
+
+// Whether a block-table entry names a page of the cache.
+FMLA_HOST_DEVICE bool is_valid_page(const DecodeParams& p, int32_t entry) {
+  return entry >= 0 && entry < p.num_blocks;
+}
+
 // Page holding token `token` of request `batch_idx`, or -1 when the table entry is invalid.
 FMLA_HOST_DEVICE int page_of_token(const DecodeParams& p, int batch_idx, int token) {
-  const int column = token / p.page_block_size;
-  const int32_t page =
-      p.block_table[static_cast<int64_t>(batch_idx) * p.max_blocks_per_seq + column];
-  return (page >= 0 && page < p.num_blocks) ? page : -1;
+  const int32_t page = block_table_entry(p, batch_idx, token);
+  return is_valid_page(p, page) ? page : -1;
 }
 
 FMLA_HOST_DEVICE int64_t k_offset(const DecodeParams& p, int page, int token, int kv_head) {

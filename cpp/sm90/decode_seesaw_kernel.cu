@@ -130,10 +130,6 @@ struct StagePhases {
   __device__ void flip(int stage) { bits ^= 1u << stage; }
 };
 
-__device__ __forceinline__ void named_barrier_arrive(int id, int threads) {
-  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
-}
-
 // `ptr`, as a value the compiler must assume changes at each call: S's operand descriptors
 // are loop-invariant, and hoisted out of the pair loop they held 36 k-steps x 2 x 64 bits
 // live across it (v15 spilled).

@@ -35,7 +35,6 @@ enum TraceEvent : int {
   kTraceQueryFree = 12,     // producer: the query buffer's "empty" wait returned
   kTraceQueryIssued = 13,   // producer: the query rows' copies are issued
   kTraceHandoffIn = 14,     // math (seesaw): a wait on the other math warpgroup returned
-  kTraceRestLanded = 15,    // math (seesaw): the tile's second column group landed
 };
 
 constexpr int kTraceCtas = 2;

@@ -84,6 +84,11 @@ __device__ __forceinline__ void named_barrier_sync(int id, int threads) {
   asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
 }
 
+// Counts the calling warp in at named barrier `id` without waiting for the others.
+__device__ __forceinline__ void named_barrier_arrive(int id, int threads) {
+  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+
 // The calling thread's earlier cp.async copies arrive on `barrier` when they land.
 __device__ __forceinline__ void arrive_when_copies_land(uint64_t* barrier) {
   cutlass::arch::cpasync_barrier_arrive_noinc(barrier);
@@ -256,11 +261,7 @@ __device__ __forceinline__ TilePages fetch_tile_pages(const DecodeParams& p, con
   CUTE_UNROLL
   for (int i = 0; i < kBlockN / 32; ++i) {
     const int token = tile_begin + lane + 32 * i;
-    pages.entry[i] = token < seg.token_end
-                         ? p.block_table[static_cast<int64_t>(seg.batch_idx) *
-                                             p.max_blocks_per_seq +
-                                         token / p.page_block_size]
-                         : -1;
+    pages.entry[i] = token < seg.token_end ? block_table_entry(p, seg.batch_idx, token) : -1;
   }
   return pages;
 }
@@ -271,10 +272,9 @@ __device__ __forceinline__ TmaTileLookup resolve_tile_lookup(const DecodeParams&
                                                              const Segment& seg, int tile_begin,
                                                              const TilePages& pages) {
   const int lane = threadIdx.x % 32;
-  const auto valid_page = [&](int32_t entry) { return entry >= 0 && entry < p.num_blocks; };
   TmaTileLookup lookup;
   CUTE_UNROLL
-  for (int i = 0; i < kBlockN / 32; ++i) lookup.key_valid[i] = valid_page(pages.entry[i]);
+  for (int i = 0; i < kBlockN / 32; ++i) lookup.key_valid[i] = is_valid_page(p, pages.entry[i]);
   const int tokens_per_box = tma_tokens_per_box(p.page_block_size);
   const int first_key = min(lane * tokens_per_box, kBlockN - 1);
   const int32_t low = __shfl_sync(0xffffffffu, pages.entry[0], first_key % 32);
@@ -282,7 +282,7 @@ __device__ __forceinline__ TmaTileLookup resolve_tile_lookup(const DecodeParams&
   const int32_t page = first_key < 32 ? low : high;
   const int token = tile_begin + first_key;
   lookup.slot = p.num_blocks * p.page_block_size;  // past the end: TMA writes zeros
-  if (lane * tokens_per_box < kBlockN && token < seg.token_end && valid_page(page))
+  if (lane * tokens_per_box < kBlockN && token < seg.token_end && is_valid_page(p, page))
     lookup.slot = page * p.page_block_size + token % p.page_block_size;
   return lookup;
 }
