@@ -33,7 +33,9 @@ def short_name(name):
                 "split_kv_decode", "combine",
                 "tile_schedule"):
         if key in name:
-            return key
+            # The seesaw kernel in CTA pairs (cluster, keys multicast): kPaired = true.
+            paired = key.endswith("seesaw") and (", true>" in name or "Lb1E" in name)
+            return key + (" (paired)" if paired else "")
     return name.split("(")[0][:40]
 
 

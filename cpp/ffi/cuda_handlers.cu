@@ -22,13 +22,14 @@ ffi::Error cuda_error(const char* what, cudaError_t err) {
 
 // JAX_FLASH_MLA_KERNEL selects the split-KV kernel, for comparisons: "simple" is the first
 // (CUDA-core) kernel, "cpasync" the tensor-core kernels with their cp.async key gather and
-// query rows for every shape, "wide" the 64-row tensor-core kernel for every head count,
-// "seesaw" the seesaw schedule (decode_seesaw_kernel.cu) where it applies (d = 576, TMA key
-// tiles and query rows, more than kNarrowMaxRows rows); unset, the tensor-core kernels copy
-// with TMA where they can and at most kNarrowMaxRows query rows per KV head go to the narrow
-// kernel, more to the 64-row one. (The seesaw kernel is not the default: not yet faster end to
-// end, benchmarks/NOTES.md v16.) Read once per process.
-enum class KernelChoice { kSimple, kCpAsync, kWide, kSeesaw, kTma };
+// query rows for every shape, "wide" the default with the 64-row tier for every head count,
+// "seesaw" the seesaw schedule (decode_seesaw_kernel.cu) wherever it applies (d = 576, TMA key
+// tiles and query rows, more than kNarrowMaxRows rows), paired or not, "lockstep" the 64-row
+// kernel (decode_wgmma_kernel.cu) in its place everywhere. Unset, the tensor-core kernels copy
+// with TMA where they can; at most kNarrowMaxRows query rows per KV head go to the narrow
+// kernel; more go to the seesaw kernel where its CTAs pair (benchmarks/NOTES.md v17), else to
+// the 64-row one. Read once per process.
+enum class KernelChoice { kSimple, kCpAsync, kWide, kSeesaw, kLockstep, kTma };
 
 KernelChoice kernel_choice() {
   static const KernelChoice choice = [] {
@@ -37,9 +38,18 @@ KernelChoice kernel_choice() {
     if (name != nullptr && std::string(name) == "cpasync") return KernelChoice::kCpAsync;
     if (name != nullptr && std::string(name) == "wide") return KernelChoice::kWide;
     if (name != nullptr && std::string(name) == "seesaw") return KernelChoice::kSeesaw;
+    if (name != nullptr && std::string(name) == "lockstep") return KernelChoice::kLockstep;
     return KernelChoice::kTma;
   }();
   return choice;
+}
+
+SeesawUse seesaw_use(KernelChoice choice) {
+  switch (choice) {
+    case KernelChoice::kSeesaw: return SeesawUse::kAlways;
+    case KernelChoice::kLockstep: return SeesawUse::kNever;
+    default: return SeesawUse::kWherePaired;
+  }
 }
 
 ffi::Error GetMlaMetadataImpl(cudaStream_t stream, ffi::AnyBuffer cache_seqlens,
@@ -80,8 +90,7 @@ ffi::Error DecodeImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k_ca
   else if (choice != KernelChoice::kWide && params.rows_per_kv <= kNarrowMaxRows)
     err = launch_split_kv_decode_narrow(params, allow_tma, stream);
   else
-    err = launch_split_kv_decode_wgmma(params, allow_tma, choice == KernelChoice::kSeesaw,
-                                       stream);
+    err = launch_split_kv_decode_wgmma(params, allow_tma, seesaw_use(choice), stream);
   if (err != cudaSuccess) return cuda_error("split-KV decode kernel", err);
   err = launch_combine(params, stream);
   if (err != cudaSuccess) return cuda_error("combine kernel", err);

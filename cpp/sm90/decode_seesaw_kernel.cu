@@ -26,8 +26,10 @@
 // after P0 V0_L, stage 1's 4-8 after P1 V1_R, stage 0's 4-8 after P0 V0_R, stage 1's 0-3 after
 // P1 V1_L); A's S starts with pieces 0-3, B's with 4-8.
 //
-// Opt-in (JAX_FLASH_MLA_KERNEL=seesaw): correct and memcheck-clean, but not yet faster than
-// the lockstep kernel in the release build (benchmarks/NOTES.md v16).
+// Where the row blocks pair (more than 64 query rows per KV head), the two CTAs of a pair run
+// as a cluster and share each key tile by TMA multicast (KeySharing): so paired, the seesaw is
+// faster than the lockstep kernel and is the default there (benchmarks/NOTES.md v17). Alone
+// (JAX_FLASH_MLA_KERNEL=seesaw for 33-64 rows) it is slower, and not the default.
 //
 // Masking as in the 64-row kernel (which keys exist, here a 64-bit mask a tile, and a key
 // limit per row); keys past the segment inside a valid TMA box are zeroed, value columns
@@ -161,13 +163,51 @@ __device__ __forceinline__ void publish_key_mask(const TmaTileLookup& lookup, ui
 // ((thread % 4) * 2): pairs of adjacent keys, 8 apart (the layout row_half describes).
 __host__ __device__ constexpr int key_offset(int i) { return i % 2 + 8 * (i / 4); }
 
+// With more than 64 query rows per KV head, row blocks 2i and 2i + 1 of a (schedule piece, KV
+// head) read the same key tiles. kPaired: they run as a cluster of two CTAs, and each CTA's
+// producer issues every other piece of each group with TMA multicast to both, so that each
+// SM's copy engine issues half the boxes and L2 serves each key once for the pair. Every CTA's
+// producer still expects all of a piece's bytes on its own "full" barrier, and a group refills
+// only once both CTAs' readers have released it: each releasing warp arrives on the "empty"
+// barrier of both CTAs.
+template <bool kPaired>
+struct KeySharing {
+  static constexpr int kCtas = kPaired ? 2 : 1;
+  static constexpr uint16_t kMulticastMask = kPaired ? 0b11 : 0;
+  uint32_t rank = 0;  // this CTA's rank in its cluster
+
+  __device__ KeySharing() {
+    if constexpr (kPaired) rank = cute::block_rank_in_cluster();
+  }
+  __device__ bool issues(int piece) const { return !kPaired || piece % 2 == static_cast<int>(rank); }
+  // Once per warp, after the warp's own wgmmas on the group have completed.
+  __device__ void release(uint64_t* empty) const {
+    __syncwarp();
+    const uint32_t lane = threadIdx.x % 32;
+    if constexpr (kPaired) {
+      if (lane < 2) ClusterBarrier::arrive(empty, rank ^ lane, 1u);  // lane 0 here, 1 the peer
+    } else if (lane == 0) {
+      Barrier::arrive(empty);
+    }
+  }
+};
+
+// Every thread of both CTAs of a pair: before the first copy (the peer's multicast and
+// arrivals must find this CTA's barriers initialized) and before exit (none may still be on
+// their way to this CTA's shared memory).
+__device__ __forceinline__ void pair_sync() {
+  asm volatile("barrier.cluster.arrive;\n" ::: "memory");
+  asm volatile("barrier.cluster.wait;\n" ::: "memory");
+}
+
 // The producer's warp 0: group `group` of a tile (its lookup made ahead) into `stage`, once
 // the group's last reader has released it; each piece completes on its own barrier. With
 // `publish`, the tile's key mask first (released by the first piece's arrival).
-template <typename Element>
+template <typename Element, bool kPaired>
 __device__ __forceinline__ void load_group(const DecodeParams& p, const CUtensorMap& k_map,
                                            const TmaTileLookup& lookup, int kv_head, int tile,
                                            int stage, int group, uint32_t parity, bool publish,
+                                           const KeySharing<kPaired>& sharing,
                                            SharedStorage<Element>& smem,
                                            WarpgroupTrace& trace) {
   using L = Layouts<Element>;
@@ -180,7 +220,8 @@ __device__ __forceinline__ void load_group(const DecodeParams& p, const CUtensor
 #pragma unroll 1
   for (int piece = first; piece < end; ++piece)
     load_piece_tma<Element>(p, k_map, lookup, kv_head, piece * kPieceColumns,
-                            &smem.k_full[stage][piece], s_k);
+                            &smem.k_full[stage][piece], s_k, sharing.issues(piece),
+                            sharing.kMulticastMask);
   trace.mark(kTraceKeysIssued, tile);
 }
 
@@ -193,10 +234,11 @@ __device__ __forceinline__ void load_group(const DecodeParams& p, const CUtensor
 // previous segment's last scores. (Issuing the copies from the math warpgroups themselves,
 // at each release, cost the issuing warpgroup 1 300-1 500 cycles a refill: a TMA issue waits
 // while earlier boxes drain. benchmarks/NOTES.md v16.)
-template <typename Element>
+template <typename Element, bool kPaired>
 __device__ void produce_segment(const DecodeParams& p, const CUtensorMap& k_map,
                                 const CUtensorMap& q_map, const Segment& seg, int kv_head,
-                                int row_base, SharedStorage<Element>& smem, StagePhases& phases,
+                                int row_base, const KeySharing<kPaired>& sharing,
+                                SharedStorage<Element>& smem, StagePhases& phases,
                                 uint32_t& q_phase, WarpgroupTrace& trace) {
   using L = Layouts<Element>;
   const int num_tiles = num_tiles_of(seg);
@@ -211,10 +253,11 @@ __device__ void produce_segment(const DecodeParams& p, const CUtensorMap& k_map,
       lookup[s] = resolve_tile_lookup(p, seg, tile_begin_of(first + s), pages[s]);
     for (int s = 0; s < kStages; ++s)
       pages[s] = fetch_tile_pages(p, seg, tile_begin_of(first + kStages + s));
-    load_group(p, k_map, lookup[0], kv_head, first, 0, 0, phases.parity(0), true, smem, trace);
+    load_group(p, k_map, lookup[0], kv_head, first, 0, 0, phases.parity(0), true, sharing, smem,
+               trace);
     if (has_second)
-      load_group(p, k_map, lookup[1], kv_head, first + 1, 1, 1, phases.parity(1), true, smem,
-                 trace);
+      load_group(p, k_map, lookup[1], kv_head, first + 1, 1, 1, phases.parity(1), true,
+                 sharing, smem, trace);
     if (first == 0 && threadIdx.x == 0) {
       Barrier::wait(&smem.q_empty, q_phase ^ 1);
       trace.mark(kTraceQueryFree, -1);
@@ -222,11 +265,12 @@ __device__ void produce_segment(const DecodeParams& p, const CUtensorMap& k_map,
       load_query_rows_tma<Element, kHeadDim, kBlockM>(p, q_map, seg, kv_head, row_base,
                                                       &smem.q_full, s_q);
     }
-    load_group(p, k_map, lookup[0], kv_head, first, 0, 1, phases.parity(0), false, smem, trace);
+    load_group(p, k_map, lookup[0], kv_head, first, 0, 1, phases.parity(0), false, sharing,
+               smem, trace);
     phases.flip(0);
     if (has_second) {
-      load_group(p, k_map, lookup[1], kv_head, first + 1, 1, 0, phases.parity(1), false, smem,
-                 trace);
+      load_group(p, k_map, lookup[1], kv_head, first + 1, 1, 0, phases.parity(1), false,
+                 sharing, smem, trace);
       phases.flip(1);
     }
   }
@@ -332,9 +376,10 @@ __device__ __forceinline__ void rescale_output(FragO& acc_o, const float (&scale
   }
 }
 
-template <typename Element>
+template <typename Element, bool kPaired>
 __device__ __forceinline__ void attend_segment(const DecodeParams& p, const Segment& seg,
                                                int kv_head, int row_base,
+                                               const KeySharing<kPaired>& sharing,
                                                SharedStorage<Element>& smem, uint32_t& phase,
                                                uint32_t& q_phase, WarpgroupTrace& trace) {
   using L = Layouts<Element>;
@@ -344,7 +389,7 @@ __device__ __forceinline__ void attend_segment(const DecodeParams& p, const Segm
   const int num_tiles = num_tiles_of(seg);
   const auto tile_begin_of = [&](int tile) { return seg.token_begin + tile * kBlockN; };
   // Every warp of this warpgroup is done with a group of a stage (its wgmmas waited for).
-  const auto release = [&](int s, int group) { warp_release(&smem.k_empty[s][group]); };
+  const auto release = [&](int s, int group) { sharing.release(&smem.k_empty[s][group]); };
 
   // The previous segment's row sums may still be read by the other warpgroup.
   named_barrier_sync(kMathBarrier, kMathThreads);
@@ -627,29 +672,31 @@ __device__ __forceinline__ void attend_segment(const DecodeParams& p, const Segm
   trace.mark(kTraceSegmentEnd, num_tiles);
 }
 
-template <typename Element>
+template <typename Element, bool kPaired>
 __device__ __forceinline__ void init_barriers(SharedStorage<Element>& smem) {
   for (int s = 0; s < kStages; ++s) {
     // One arrival each (the loading warp's lane 0, with the piece's bytes).
     for (int piece = 0; piece < kPieces; ++piece) ClusterBarrier::init(&smem.k_full[s][piece], 1);
   }
   for (int s = 0; s < kStages; ++s) {
-    // The 4 warps of the group's last reader.
-    for (int g = 0; g < kGroups; ++g) ClusterBarrier::init(&smem.k_empty[s][g], 4);
+    // The 4 warps of the group's last reader, in each CTA that reads the keys.
+    for (int g = 0; g < kGroups; ++g)
+      ClusterBarrier::init(&smem.k_empty[s][g], 4 * KeySharing<kPaired>::kCtas);
   }
   ClusterBarrier::init(&smem.q_full, 1);
   ClusterBarrier::init(&smem.q_empty, kMathThreads / 32);
   cutlass::arch::fence_barrier_init();
 }
 
-template <typename Element>
+template <typename Element, bool kPaired>
 __global__ void __launch_bounds__(kThreads, 1)
     split_kv_decode_seesaw_kernel(const __grid_constant__ DecodeParams params,
                                   const __grid_constant__ CUtensorMap k_map,
                                   const __grid_constant__ CUtensorMap q_map) {
   extern __shared__ __align__(1024) unsigned char smem_bytes[];
   auto& smem = *reinterpret_cast<SharedStorage<Element>*>(smem_bytes);
-  start_pipeline(k_map, true, q_map, true, [&] { init_barriers(smem); });
+  start_pipeline(k_map, true, q_map, true, [&] { init_barriers<Element, kPaired>(smem); });
+  if constexpr (kPaired) pair_sync();
 
   const int32_t* piece =
       params.tile_scheduler_metadata + static_cast<int64_t>(blockIdx.x) * kMetadataInts;
@@ -657,13 +704,15 @@ __global__ void __launch_bounds__(kThreads, 1)
   WarpgroupTrace trace;
   const int kv_head = blockIdx.y;
   const int row_base = blockIdx.z * kBlockM;
-  // Every role walks the same segments in the same order, so the phases agree.
+  const KeySharing<kPaired> sharing;
+  // Every role walks the same segments in the same order (both CTAs of a pair too: they share
+  // blockIdx.x, so the schedule piece), so the phases agree.
   if (threadIdx.x < kProducerThreads) {
     cutlass::arch::warpgroup_reg_dealloc<kProducerRegisters>();
     StagePhases phases;
     for_each_segment(params, piece, [&](const Segment& seg) __attribute__((always_inline)) {
-      produce_segment<Element>(params, k_map, q_map, seg, kv_head, row_base, smem, phases,
-                               q_phase, trace);
+      produce_segment<Element>(params, k_map, q_map, seg, kv_head, row_base, sharing, smem,
+                               phases, q_phase, trace);
     });
   } else {
     cutlass::arch::warpgroup_reg_alloc<kMathRegisters>();
@@ -671,21 +720,54 @@ __global__ void __launch_bounds__(kThreads, 1)
     // Inlined (as are attend_segment and its lambdas): a wgmma pipeline crossing a call made
     // ptxas serialize every wgmma (C7510), and a call passed the accumulators on the stack.
     for_each_segment(params, piece, [&](const Segment& seg) __attribute__((always_inline)) {
-      attend_segment<Element>(params, seg, kv_head, row_base, smem, phase, q_phase, trace);
+      attend_segment<Element>(params, seg, kv_head, row_base, sharing, smem, phase, q_phase,
+                              trace);
     });
   }
   trace.publish();
+  if constexpr (kPaired) pair_sync();
 }
+
+template <typename Element, bool kPaired>
+constexpr auto kSeesawKernel = split_kv_decode_seesaw_kernel<Element, kPaired>;
 
 template <typename Element>
 cudaError_t launch_instance(const DecodeParams& params, const CUtensorMap& k_map,
                             const CUtensorMap& q_map, dim3 grid, cudaStream_t stream) {
-  return launch_decode_kernel<split_kv_decode_seesaw_kernel<Element>,
-                              sizeof(SharedStorage<Element>)>(grid, kThreads, stream, params,
-                                                               k_map, q_map);
+  constexpr size_t kSmemBytes = sizeof(SharedStorage<Element>);
+  if (seesaw_pairs_fit(grid))
+    return launch_decode_kernel_in_clusters<kSeesawKernel<Element, true>, kSmemBytes>(
+        grid, dim3(1, 1, 2), kThreads, stream, params, k_map, q_map);
+  return launch_decode_kernel<kSeesawKernel<Element, false>, kSmemBytes>(
+      grid, kThreads, stream, params, k_map, q_map);
 }
 
 }  // namespace
+
+// A pair needs two free SMs of one GPC (a cluster), so a GPU whose GPCs have odd SM counts
+// holds fewer pairs than SMs / 2; then the pairs must still fit in as few waves as single CTAs
+// (one an SM). The bf16 kernel stands for both element types: same shared memory, same
+// threads.
+bool seesaw_pairs_fit(dim3 grid) {
+  if (grid.z % 2 != 0) return false;
+  const int max_pairs = once_per_device([] {
+    return max_active_clusters<kSeesawKernel<cutlass::bfloat16_t, true>,
+                               sizeof(SharedStorage<cutlass::bfloat16_t>)>(kThreads,
+                                                                           dim3(1, 1, 2));
+  });
+  const int sms = once_per_device([] {
+    int device = 0, count = 0;
+    if (cudaGetDevice(&device) != cudaSuccess ||
+        cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
+      (void)cudaGetLastError();
+      return 0;
+    }
+    return count;
+  });
+  if (max_pairs <= 0 || sms <= 0) return false;
+  const int64_t ctas = static_cast<int64_t>(grid.x) * grid.y * grid.z;
+  return (ctas / 2 + max_pairs - 1) / max_pairs <= (ctas + sms - 1) / sms;
+}
 
 cudaError_t launch_split_kv_decode_seesaw(const DecodeParams& params, const CUtensorMap& k_map,
                                           const CUtensorMap& q_map, dim3 grid,

@@ -23,9 +23,11 @@
 // split by head dimension, plus ~450 for the exchange (benchmarks/NOTES.md, v11-v12).
 // Loads never wait on the math warpgroups' barriers: the next stage's copies are in flight the
 // moment a stage frees, and the math warpgroups sync only with each other (named barrier).
-// Schedules tried and measured no faster (benchmarks/NOTES.md, v7): the seesaw (alternate
+// Schedules tried here and measured no faster (benchmarks/NOTES.md, v7): the seesaw (alternate
 // tiles per warpgroup), whole scores per warpgroup with P in registers, and two narrow-kernel
-// warpgroups of 32 rows each.
+// warpgroups of 32 rows each. The seesaw kernel of decode_seesaw_kernel.cu, with per-piece
+// barriers and its CTAs in pairs that share the keys, is faster where row blocks pair (more
+// than 64 rows a KV head) and takes those grids (v17).
 //
 // Masking: a key past the segment, past the length or on an invalid page scores -inf. Its
 // value row must still be finite (P = 0 times NaN is NaN): TMA boxes of invalid pages are
@@ -394,7 +396,7 @@ cudaError_t launch_for_element(const DecodeParams& params, const CUtensorMap& k_
 }  // namespace
 
 cudaError_t launch_split_kv_decode_wgmma(const DecodeParams& params, bool allow_tma,
-                                         bool allow_seesaw, cudaStream_t stream) {
+                                         SeesawUse seesaw, cudaStream_t stream) {
   if ((params.head_dim != 576 && params.head_dim != 512) ||
       params.head_dim_v != kHeadDimV || params.num_sm_parts <= 0 || params.num_heads_k <= 0)
     return cudaErrorInvalidValue;
@@ -408,7 +410,9 @@ cudaError_t launch_split_kv_decode_wgmma(const DecodeParams& params, bool allow_
   // that choice still runs the whole fallback.
   CUtensorMap q_map = {};
   const bool query_tma = allow_tma && make_query_tensor_map(params, kBlockM, &q_map);
-  if (allow_seesaw && use_tma && query_tma && params.head_dim == 576)
+  if (use_tma && query_tma && params.head_dim == 576 &&
+      (seesaw == SeesawUse::kAlways ||
+       (seesaw == SeesawUse::kWherePaired && seesaw_pairs_fit(grid))))
     return launch_split_kv_decode_seesaw(params, k_map, q_map, grid, stream);
   return params.dtype == ElementType::kBF16
              ? launch_for_element<cutlass::bfloat16_t>(params, k_map, use_tma, q_map, query_tma,

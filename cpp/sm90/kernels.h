@@ -25,12 +25,19 @@ cudaError_t launch_tile_schedule(const int32_t* cache_seqlens, int batch, int nu
 // stages query rows with TMA where the head count allows (both only with `allow_tma`), else
 // with cp.async.
 cudaError_t launch_split_kv_decode(const DecodeParams& params, cudaStream_t stream);
-// With `allow_seesaw`, d = 576 with TMA key tiles and query rows goes to the seesaw schedule
-// (decode_seesaw_kernel.cu) instead.
+// Where d = 576 with TMA key tiles and query rows, the seesaw schedule
+// (decode_seesaw_kernel.cu) can take the 64-row kernel's place: kNever, kWherePaired (where
+// its CTAs run in pairs that share the keys: the default, faster there), kAlways.
+enum class SeesawUse { kNever, kWherePaired, kAlways };
 cudaError_t launch_split_kv_decode_wgmma(const DecodeParams& params, bool allow_tma,
-                                         bool allow_seesaw, cudaStream_t stream);
+                                         SeesawUse seesaw, cudaStream_t stream);
+// Whether the seesaw kernel runs `grid` (the 64-row kernel's) in pairs of CTAs, one cluster
+// each, that share the key tiles: row blocks come in pairs, and the pairs fit the current
+// device in as few waves as single CTAs would.
+bool seesaw_pairs_fit(dim3 grid);
 // The seesaw kernel, on the tensor maps the caller built (keys: paged_kv_tensor_map.h; query
-// rows: query_tensor_map.h, both required) and the 64-row kernel's grid.
+// rows: query_tensor_map.h, both required) and the 64-row kernel's grid, in pairs where
+// seesaw_pairs_fit.
 cudaError_t launch_split_kv_decode_seesaw(const DecodeParams& params, const CUtensorMap& k_map,
                                           const CUtensorMap& q_map, dim3 grid,
                                           cudaStream_t stream);

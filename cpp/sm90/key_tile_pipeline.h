@@ -305,14 +305,22 @@ __device__ __forceinline__ void publish_key_valid(const TmaTileLookup& lookup, u
 
 // This lane's TMA box of a tile's columns [column, column + 64), if it has one (tokens_per_box
 // >= 8, so a lane has at most one box row: 64 / tokens_per_box lanes do), completing on `full`.
+// With a `multicast_mask`, the box lands at the same offset in each CTA of the cluster the
+// mask names and completes on each one's barrier at `full`'s offset.
 template <typename SmemTensor>
 __device__ __forceinline__ void copy_key_box(const DecodeParams& p, const CUtensorMap& k_map,
                                              const TmaTileLookup& lookup, int kv_head,
-                                             int column, uint64_t* full, SmemTensor& s_k) {
+                                             int column, uint64_t* full, SmemTensor& s_k,
+                                             uint16_t multicast_mask = 0) {
   const int first = threadIdx.x % 32 * tma_tokens_per_box(p.page_block_size);
-  if (first < kBlockN)
-    SM90_TMA_LOAD_3D::copy(&k_map, full, static_cast<uint64_t>(TMA::CacheHintSm90::EVICT_NORMAL),
-                           &s_k(first, column), column, kv_head, lookup.slot);
+  constexpr auto kHint = static_cast<uint64_t>(TMA::CacheHintSm90::EVICT_NORMAL);
+  if (first >= kBlockN) return;
+  if (multicast_mask == 0)
+    SM90_TMA_LOAD_3D::copy(&k_map, full, kHint, &s_k(first, column), column, kv_head,
+                           lookup.slot);
+  else
+    SM90_TMA_LOAD_MULTICAST_3D::copy(&k_map, full, multicast_mask, kHint, &s_k(first, column),
+                                     column, kv_head, lookup.slot);
 }
 
 // Columns [kBegin, kEnd) of a tile's keys (multiples of 64), by one warp: one box per
@@ -334,16 +342,20 @@ __device__ __forceinline__ void load_columns_tma(const DecodeParams& p, const CU
 }
 
 // Columns [column, column + 64) of a tile's keys, by one warp, completing on their own `full`
-// barrier (which expects their bytes), so that a reader can start on them alone.
+// barrier (which expects their bytes), so that a reader can start on them alone. In a cluster
+// whose CTAs share the keys, every CTA's loading warp expects the piece's bytes on its own
+// barrier, and one of them (`issues_box`) copies it to all (`multicast_mask`).
 template <typename Element, typename SmemTensor>
 __device__ __forceinline__ void load_piece_tma(const DecodeParams& p, const CUtensorMap& k_map,
                                                const TmaTileLookup& lookup, int kv_head,
-                                               int column, uint64_t* full, SmemTensor& s_k) {
+                                               int column, uint64_t* full, SmemTensor& s_k,
+                                               bool issues_box = true,
+                                               uint16_t multicast_mask = 0) {
   constexpr uint32_t kBytes = kBlockN * 64 * sizeof(Element);
   if (threadIdx.x % 32 == 0)
     cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(full, kBytes);
   __syncwarp();
-  copy_key_box(p, k_map, lookup, kv_head, column, full, s_k);
+  if (issues_box) copy_key_box(p, k_map, lookup, kv_head, column, full, s_k, multicast_mask);
 }
 
 template <typename Element, int kHeadDim, typename SmemTensor>
