@@ -225,15 +225,15 @@ __device__ __forceinline__ void load_group(const DecodeParams& p, const CUtensor
   trace.mark(kTraceKeysIssued, tile);
 }
 
-// The producer: per pair, both tiles' lookups from block-table entries fetched a pair earlier
-// (under the key traffic an entry can take an HBM round trip: fetched just before, the two
-// lookups took ~2 800 of the producer's ~8 700 cycles a pair, though fetching them ahead did
-// not shorten the pair), then each group as it frees: stage 0's [0, 4) (A's P0 V0_L), stage
-// 1's [4, 9) (B's P1 V1_R), stage 0's [4, 9) (B's P0 V0_R), stage 1's [0, 4) (A's P1 V1_L).
-// The first pair's first groups go before the query rows, whose buffer frees only after the
-// previous segment's last scores. (Issuing the copies from the math warpgroups themselves,
-// at each release, cost the issuing warpgroup 1 300-1 500 cycles a refill: a TMA issue waits
-// while earlier boxes drain. benchmarks/NOTES.md v16.)
+// The producer: warp s issues the tiles of stage s (both math warpgroups' refills would
+// otherwise queue behind each other in one warp). Per pair, its tile's lookup from block-table
+// entries fetched a pair earlier (under the key traffic an entry can take an HBM round trip),
+// then each group as it frees: stage 0's [0, 4) (A's P0 V0_L) then [4, 9) (B's P0 V0_R);
+// stage 1's [4, 9) (B's P1 V1_R) then [0, 4) (A's P1 V1_L). The first pair's first group of
+// stage 0 goes before the query rows (warp 0), whose buffer frees only after the previous
+// segment's last scores. (Issuing the copies from the math warpgroups themselves, at each
+// release, cost the issuing warpgroup 1 300-1 500 cycles a refill: a TMA issue waits while
+// earlier boxes drain. benchmarks/NOTES.md v16.)
 template <typename Element, bool kPaired>
 __device__ void produce_segment(const DecodeParams& p, const CUtensorMap& k_map,
                                 const CUtensorMap& q_map, const Segment& seg, int kv_head,
@@ -242,22 +242,19 @@ __device__ void produce_segment(const DecodeParams& p, const CUtensorMap& k_map,
                                 uint32_t& q_phase, WarpgroupTrace& trace) {
   using L = Layouts<Element>;
   const int num_tiles = num_tiles_of(seg);
-  if (num_tiles == 0 || threadIdx.x >= 32) return;
+  if (num_tiles == 0 || threadIdx.x >= 32 * kStages) return;
+  const int stage = threadIdx.x / 32;
+  const int early_group = stage == 0 ? 0 : 1;  // the group its stage's readers free first
   const auto tile_begin_of = [&](int tile) { return seg.token_begin + tile * kBlockN; };
-  TilePages pages[kStages];  // the next pair's entries (-1 past the segment, not read)
-  for (int s = 0; s < kStages; ++s) pages[s] = fetch_tile_pages(p, seg, tile_begin_of(s));
+  // The next pair's entries (-1 past the segment, not read).
+  TilePages pages = fetch_tile_pages(p, seg, tile_begin_of(stage));
   for (int first = 0; first < num_tiles; first += kStages) {
-    const bool has_second = first + 1 < num_tiles;
-    TmaTileLookup lookup[kStages];
-    for (int s = 0; s < kStages; ++s)
-      lookup[s] = resolve_tile_lookup(p, seg, tile_begin_of(first + s), pages[s]);
-    for (int s = 0; s < kStages; ++s)
-      pages[s] = fetch_tile_pages(p, seg, tile_begin_of(first + kStages + s));
-    load_group(p, k_map, lookup[0], kv_head, first, 0, 0, phases.parity(0), true, sharing, smem,
-               trace);
-    if (has_second)
-      load_group(p, k_map, lookup[1], kv_head, first + 1, 1, 1, phases.parity(1), true,
-                 sharing, smem, trace);
+    const int tile = first + stage;
+    if (tile >= num_tiles) break;
+    const TmaTileLookup lookup = resolve_tile_lookup(p, seg, tile_begin_of(tile), pages);
+    pages = fetch_tile_pages(p, seg, tile_begin_of(tile + kStages));
+    load_group(p, k_map, lookup, kv_head, tile, stage, early_group, phases.parity(stage), true,
+               sharing, smem, trace);
     if (first == 0 && threadIdx.x == 0) {
       Barrier::wait(&smem.q_empty, q_phase ^ 1);
       trace.mark(kTraceQueryFree, -1);
@@ -265,14 +262,9 @@ __device__ void produce_segment(const DecodeParams& p, const CUtensorMap& k_map,
       load_query_rows_tma<Element, kHeadDim, kBlockM>(p, q_map, seg, kv_head, row_base,
                                                       &smem.q_full, s_q);
     }
-    load_group(p, k_map, lookup[0], kv_head, first, 0, 1, phases.parity(0), false, sharing,
-               smem, trace);
-    phases.flip(0);
-    if (has_second) {
-      load_group(p, k_map, lookup[1], kv_head, first + 1, 1, 0, phases.parity(1), false,
-                 sharing, smem, trace);
-      phases.flip(1);
-    }
+    load_group(p, k_map, lookup, kv_head, tile, stage, 1 - early_group, phases.parity(stage),
+               false, sharing, smem, trace);
+    phases.flip(stage);
   }
   q_phase ^= 1;
 }
