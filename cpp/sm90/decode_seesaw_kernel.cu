@@ -5,8 +5,9 @@
 // score exchange and softmax a tile leave the tensor cores idle: benchmarks/NOTES.md v14.)
 //
 // One CTA = (piece of the schedule, KV head, block of 64 query rows), 3 warpgroups: a producer
-// (key pieces and query rows by TMA, on 56 registers) and math warpgroups A and B (224). A
-// owns output columns [0, 256) (O_L), B [256, 512) (O_R), 128 float registers a thread each.
+// (key pieces and query rows by TMA, issued by two warps, one a stage; 56 registers) and math
+// warpgroups A and B (224). A owns output columns [0, 256) (O_L), B [256, 512) (O_R), 128
+// float registers a thread each.
 // Tiles come in pairs: tile 2j lands in stage 0 and is scored by A, tile 2j + 1 in stage 1,
 // scored by B. Per pair, with m the running row max (log2 units) in shared memory and S0, S1
 // already computed:
@@ -179,7 +180,10 @@ struct KeySharing {
   __device__ KeySharing() {
     if constexpr (kPaired) rank = cute::block_rank_in_cluster();
   }
-  __device__ bool issues(int piece) const { return !kPaired || piece % 2 == static_cast<int>(rank); }
+  // This CTA copies `piece` (for both CTAs when paired).
+  __device__ bool issues(int piece) const {
+    return !kPaired || piece % 2 == static_cast<int>(rank);
+  }
   // Once per warp, after the warp's own wgmmas on the group have completed.
   __device__ void release(uint64_t* empty) const {
     __syncwarp();
