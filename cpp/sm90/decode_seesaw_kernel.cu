@@ -204,7 +204,7 @@ __device__ __forceinline__ void pair_sync() {
   asm volatile("barrier.cluster.wait;\n" ::: "memory");
 }
 
-// The producer's warp 0: group `group` of a tile (its lookup made ahead) into `stage`, once
+// An issuing producer warp: group `group` of a tile (its lookup made ahead) into `stage`, once
 // the group's last reader has released it; each piece completes on its own barrier. With
 // `publish`, the tile's key mask first (released by the first piece's arrival).
 template <typename Element, bool kPaired>
