@@ -186,12 +186,12 @@ struct KeySharing {
   }
   // Once per warp, after the warp's own wgmmas on the group have completed.
   __device__ void release(uint64_t* empty) const {
-    __syncwarp();
-    const uint32_t lane = threadIdx.x % 32;
     if constexpr (kPaired) {
+      __syncwarp();
+      const uint32_t lane = threadIdx.x % 32;
       if (lane < 2) ClusterBarrier::arrive(empty, rank ^ lane, 1u);  // lane 0 here, 1 the peer
-    } else if (lane == 0) {
-      Barrier::arrive(empty);
+    } else {
+      warp_release(empty);
     }
   }
 };
@@ -746,23 +746,27 @@ cudaError_t launch_instance(const DecodeParams& params, const CUtensorMap& k_map
 // threads.
 bool seesaw_pairs_fit(dim3 grid) {
   if (grid.z % 2 != 0) return false;
-  const int max_pairs = once_per_device([] {
-    return max_active_clusters<kSeesawKernel<cutlass::bfloat16_t, true>,
-                               sizeof(SharedStorage<cutlass::bfloat16_t>)>(kThreads,
-                                                                           dim3(1, 1, 2));
-  });
-  const int sms = once_per_device([] {
-    int device = 0, count = 0;
+  struct Capacity {
+    int max_pairs = 0;  // pairs resident at once
+    int sms = 0;
+  };
+  const Capacity capacity = once_per_device([] {
+    Capacity c;
+    c.max_pairs = max_active_clusters<kSeesawKernel<cutlass::bfloat16_t, true>,
+                                      sizeof(SharedStorage<cutlass::bfloat16_t>)>(
+        kThreads, dim3(1, 1, 2));
+    int device = 0;
     if (cudaGetDevice(&device) != cudaSuccess ||
-        cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
+        cudaDeviceGetAttribute(&c.sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
       (void)cudaGetLastError();
-      return 0;
+      c.sms = 0;
     }
-    return count;
+    return c;
   });
-  if (max_pairs <= 0 || sms <= 0) return false;
+  if (capacity.max_pairs <= 0 || capacity.sms <= 0) return false;
   const int64_t ctas = static_cast<int64_t>(grid.x) * grid.y * grid.z;
-  return (ctas / 2 + max_pairs - 1) / max_pairs <= (ctas + sms - 1) / sms;
+  return (ctas / 2 + capacity.max_pairs - 1) / capacity.max_pairs <=
+         (ctas + capacity.sms - 1) / capacity.sms;
 }
 
 cudaError_t launch_split_kv_decode_seesaw(const DecodeParams& params, const CUtensorMap& k_map,

@@ -29,6 +29,27 @@ auto once_per_device(Setter&& set) {
   return it->second;
 }
 
+// A launch configuration of `grid` in clusters of `cluster` CTAs (cudaLaunchKernelEx's and
+// cudaOccupancyMaxActiveClusters' argument). Not copyable: `config` points at `attribute`.
+struct ClusterLaunch {
+  cudaLaunchAttribute attribute = {};
+  cudaLaunchConfig_t config = {};
+  ClusterLaunch(dim3 grid, dim3 cluster, int threads, size_t smem_bytes, cudaStream_t stream) {
+    attribute.id = cudaLaunchAttributeClusterDimension;
+    attribute.val.clusterDim.x = cluster.x;
+    attribute.val.clusterDim.y = cluster.y;
+    attribute.val.clusterDim.z = cluster.z;
+    config.gridDim = grid;
+    config.blockDim = dim3(threads);
+    config.dynamicSmemBytes = smem_bytes;
+    config.stream = stream;
+    config.attrs = &attribute;
+    config.numAttrs = 1;
+  }
+  ClusterLaunch(const ClusterLaunch&) = delete;
+  ClusterLaunch& operator=(const ClusterLaunch&) = delete;
+};
+
 // Launches the decode kernel kKernel on `stream` with kSmemBytes of dynamic shared memory,
 // setting that attribute once per device first; in a trace build, the trace printer follows.
 // With `cluster` other than 1 x 1 x 1, the grid is launched in clusters of that shape.
@@ -47,21 +68,10 @@ cudaError_t launch_decode_kernel_in_clusters(dim3 grid, dim3 cluster, int thread
   if (cluster.x * cluster.y * cluster.z == 1) {
     kKernel<<<grid, threads, kSmemBytes, stream>>>(args...);
   } else {
-    cudaLaunchAttribute attribute = {};
-    attribute.id = cudaLaunchAttributeClusterDimension;
-    attribute.val.clusterDim.x = cluster.x;
-    attribute.val.clusterDim.y = cluster.y;
-    attribute.val.clusterDim.z = cluster.z;
-    cudaLaunchConfig_t config = {};
-    config.gridDim = grid;
-    config.blockDim = dim3(threads);
-    config.dynamicSmemBytes = kSmemBytes;
-    config.stream = stream;
-    config.attrs = &attribute;
-    config.numAttrs = 1;
-    if (const cudaError_t launch = cudaLaunchKernelEx(&config, kKernel, args...);
-        launch != cudaSuccess)
-      return launch;
+    const ClusterLaunch launch(grid, cluster, threads, kSmemBytes, stream);
+    if (const cudaError_t status = cudaLaunchKernelEx(&launch.config, kKernel, args...);
+        status != cudaSuccess)
+      return status;
   }
   sm90::launch_trace_print(stream);
   return cudaGetLastError();
@@ -83,19 +93,9 @@ int max_active_clusters(int threads, dim3 cluster) {
     (void)cudaGetLastError();
     return 0;
   }
-  cudaLaunchAttribute attribute = {};
-  attribute.id = cudaLaunchAttributeClusterDimension;
-  attribute.val.clusterDim.x = cluster.x;
-  attribute.val.clusterDim.y = cluster.y;
-  attribute.val.clusterDim.z = cluster.z;
-  cudaLaunchConfig_t config = {};
-  config.gridDim = cluster;
-  config.blockDim = dim3(threads);
-  config.dynamicSmemBytes = kSmemBytes;
-  config.attrs = &attribute;
-  config.numAttrs = 1;
+  const ClusterLaunch launch(cluster, cluster, threads, kSmemBytes, nullptr);
   int count = 0;
-  if (cudaOccupancyMaxActiveClusters(&count, kKernel, &config) != cudaSuccess) {
+  if (cudaOccupancyMaxActiveClusters(&count, kKernel, &launch.config) != cudaSuccess) {
     (void)cudaGetLastError();
     return 0;
   }
