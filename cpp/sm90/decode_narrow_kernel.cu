@@ -201,7 +201,7 @@ __device__ void attend_segment_narrow(const DecodeParams& p, bool use_tma, const
     CUTE_UNROLL
     for (int i = 0; i < size(acc_s); ++i) {
       const int j = row_slot(i);
-      const float prob = exp2f(acc_s(i) - reference[j]);
+      const float prob = exp2_flush_subnormal(acc_s(i) - reference[j]);
       softmax[j].sum += prob;
       p_out(i) = static_cast<Element>(prob);
     }

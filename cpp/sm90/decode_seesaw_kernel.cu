@@ -309,21 +309,33 @@ __device__ __forceinline__ void issue_steps(TiledMma& mma, const FragA& a, const
 
 // Masks S (to -inf where a key is absent or out of the row's reach), scales it into the log2
 // domain and returns the row maxima of this thread's two rows over the quad (the whole row).
+// A tile both rows see whole skips the per-key tests: this step is on the pair's critical path
+// (A's max gates B's softmax), and skipping them took 4-6% off the h_q = 128 rows (v18).
 template <typename FragS>
 __device__ __forceinline__ void mask_and_max(FragS& acc_s, uint64_t key_mask, int tile_begin,
                                              const int (&key_limit)[2], float scale_log2,
                                              float (&tile_max)[2]) {
-  const int first_key = threadIdx.x % 4 * 2;
-  const uint64_t mine = key_mask >> first_key;
   tile_max[0] = tile_max[1] = -INFINITY;
-  CUTE_UNROLL
-  for (int i = 0; i < size(acc_s); ++i) {
-    const int half = row_half(i);
-    const int key = first_key + key_offset(i);
-    const bool visible = (mine >> key_offset(i) & 1) && tile_begin + key < key_limit[half];
-    const float s = visible ? acc_s(i) * scale_log2 : -INFINITY;
-    acc_s(i) = s;
-    tile_max[half] = fmaxf(tile_max[half], s);
+  if (key_mask == ~uint64_t{0} && tile_begin + kBlockN <= min(key_limit[0], key_limit[1])) {
+    // Both rows see every key of the tile (all but a segment's edges): no per-key tests.
+    CUTE_UNROLL
+    for (int i = 0; i < size(acc_s); ++i) {
+      const float s = acc_s(i) * scale_log2;
+      acc_s(i) = s;
+      tile_max[row_half(i)] = fmaxf(tile_max[row_half(i)], s);
+    }
+  } else {
+    const int first_key = threadIdx.x % 4 * 2;
+    const uint64_t mine = key_mask >> first_key;
+    CUTE_UNROLL
+    for (int i = 0; i < size(acc_s); ++i) {
+      const int half = row_half(i);
+      const int key = first_key + key_offset(i);
+      const bool visible = (mine >> key_offset(i) & 1) && tile_begin + key < key_limit[half];
+      const float s = visible ? acc_s(i) * scale_log2 : -INFINITY;
+      acc_s(i) = s;
+      tile_max[half] = fmaxf(tile_max[half], s);
+    }
   }
   for (int h = 0; h < 2; ++h) tile_max[h] = quad_max(tile_max[h]);
 }
@@ -341,7 +353,7 @@ __device__ __forceinline__ void exponentiate(FragS& acc_s, const float (&referen
   sum[0] = sum[1] = 0.f;
   CUTE_UNROLL
   for (int i = 0; i < size(acc_s); ++i) {
-    const float prob = exp2f(acc_s(i) - reference[row_half(i)]);
+    const float prob = exp2_flush_subnormal(acc_s(i) - reference[row_half(i)]);
     acc_s(i) = prob;
     sum[row_half(i)] += prob;
   }

@@ -285,8 +285,8 @@ __device__ void attend_segment(const DecodeParams& p, bool use_tma, const Segmen
     CUTE_UNROLL
     for (int i = 0; i < size(acc_s); i += 2) {
       const int half = row_half(i);
-      const float prob0 = exp2f(acc_s(i) - reference[half]);
-      const float prob1 = exp2f(acc_s(i + 1) - reference[half]);
+      const float prob0 = exp2_flush_subnormal(acc_s(i) - reference[half]);
+      const float prob1 = exp2_flush_subnormal(acc_s(i + 1) - reference[half]);
       softmax[half].sum += prob0 + prob1;
       const Element pair[2] = {static_cast<Element>(prob0), static_cast<Element>(prob1)};
       *reinterpret_cast<uint32_t*>(&p_out(i)) = *reinterpret_cast<const uint32_t*>(pair);

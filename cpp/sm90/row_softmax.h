@@ -15,6 +15,16 @@ constexpr float kLn2 = 0.6931471805599453f;
 // compile-time function of i, so per-row arrays stay in registers.
 __host__ __device__ constexpr int row_half(int i) { return (i / 2) % 2; }
 
+// 2^x for a tile's probabilities: the special-function unit's instruction alone, results under
+// 2^-126 flushed to 0. exp2f keeps subnormal results, which costs three more instructions an
+// element around it (a range test and two scalings); a probability under 2^-126 of its row's
+// largest term (which is 1) changes no float32 row sum and no output.
+__device__ __forceinline__ float exp2_flush_subnormal(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
 __device__ __forceinline__ float quad_max(float x) {
   x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
   return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
