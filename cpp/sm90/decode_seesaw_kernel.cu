@@ -340,12 +340,6 @@ __device__ __forceinline__ void mask_and_max(FragS& acc_s, uint64_t key_mask, in
   for (int h = 0; h < 2; ++h) tile_max[h] = quad_max(tile_max[h]);
 }
 
-// The reference a tile's probabilities are measured from: its new running max, or 0 while the
-// row has seen no key (so that 2^(-inf - reference) is 0, not NaN).
-__device__ __forceinline__ float reference_of(float new_max) {
-  return new_max == -INFINITY ? 0.f : new_max;
-}
-
 // P = 2^(S - reference) in place; returns each row half's sum of this thread's P.
 template <typename FragS>
 __device__ __forceinline__ void exponentiate(FragS& acc_s, const float (&reference)[2],

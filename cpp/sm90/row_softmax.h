@@ -35,6 +35,13 @@ __device__ __forceinline__ float quad_sum(float x) {
   return x + __shfl_xor_sync(0xffffffffu, x, 2);
 }
 
+// The reference a tile's probabilities are measured from: the row's new running max, or 0
+// while the row has seen no key (so that 2^(-inf - reference) is 0, not the NaN of
+// -inf - -inf).
+__device__ __forceinline__ float reference_of(float new_max) {
+  return new_max == -INFINITY ? 0.f : new_max;
+}
+
 // What a segment's row ends with: its weight for the output and its log-sum-exp (natural log).
 struct RowResult {
   bool saw_key;   // some key was visible to the row
@@ -51,8 +58,7 @@ struct RowSoftmax {
   // accumulated so far to it (the running sum is rescaled here).
   __device__ __forceinline__ float advance(float tile_max, float& rescale) {
     const float new_max = fmaxf(max, tile_max);
-    // A row that has seen no key yet measures from 0, so exp2 of -inf stays 0 (not NaN).
-    const float reference = new_max == -INFINITY ? 0.f : new_max;
+    const float reference = reference_of(new_max);
     rescale = exp2f(max - reference);
     max = new_max;
     sum *= rescale;
