@@ -6,7 +6,7 @@
 #
 #   bash benchmarks/run_on_device.sh [build] [test] [quicktest] [main] [sanitize] [profile]
 #                                    [devicetest] [detail] [timeline] [calls] [graphbench] [multigpu] [graphs] [demo] [bench] [quickbench]
-#                                    [trace] (last: it leaves the diagnostic build)
+#                                    [probe] [trace] (last: it leaves the diagnostic build)
 #   (default: build test main sanitize)
 # Logs go under $OUT (the device tool brings that folder back).
 set -uo pipefail
@@ -184,6 +184,22 @@ step_trace() {
     python3 benchmarks/trace_tiles.py summarize "$logs/trace_${row//,/_}.log" | tee -a "$OUT/trace_summary.txt"
   done
   tar -czf "$OUT/trace_logs.tar.gz" -C "$logs" .
+}
+
+# The copy paths' own ceiling (benchmarks/tma_probe.cu): key tiles streamed into a 2-stage
+# ring with no compute, by TMA (boxes of 8 or 24 KiB, alone or multicast over CTA pairs),
+# cp.async, or both; over a page pool in L2 and one in HBM. Standalone: needs nvcc, not the
+# package build.
+step_probe() {
+  local cutlass_inc cuda_bin
+  cutlass_inc=$(python3 -c "import importlib.util, os; print(os.path.join(importlib.util.find_spec('cutlass_library').submodule_search_locations[0], 'source', 'include'))") || return 1
+  cuda_bin=$(dirname "$(command -v nvcc)")
+  nvcc -std=c++17 -O3 -gencode=arch=compute_90a,code=sm_90a --expt-relaxed-constexpr -Icpp \
+    -isystem "$cutlass_inc" -isystem "$cuda_bin/../include/cccl" \
+    -isystem "$cuda_bin/../targets/x86_64-linux/include/cccl" benchmarks/tma_probe.cu \
+    -o /tmp/tma_probe >"$OUT/probe_build.log" 2>&1 || { tail -30 "$OUT/probe_build.log"; return 1; }
+  timeout 120 /tmp/tma_probe 2>&1 | tee "$OUT/tma_probe.log"
+  return "${PIPESTATUS[0]}"
 }
 
 step_bench() {
