@@ -6,6 +6,7 @@ event tile clock` lines for a few CTAs:
     pip install --no-build-isolation --no-deps -e . -Ccmake.define.JAX_FLASH_MLA_TRACE=ON
     python3 benchmarks/trace_tiles.py run 128,128,4096 > trace.log   # one row per process
     python3 benchmarks/trace_tiles.py summarize trace.log
+    python3 benchmarks/trace_tiles.py timeline trace.log 40 45   # CTA 0's events, tiles 40-45
 
 Microseconds are cycles over --clock-ghz (default 1.98, the H200's maximum); under a heavy
 tensor load the H200 ran at ~1.67 GHz (a traced CTA's cycles against the kernel's device
@@ -15,7 +16,10 @@ time, NOTES v16), so pass the clock measured that way when the us matter.
 jax.jit (profile_kernels.py's calls); the device prints each launch's records when the call synchronizes. `summarize` keeps
 the last launch and prints, per warpgroup of each traced CTA, the median cycles between each
 pair of consecutive events (a tile's steps: keys landed -> scores -> maxima shared -> P shared
--> P V done), and the producer's copy-to-landing latency of every tile.
+-> P V done), and the producer's copy-to-landing latency of every tile. `timeline` prints
+every record of CTA 0's last launch whose tile is in [first, last], all roles interleaved in
+clock order, in cycles from the first: which step waits on which (NOTES v18 read the seesaw's
+refill path this way).
 """
 
 import collections
@@ -27,8 +31,9 @@ EVENTS = {
     4: "maxima shared", 5: "P shared", 6: "P V done", 7: "segment end",
     8: "partials in", 9: "rows ready",
     10: "stage free", 11: "keys issued", 12: "query free", 13: "query issued",
-    14: "handoff in",
+    14: "handoff in", 15: "group landed",
 }
+SECOND_PRODUCER_WARP = 3  # kernel_trace.h's slot for the producer's second warp
 KEYS_LANDED, SCORES_DONE, KEYS_ISSUED = 2, 3, 11
 
 
@@ -71,7 +76,8 @@ def summarize(path, clock_ghz):
             events = records[(cta, wg)]
             for (e0, _, c0), (e1, _, c1) in zip(events, events[1:]):
                 steps[(e0, e1)].append(c1 - c0)
-            role = ("producer" if wg == 0 else f"math {wg - 1}") if has_producer else f"math {wg}"
+            role = ("producer" if wg == 0 else "producer warp 1" if wg == SECOND_PRODUCER_WARP
+                    else f"math {wg - 1}") if has_producer else f"math {wg}"
             print(f"  warpgroup {wg} ({role}): step, count, median cycles (us), total share")
             total = events[-1][2] - events[0][2] or 1
             for (e0, e1), d in sorted(steps.items(), key=lambda kv: -sum(kv[1])):
@@ -89,6 +95,19 @@ def summarize(path, clock_ghz):
                   f" max {max(latency)}")
 
 
+def timeline(path, first, last, cta=0):
+    records = last_launch(open(path, errors="replace"))
+    rows = sorted((clock, wg, event, tile) for (c, wg), events in records.items() if c == cta
+                  for event, tile, clock in events if first <= tile <= last)
+    if not rows:
+        print(f"{path}: no records of CTA {cta} for tiles {first}-{last}")
+        return
+    names = {0: "producer", 1: "math 0", 2: "math 1", SECOND_PRODUCER_WARP: "producer warp 1"}
+    for clock, wg, event, tile in rows:
+        print(f"{clock - rows[0][0]:8d}  {names.get(wg, wg):>15}  {EVENTS.get(event, event):<13}"
+              f" tile {tile}")
+
+
 if __name__ == "__main__":
     command, *args = sys.argv[1:] or ["help"]
     if command == "run":
@@ -100,5 +119,7 @@ if __name__ == "__main__":
         for path in (a for i, a in enumerate(args) if a != "--clock-ghz" and
                      (i == 0 or args[i - 1] != "--clock-ghz")):
             summarize(path, ghz)
+    elif command == "timeline":
+        timeline(args[0], int(args[1]), int(args[2]))
     else:
         print(__doc__)

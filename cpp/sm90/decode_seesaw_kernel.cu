@@ -444,10 +444,13 @@ __device__ __forceinline__ void attend_segment(const DecodeParams& p, const Segm
     // Each batch waited for in the branch that issued it (C7511/C7514 otherwise).
     if (wg == 0) {
       issue_score_pieces<0, kPieces>(smem, 0, phase, mma_s, frag_q, frag_k, acc_s);
+      trace.mark(kTraceGroupLanded, tile);
       warpgroup_wait<0>();
     } else {
       issue_score_pieces<kLeftPieces, kPieces>(smem, 1, phase, mma_s, frag_q, frag_k, acc_s);
+      trace.mark(kTraceGroupLanded, tile);
       issue_score_pieces<0, kLeftPieces>(smem, 1, phase, mma_s, frag_q, frag_k, acc_s);
+      trace.mark(kTraceGroupLanded, tile);
       warpgroup_wait<0>();
     }
     warpgroup_fence_operand(acc_s);
@@ -549,11 +552,13 @@ __device__ __forceinline__ void attend_segment(const DecodeParams& p, const Segm
         warpgroup_fence_operand(acc_s);
         mma_s.accumulate_ = GMMA::ScaleOut::Zero;
         issue_score_pieces<0, kLeftPieces>(smem, 0, phase, mma_s, frag_q, frag_k, acc_s);
+        trace.mark(kTraceGroupLanded, first + 2);
         warpgroup_wait<kLeftPieces>();
         warpgroup_fence_operand(acc_o);
         release(1, 0);
         trace.mark(kTraceValuesDone, first + 1);
         issue_score_pieces<kLeftPieces, kPieces>(smem, 0, phase, mma_s, frag_q, frag_k, acc_s);
+        trace.mark(kTraceGroupLanded, first + 2);
         warpgroup_wait<0>();
         warpgroup_fence_operand(acc_s);
         phase ^= 1;

@@ -35,10 +35,14 @@ enum TraceEvent : int {
   kTraceQueryFree = 12,     // producer: the query buffer's "empty" wait returned
   kTraceQueryIssued = 13,   // producer: the query rows' copies are issued
   kTraceHandoffIn = 14,     // math (seesaw): a wait on the other math warpgroup returned
+  kTraceGroupLanded = 15,   // math (seesaw): the last piece of a group of S's pieces landed
 };
 
 constexpr int kTraceCtas = 2;
+// Slots: each warpgroup's first thread (0-2), and the producer's second warp (3), which issues
+// the seesaw kernel's stage-1 copies.
 constexpr int kTraceWarpgroups = 4;
+constexpr int kTraceSecondProducerWarp = 3;
 constexpr int kTraceEvents = 4096;
 
 #ifdef JAX_FLASH_MLA_TRACE
@@ -55,9 +59,9 @@ static __device__ int g_trace_counts[kTraceCtas][kTraceWarpgroups];
 class WarpgroupTrace {
  public:
   __device__ WarpgroupTrace()
-      : warpgroup_(threadIdx.x / 128),
+      : warpgroup_(threadIdx.x == 32 ? kTraceSecondProducerWarp : threadIdx.x / 128),
         on_(blockIdx.x < kTraceCtas && blockIdx.y == 0 && blockIdx.z == 0 &&
-            threadIdx.x % 128 == 0) {}
+            (threadIdx.x % 128 == 0 || threadIdx.x == 32)) {}
   __device__ void mark(int event, int tile) {
     if (on_ && count_ < kTraceEvents)
       g_trace_records[blockIdx.x][warpgroup_][count_++] = {clock64(), event, tile};
