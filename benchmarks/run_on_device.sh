@@ -6,7 +6,7 @@
 #
 #   bash benchmarks/run_on_device.sh [build] [test] [quicktest] [main] [sanitize] [profile]
 #                                    [devicetest] [detail] [timeline] [calls] [graphbench] [multigpu] [graphs] [demo] [bench] [quickbench]
-#                                    [probe] [trace] (last: it leaves the diagnostic build)
+#                                    [probe] [ab] [trace] (last: it leaves the diagnostic build)
 #   (default: build test main sanitize)
 # Logs go under $OUT (the device tool brings that folder back).
 set -uo pipefail
@@ -200,6 +200,22 @@ step_probe() {
     -o /tmp/tma_probe >"$OUT/probe_build.log" 2>&1 || { tail -30 "$OUT/probe_build.log"; return 1; }
   timeout 120 /tmp/tma_probe 2>&1 | tee "$OUT/tma_probe.log"
   return "${PIPESTATUS[0]}"
+}
+
+# A change against the tree on one machine (machines differ by up to 6%, more than most
+# changes): kernel times of CALL_ROWS (call_timeline.py) for the tree, with AB_PATCH applied
+# (a patch file inside the tree, e.g. `git diff main exp/x > ab.patch`), and without it again;
+# each build incremental after the first. The tree is left as it was.
+step_ab() {
+  local patch=${AB_PATCH:?AB_PATCH must name a patch file in the tree} out=$OUT label
+  for label in base change base_again; do
+    if [ "$label" = change ]; then patch -p1 --quiet <"$patch" || return 1; fi
+    if [ "$label" = base_again ]; then patch -R -p1 --quiet <"$patch" || return 1; fi
+    mkdir -p "$out/ab_$label"
+    OUT="$out/ab_$label" step_build >/dev/null || { tail -30 "$out/ab_$label/build.log"; return 1; }
+    echo "--- $label"
+    OUT="$out/ab_$label" step_calls | grep -E "^b=|split_kv"
+  done
 }
 
 step_bench() {
