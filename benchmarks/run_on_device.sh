@@ -204,7 +204,7 @@ step_probe() {
 
 # A change against the tree on one machine (machines differ by up to 6%, more than most
 # changes): kernel times of CALL_ROWS (call_timeline.py) for the tree, with AB_PATCH applied
-# (a patch file inside the tree, e.g. `git diff main exp/x > ab.patch`), and without it again;
+# (a patch file inside the tree, e.g. `git diff main...exp/x > ab.patch`), and without it again;
 # each build incremental after the first. The tree is left as it was.
 step_ab() {
   local patch=${AB_PATCH:?AB_PATCH must name a patch file in the tree} out=$OUT label
