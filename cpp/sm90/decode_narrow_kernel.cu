@@ -156,7 +156,7 @@ __device__ void attend_segment_narrow(const DecodeParams& p, bool use_tma, const
   for (int tile = 0; tile < num_tiles; ++tile) {
     const int stage = ring.stage;
     const uint8_t* key_valid = smem.key_valid[stage];
-    const int tile_begin = seg.token_begin + tile * kBlockN;
+    const int tile_begin = tile_begin_of(seg, tile);
     wait_tile_keys(smem, ring, tile, trace);
     Tensor s_k = make_tensor(make_smem_ptr(smem.k[stage]), typename L::K{});
     Tensor frag_k = thr_s.partition_fragment_A(s_k);

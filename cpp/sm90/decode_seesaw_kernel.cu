@@ -249,14 +249,13 @@ __device__ void produce_segment(const DecodeParams& p, const CUtensorMap& k_map,
   if (num_tiles == 0 || threadIdx.x >= 32 * kStages) return;
   const int stage = threadIdx.x / 32;
   const int early_group = stage == 0 ? 0 : 1;  // the group its stage's readers free first
-  const auto tile_begin_of = [&](int tile) { return seg.token_begin + tile * kBlockN; };
   // The next pair's entries (-1 past the segment, not read).
-  TilePages pages = fetch_tile_pages(p, seg, tile_begin_of(stage));
+  TilePages pages = fetch_tile_pages(p, seg, tile_begin_of(seg, stage));
   for (int first = 0; first < num_tiles; first += kStages) {
     const int tile = first + stage;
     if (tile >= num_tiles) break;
-    const TmaTileLookup lookup = resolve_tile_lookup(p, seg, tile_begin_of(tile), pages);
-    pages = fetch_tile_pages(p, seg, tile_begin_of(tile + kStages));
+    const TmaTileLookup lookup = resolve_tile_lookup(p, seg, tile_begin_of(seg, tile), pages);
+    pages = fetch_tile_pages(p, seg, tile_begin_of(seg, tile + kStages));
     load_group(p, k_map, lookup, kv_head, tile, stage, early_group, phases.parity(stage), true,
                sharing, smem, trace);
     if (first == 0 && threadIdx.x == 0) {
@@ -389,7 +388,6 @@ __device__ __forceinline__ void attend_segment(const DecodeParams& p, const Segm
   const int wg_thread = threadIdx.x % 128;
   const int stage = wg;  // the stage of the tiles this warpgroup scores
   const int num_tiles = num_tiles_of(seg);
-  const auto tile_begin_of = [&](int tile) { return seg.token_begin + tile * kBlockN; };
   // Every warp of this warpgroup is done with a group of a stage (its wgmmas waited for).
   const auto release = [&](int s, int group) { sharing.release(&smem.k_empty[s][group]); };
 
@@ -488,7 +486,7 @@ __device__ __forceinline__ void attend_segment(const DecodeParams& p, const Segm
     if constexpr (!kHasNext) warp_release(&smem.q_empty);
     if (wg == 0) {
       // ---- A: tile `first`, stage 0 ----
-      const int tile_begin = tile_begin_of(first);
+      const int tile_begin = tile_begin_of(seg, first);
       Tensor s_k0 = make_tensor(make_smem_ptr(smem.k[0]), typename L::K{});
       if (seg.token_end - tile_begin < kBlockN)
         zero_value_rows(s_k0, seg.token_end - tile_begin, kBlockN, wg_thread);
@@ -571,7 +569,7 @@ __device__ __forceinline__ void attend_segment(const DecodeParams& p, const Segm
       }
     } else {
       // ---- B: tile `first + 1`, stage 1 ----
-      const int tile_begin = tile_begin_of(first + 1);
+      const int tile_begin = tile_begin_of(seg, first + 1);
       float tile_max[2] = {-INFINITY, -INFINITY};
       if constexpr (kHasSecond) {
         Tensor s_k1 = make_tensor(make_smem_ptr(smem.k[1]), typename L::K{});

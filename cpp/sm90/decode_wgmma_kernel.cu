@@ -203,7 +203,7 @@ __device__ void attend_segment(const DecodeParams& p, bool use_tma, const Segmen
   for (int tile = 0; tile < num_tiles; ++tile) {
     const int stage = ring.stage;
     const uint8_t* key_valid = smem.key_valid[stage];
-    const int tile_begin = seg.token_begin + tile * kBlockN;
+    const int tile_begin = tile_begin_of(seg, tile);
     wait_tile_keys(smem, ring, tile, trace);
     // Scores of this tile only: issuing the next tile's behind this tile's P V (tried) holds
     // this stage until the next tile has landed, so with 2 stages the next load cannot start

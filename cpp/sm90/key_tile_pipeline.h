@@ -219,6 +219,11 @@ __device__ __forceinline__ int num_tiles_of(const Segment& seg) {
   return (seg.token_end - seg.token_begin + kBlockN - 1) / kBlockN;
 }
 
+// The first token of tile `tile` of a segment.
+__device__ __forceinline__ int tile_begin_of(const Segment& seg, int tile) {
+  return seg.token_begin + tile * kBlockN;
+}
+
 
 // Producer threads 0..63 look up where each key of a tile lives; -1 for keys that must not
 // be read.
@@ -480,7 +485,7 @@ __device__ void produce_segment(const DecodeParams& p, const CUtensorMap& k_map,
   const bool loads_keys = !use_tma || thread < 32;
   const bool loads_query = !query_tma || thread == 0;
   const auto load_keys = [&](int tile) {
-    const int tile_begin = seg.token_begin + tile * kBlockN;
+    const int tile_begin = tile_begin_of(seg, tile);
     TmaTileLookup lookup{};
     if (use_tma) lookup = lookup_tile_tma(p, seg, tile_begin);
     Barrier::wait(&smem.k_empty[ring.stage], ring.phase ^ 1);
