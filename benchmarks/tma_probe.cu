@@ -20,6 +20,7 @@
 #include <cuda_runtime.h>
 
 #include <cute/arch/cluster_sm90.hpp>
+#include <cute/arch/copy_sm80.hpp>
 #include <cute/arch/copy_sm90_tma.hpp>
 #include <cutlass/arch/barrier.h>
 
@@ -31,6 +32,7 @@
 #include <random>
 #include <vector>
 
+#include "sm90/once_per_device.h"
 #include "sm90/paged_kv_tensor_map.h"
 
 namespace {
@@ -86,11 +88,10 @@ __device__ void gather_cpasync(const char* page, char* stage, int first_piece, u
     const int chunk = i % 8;
     const char* src = page + token * kHeadDim * 2 + piece * 128 + chunk * 16;
     char* dst = stage + piece * kPieceBytes + token * 128 + ((chunk ^ token % 8) * 16);
-    const uint32_t dst_addr = static_cast<uint32_t>(__cvta_generic_to_shared(dst));
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst_addr), "l"(src));
+    cute::SM80_CP_ASYNC_CACHEGLOBAL<cute::uint128_t>::copy(
+        *reinterpret_cast<const cute::uint128_t*>(src), *reinterpret_cast<cute::uint128_t*>(dst));
   }
-  const uint32_t bar = static_cast<uint32_t>(__cvta_generic_to_shared(full));
-  asm volatile("cp.async.mbarrier.arrive.noinc.shared.b64 [%0];\n" ::"r"(bar));
+  cutlass::arch::cpasync_barrier_arrive_noinc(full);
 }
 
 __global__ void __launch_bounds__(kThreads, 1)
@@ -264,24 +265,15 @@ int main() {
     for (const Path path : {kTma, kTmaPair, kTmaGroups, kCpAsync, kMixed}) {
       if (!maps && path != kCpAsync) continue;
       Params params{pool, pages, num_pages, tiles, path, spans, issue, latency};
-      cudaLaunchConfig_t config = {};
-      cudaLaunchAttribute attribute = {};
-      attribute.id = cudaLaunchAttributeClusterDimension;
-      attribute.val.clusterDim.x = path == kTmaPair ? 2 : 1;
-      attribute.val.clusterDim.y = 1;
-      attribute.val.clusterDim.z = 1;
-      config.gridDim = dim3(grid);
-      config.blockDim = dim3(kThreads);
-      config.dynamicSmemBytes = sizeof(Shared);
-      config.attrs = &attribute;
-      config.numAttrs = 1;
+      const jax_flash_mla::ClusterLaunch launch(dim3(grid), dim3(path == kTmaPair ? 2 : 1),
+                                                kThreads, sizeof(Shared), nullptr);
       cudaEvent_t begin, end;
       CHECK(cudaEventCreate(&begin));
       CHECK(cudaEventCreate(&end));
       std::vector<float> times;
       for (int run = 0; run < 6; ++run) {  // the first is warm-up
         CHECK(cudaEventRecord(begin));
-        CHECK(cudaLaunchKernelEx(&config, stream_tiles, params, k_map, group_map));
+        CHECK(cudaLaunchKernelEx(&launch.config, stream_tiles, params, k_map, group_map));
         CHECK(cudaEventRecord(end));
         CHECK(cudaEventSynchronize(end));
         float ms = 0;
