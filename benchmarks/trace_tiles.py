@@ -37,6 +37,13 @@ SECOND_PRODUCER_WARP = 3  # kernel_trace.h's slot for the producer's second warp
 KEYS_LANDED, SCORES_DONE, KEYS_ISSUED = 2, 3, 11
 
 
+def role_of(wg, has_producer=True):
+    """What trace slot `wg` records: slot 0 is the producer in kernels that have one."""
+    if not has_producer:
+        return f"math {wg}"
+    return {0: "producer", SECOND_PRODUCER_WARP: "producer warp 1"}.get(wg, f"math {wg - 1}")
+
+
 def last_launch(lines):
     """{(cta, warpgroup): [(event, tile, clock)]} of the last launch printed."""
     launches = collections.defaultdict(list)  # (cta, wg) -> list of launches
@@ -61,8 +68,8 @@ def summarize(path, clock_ghz):
     for cta in sorted({c for c, _ in records}):
         start = min(r[0][2] for (c, _), r in records.items() if c == cta)
         end = max(r[-1][2] for (c, _), r in records.items() if c == cta)
-        # Warpgroup 0 is a producer in the kernels that have one (the seesaw kernel has none:
-        # its two math warpgroups issue the copies and score alternate tiles).
+        # Warpgroup 0 is a producer in the kernels that have one (v16's first seesaw versions
+        # had none: their math warpgroups issued the copies).
         has_producer = not any(e == SCORES_DONE for e, _, _ in records.get((cta, 0), []))
         landed = [r for (c, w), r in records.items() if c == cta and w == 1]
         tiles = sum(1 for e, _, _ in (landed[0] if landed else []) if e == KEYS_LANDED)
@@ -76,9 +83,8 @@ def summarize(path, clock_ghz):
             events = records[(cta, wg)]
             for (e0, _, c0), (e1, _, c1) in zip(events, events[1:]):
                 steps[(e0, e1)].append(c1 - c0)
-            role = ("producer" if wg == 0 else "producer warp 1" if wg == SECOND_PRODUCER_WARP
-                    else f"math {wg - 1}") if has_producer else f"math {wg}"
-            print(f"  warpgroup {wg} ({role}): step, count, median cycles (us), total share")
+            print(f"  warpgroup {wg} ({role_of(wg, has_producer)}): step, count, median cycles"
+                  f" (us), total share")
             total = events[-1][2] - events[0][2] or 1
             for (e0, e1), d in sorted(steps.items(), key=lambda kv: -sum(kv[1])):
                 print(f"    {EVENTS.get(e0, e0):>13} -> {EVENTS.get(e1, e1):<13} {len(d):5d}"
@@ -102,9 +108,8 @@ def timeline(path, first, last, cta=0):
     if not rows:
         print(f"{path}: no records of CTA {cta} for tiles {first}-{last}")
         return
-    names = {0: "producer", 1: "math 0", 2: "math 1", SECOND_PRODUCER_WARP: "producer warp 1"}
     for clock, wg, event, tile in rows:
-        print(f"{clock - rows[0][0]:8d}  {names.get(wg, wg):>15}  {EVENTS.get(event, event):<13}"
+        print(f"{clock - rows[0][0]:8d}  {role_of(wg):>15}  {EVENTS.get(event, event):<13}"
               f" tile {tile}")
 
 
