@@ -27,8 +27,9 @@ ffi::Error cuda_error(const char* what, cudaError_t err) {
 // tiles and query rows, more than kNarrowMaxRows rows), paired or not, "lockstep" the 64-row
 // kernel (decode_wgmma_kernel.cu) in its place everywhere. Unset, the tensor-core kernels copy
 // with TMA where they can; at most kNarrowMaxRows query rows per KV head go to the narrow
-// kernel; more go to the seesaw kernel where its CTAs pair (benchmarks/NOTES.md v17), else to
-// the 64-row one. Read once per process.
+// kernel; more go to the seesaw kernel where its CTAs pair (benchmarks/NOTES.md v17) or where
+// one row block's CTAs have long shares of keys (v19), else to the 64-row one. Read once per
+// process.
 enum class KernelChoice { kSimple, kCpAsync, kWide, kSeesaw, kLockstep, kTma };
 
 KernelChoice kernel_choice() {
@@ -48,7 +49,7 @@ SeesawUse seesaw_use(KernelChoice choice) {
   switch (choice) {
     case KernelChoice::kSeesaw: return SeesawUse::kAlways;
     case KernelChoice::kLockstep: return SeesawUse::kNever;
-    default: return SeesawUse::kWherePaired;
+    default: return SeesawUse::kWhereFaster;
   }
 }
 

@@ -30,7 +30,8 @@
 // Where the row blocks pair (more than 64 query rows per KV head), the two CTAs of a pair run
 // as a cluster and share each key tile by TMA multicast (KeySharing): so paired, the seesaw is
 // faster than the lockstep kernel and is the default there (benchmarks/NOTES.md v17). Alone
-// (JAX_FLASH_MLA_KERNEL=seesaw for 33-64 rows) it is slower, and not the default.
+// (33-64 rows) it wins only where each CTA's share of keys is long, and is the default only
+// there (seesaw_alone_pays in decode_wgmma_kernel.cu, v19).
 //
 // Masking as in the 64-row kernel (which keys exist, here a 64-bit mask a tile, and a key
 // limit per row); keys past the segment inside a valid TMA box are zeroed, value columns

@@ -27,7 +27,8 @@
 // tiles per warpgroup), whole scores per warpgroup with P in registers, and two narrow-kernel
 // warpgroups of 32 rows each. The seesaw kernel of decode_seesaw_kernel.cu, with per-piece
 // barriers and its CTAs in pairs that share the keys, is faster where row blocks pair (more
-// than 64 rows a KV head) and takes those grids (v17).
+// than 64 rows a KV head) and takes those grids (v17); unpaired, it takes one row block's grids
+// where each CTA's share of keys is long (seesaw_alone_pays, v19).
 //
 // Masking: a key past the segment, past the length or on an invalid page scores -inf. Its
 // value row must still be finite (P = 0 times NaN is NaN): TMA boxes of invalid pages are
@@ -393,6 +394,23 @@ cudaError_t launch_for_element(const DecodeParams& params, const CUtensorMap& k_
                                              stream);
 }
 
+// One row block a KV head (33-64 rows): the seesaw kernel unpaired against this one, kernel
+// time at h_q = 64, s_k = 4096 (benchmarks/NOTES.md v19): b = 128 (~62 tiles a CTA) 5.5%
+// faster, b = 64 (~31) even, b = 32 (~15) 3% slower. It loses its segment start and end (its
+// pipeline fills and drains per segment) and wins per tile, so it pays where each CTA's share
+// of keys is long. The host knows no lengths (they stay on the device): the bound is the
+// block table's capacity per CTA, with at least one request for every two CTAs of a KV head
+// so that a table sized far past the lengths does not send a small batch there.
+bool seesaw_alone_pays(const DecodeParams& params) {
+  constexpr int64_t kMinTilesPerCta = 48;
+  const int64_t tiles_per_request =
+      (static_cast<int64_t>(params.max_blocks_per_seq) * params.page_block_size + kBlockN - 1) /
+      kBlockN;
+  return 2 * static_cast<int64_t>(params.batch) >= params.num_sm_parts &&
+         static_cast<int64_t>(params.batch) * tiles_per_request >=
+             kMinTilesPerCta * params.num_sm_parts;
+}
+
 }  // namespace
 
 cudaError_t launch_split_kv_decode_wgmma(const DecodeParams& params, bool allow_tma,
@@ -412,7 +430,8 @@ cudaError_t launch_split_kv_decode_wgmma(const DecodeParams& params, bool allow_
   const bool query_tma = allow_tma && make_query_tensor_map(params, kBlockM, &q_map);
   if (use_tma && query_tma && params.head_dim == 576 &&
       (seesaw == SeesawUse::kAlways ||
-       (seesaw == SeesawUse::kWherePaired && seesaw_pairs_fit(grid))))
+       (seesaw == SeesawUse::kWhereFaster &&
+        (seesaw_pairs_fit(grid) || (row_blocks == 1 && seesaw_alone_pays(params))))))
     return launch_split_kv_decode_seesaw(params, k_map, q_map, grid, stream);
   return params.dtype == ElementType::kBF16
              ? launch_for_element<cutlass::bfloat16_t>(params, k_map, use_tma, q_map, query_tma,

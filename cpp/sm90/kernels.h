@@ -26,9 +26,10 @@ cudaError_t launch_tile_schedule(const int32_t* cache_seqlens, int batch, int nu
 // with cp.async.
 cudaError_t launch_split_kv_decode(const DecodeParams& params, cudaStream_t stream);
 // Where d = 576 with TMA key tiles and query rows, the seesaw schedule
-// (decode_seesaw_kernel.cu) can take the 64-row kernel's place: kNever, kWherePaired (where
-// its CTAs run in pairs that share the keys: the default, faster there), kAlways.
-enum class SeesawUse { kNever, kWherePaired, kAlways };
+// (decode_seesaw_kernel.cu) can take the 64-row kernel's place: kNever, kWhereFaster (the
+// default: where its CTAs run in pairs that share the keys, or alone with long shares of keys
+// a CTA; decode_wgmma_kernel.cu), kAlways.
+enum class SeesawUse { kNever, kWhereFaster, kAlways };
 cudaError_t launch_split_kv_decode_wgmma(const DecodeParams& params, bool allow_tma,
                                          SeesawUse seesaw, cudaStream_t stream);
 // Whether the seesaw kernel runs `grid` (the 64-row kernel's) in pairs of CTAs, one cluster
