@@ -6,7 +6,7 @@
 #
 #   bash benchmarks/run_on_device.sh [build] [test] [quicktest] [main] [sanitize] [profile]
 #                                    [devicetest] [detail] [timeline] [calls] [graphbench] [multigpu] [graphs] [demo] [bench] [quickbench]
-#                                    [probe] [ab] [trace] (last: it leaves the diagnostic build)
+#                                    [probe] [ab] [smem] [trace] (last: it leaves the diagnostic build)
 #   (default: build test main sanitize)
 # Logs go under $OUT (the device tool brings that folder back).
 set -uo pipefail
@@ -103,6 +103,21 @@ step_detail() {
     --section SpeedOfLight --section ComputeWorkloadAnalysis --section WarpStateStats \
     python3 benchmarks/profile_kernels.py 64,128,4096 >"$OUT/ncu_detail_h128.log" 2>&1
   grep -E "Throughput|Pipe|Stall|Busy|Bandwidth|Duration|Warp Cycles|Issued" "$OUT"/ncu_detail_h16.log | head -40
+}
+
+# Is shared memory what bounds the h_q = 128 pair (NOTES v19)? One launch of the split kernel at
+# SMEM_ROW (default b=64 h=128): the memory sections with their tables (shared-memory
+# wavefronts, bank conflicts, the busiest memory pipe), and the pipes' utilization. Apply a
+# branch's patch first to profile it instead.
+step_smem() {
+  timeout 300 ncu --clock-control none -k regex:split_kv --launch-skip 1 --launch-count 1 \
+    --section SpeedOfLight --section MemoryWorkloadAnalysis --section MemoryWorkloadAnalysis_Chart \
+    --section MemoryWorkloadAnalysis_Tables --section ComputeWorkloadAnalysis \
+    python3 benchmarks/profile_kernels.py "${SMEM_ROW:-64,128,4096}" >"$OUT/ncu_smem.log" 2>&1
+  local rc=$?
+  grep -i -E "shared|bank|mem busy|max bandwidth|mem pipes|pipe util|duration|throughput" \
+    "$OUT/ncu_smem.log" | cut -c1-150 | head -60
+  return $rc
 }
 
 # What one call costs inside the benchmark's jitted function of back-to-back calls (b = 1 and
