@@ -60,7 +60,7 @@ namespace {
 using namespace cute;
 using namespace sm90;
 
-constexpr int kBlockM = 64;  // query rows per CTA: one wgmma M
+constexpr int kBlockM = kRowBlock;  // query rows per CTA: one wgmma M
 constexpr int kHeadDim = 576;
 constexpr int kMathWarpGroups = 2;
 constexpr int kMathThreads = 128 * kMathWarpGroups;
@@ -90,12 +90,7 @@ constexpr int kGroups = 2;
 constexpr int kStepsPerPiece = kPieceColumns / 16;  // S's k-steps (16 columns) per piece
 
 template <typename Element>
-struct Layouts : TileLayouts<Element, kHeadDim, kBlockM> {
-  using Atom = GMMA::Layout_K_SW128_Atom<Element>;
-  using P = decltype(tile_to_shape(Atom{}, Shape<Int<kBlockM>, Int<kBlockN>>{}));
-  using MmaS = decltype(make_tiled_mma(
-      GMMA::ss_op_selector<Element, Element, float,
-                           Shape<Int<kBlockM>, Int<kBlockN>, Int<kHeadDim>>>()));
+struct Layouts : RowBlockLayouts<Element, kHeadDim> {
   // O half += P V half, P from this warpgroup's registers (its own tile) ...
   using MmaOwnP = decltype(make_tiled_mma(
       GMMA::rs_op_selector<Element, Element, float,

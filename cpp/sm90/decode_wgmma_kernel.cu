@@ -61,7 +61,7 @@ namespace {
 using namespace cute;
 using namespace sm90;
 
-constexpr int kBlockM = 64;    // query rows per CTA: one wgmma M
+constexpr int kBlockM = kRowBlock;  // query rows per CTA: one wgmma M
 constexpr int kMathWarpGroups = 2;
 constexpr int kMathThreads = 128 * kMathWarpGroups;
 constexpr int kThreads = kProducerThreads + kMathThreads;
@@ -78,13 +78,8 @@ constexpr int kMathBarrier = kProducerBarrier + 1;
 // kHeadDim (576 or 512) is a template parameter so that every k-loop over it unrolls: a
 // run-time trip count made ptxas serialize the wgmma chain (warning C7515).
 template <typename Element, int kHeadDim>
-struct Layouts : TileLayouts<Element, kHeadDim, kBlockM> {
-  using Atom = GMMA::Layout_K_SW128_Atom<Element>;
-  using P = decltype(tile_to_shape(Atom{}, Shape<Int<kBlockM>, Int<kBlockN>>{}));
-  // S of all 64 keys, issued over half of the head dimension by each math warpgroup.
-  using MmaS = decltype(make_tiled_mma(
-      GMMA::ss_op_selector<Element, Element, float,
-                           Shape<Int<kBlockM>, Int<kBlockN>, Int<kHeadDim>>>()));
+struct Layouts : RowBlockLayouts<Element, kHeadDim> {
+  // MmaS: S of all 64 keys, issued over half of the head dimension by each math warpgroup.
   // The same C layout restricted to one warpgroup's 32 keys: where its scores and its half of
   // P sit (no wgmma is issued with it).
   using MmaOwnKeys = decltype(make_tiled_mma(

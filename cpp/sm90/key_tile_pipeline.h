@@ -50,6 +50,19 @@ struct TileLayouts {
       K{}, make_ordered_layout(Shape<Int<kHeadDimV>, Int<kBlockN>>{}, Step<_2, _1>{})));
 };
 
+// What the two kernels of 64 query rows a CTA (decode_wgmma_kernel.cu, decode_seesaw_kernel.cu)
+// add to those: P (query rows x the tile's keys) in shared memory, K-major like Q, and
+// S = Q K^T with both operands there (m64n64, K the head dimension).
+constexpr int kRowBlock = 64;  // one wgmma M
+template <typename Element, int kHeadDim>
+struct RowBlockLayouts : TileLayouts<Element, kHeadDim, kRowBlock> {
+  using P = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<Element>{},
+                                   Shape<Int<kRowBlock>, Int<kBlockN>>{}));
+  using MmaS = decltype(make_tiled_mma(
+      GMMA::ss_op_selector<Element, Element, float,
+                           Shape<Int<kRowBlock>, Int<kBlockN>, Int<kHeadDim>>>()));
+};
+
 // The shared memory the producer fills; a kernel's own storage derives from it.
 template <typename Element, int kHeadDim, int kQueryRows>
 struct PipelineStorage {
