@@ -13,6 +13,9 @@ CASES = [  # b, s_q, h_q, h_kv, d, page, lengths
     (4, 2, 128, 1, 576, 16, [-7, 300, 1 << 30, 64]),
     (2, 4, 9, 3, 512, 1, [33, 2]),
     (5, 1, 64, 2, 576, 256, [1, 257, 1000, 0, 511]),
+    # 64 rows a KV head: at parts = 1 the unpaired seesaw (6 requests of 8 table tiles pass
+    # seesaw_alone_pays), at 7 and 132 the 64-row kernel.
+    (6, 1, 64, 1, 576, 64, [300, 0, 511, 1 << 30, 64, -3]),
 ]
 
 
