@@ -5,8 +5,8 @@ ab_base_again under DIR) and says whether the change is faster than both runs of
 
 Prints each row's split-KV kernel median (us) for base / change / base again and the change's
 gain against the faster of the two base runs, so that drift between runs counts against the
-change. Exit status 0 when every row gains at least --min-gain
-(a fraction), 1 otherwise: a script can keep or drop the change on it.
+change. Exit status 0 when every row gains at least --min-gain (a fraction), 1 otherwise: a
+script can keep or drop the change on it.
 """
 
 import argparse
