@@ -24,13 +24,14 @@ ffi::Error cuda_error(const char* what, cudaError_t err) {
 // (CUDA-core) kernel, "cpasync" the tensor-core kernels with their cp.async key gather and
 // query rows for every shape, "wide" the default with the 64-row tier for every head count,
 // "seesaw" the seesaw schedule (decode_seesaw_kernel.cu) wherever it applies (d = 576, TMA key
-// tiles and query rows, more than kNarrowMaxRows rows), paired or not, "lockstep" the 64-row
+// tiles and query rows, more than kNarrowMaxRows rows), paired where its CTAs pair,
+// "seesaw-unpaired" the same never paired (each CTA copies its own keys), "lockstep" the 64-row
 // kernel (decode_wgmma_kernel.cu) in its place everywhere. Unset, the tensor-core kernels copy
 // with TMA where they can; at most kNarrowMaxRows query rows per KV head go to the narrow
 // kernel; more go to the seesaw kernel where its CTAs pair (benchmarks/NOTES.md v17) or where
 // one row block's CTAs have long shares of keys (v19), else to the 64-row one. Read once per
 // process.
-enum class KernelChoice { kSimple, kCpAsync, kWide, kSeesaw, kLockstep, kTma };
+enum class KernelChoice { kSimple, kCpAsync, kWide, kSeesaw, kSeesawUnpaired, kLockstep, kTma };
 
 KernelChoice kernel_choice() {
   static const KernelChoice choice = [] {
@@ -39,6 +40,8 @@ KernelChoice kernel_choice() {
     if (name != nullptr && std::string(name) == "cpasync") return KernelChoice::kCpAsync;
     if (name != nullptr && std::string(name) == "wide") return KernelChoice::kWide;
     if (name != nullptr && std::string(name) == "seesaw") return KernelChoice::kSeesaw;
+    if (name != nullptr && std::string(name) == "seesaw-unpaired")
+      return KernelChoice::kSeesawUnpaired;
     if (name != nullptr && std::string(name) == "lockstep") return KernelChoice::kLockstep;
     return KernelChoice::kTma;
   }();
@@ -48,6 +51,7 @@ KernelChoice kernel_choice() {
 SeesawUse seesaw_use(KernelChoice choice) {
   switch (choice) {
     case KernelChoice::kSeesaw: return SeesawUse::kAlways;
+    case KernelChoice::kSeesawUnpaired: return SeesawUse::kAlwaysUnpaired;
     case KernelChoice::kLockstep: return SeesawUse::kNever;
     default: return SeesawUse::kWhereFaster;
   }

@@ -734,9 +734,10 @@ constexpr auto kSeesawKernel = split_kv_decode_seesaw_kernel<Element, kPaired>;
 
 template <typename Element>
 cudaError_t launch_instance(const DecodeParams& params, const CUtensorMap& k_map,
-                            const CUtensorMap& q_map, dim3 grid, cudaStream_t stream) {
+                            const CUtensorMap& q_map, dim3 grid, bool paired,
+                            cudaStream_t stream) {
   constexpr size_t kSmemBytes = sizeof(SharedStorage<Element>);
-  if (seesaw_pairs_fit(grid))
+  if (paired)
     return launch_decode_kernel_in_clusters<kSeesawKernel<Element, true>, kSmemBytes>(
         grid, dim3(1, 1, 2), kThreads, stream, params, k_map, q_map);
   return launch_decode_kernel<kSeesawKernel<Element, false>, kSmemBytes>(
@@ -775,13 +776,14 @@ bool seesaw_pairs_fit(dim3 grid) {
 }
 
 cudaError_t launch_split_kv_decode_seesaw(const DecodeParams& params, const CUtensorMap& k_map,
-                                          const CUtensorMap& q_map, dim3 grid,
+                                          const CUtensorMap& q_map, dim3 grid, bool paired,
                                           cudaStream_t stream) {
-  if (params.head_dim != kHeadDim || params.head_dim_v != kHeadDimV)
+  if (params.head_dim != kHeadDim || params.head_dim_v != kHeadDimV ||
+      (paired && grid.z % 2 != 0))
     return cudaErrorInvalidValue;
   return params.dtype == ElementType::kBF16
-             ? launch_instance<cutlass::bfloat16_t>(params, k_map, q_map, grid, stream)
-             : launch_instance<cutlass::half_t>(params, k_map, q_map, grid, stream);
+             ? launch_instance<cutlass::bfloat16_t>(params, k_map, q_map, grid, paired, stream)
+             : launch_instance<cutlass::half_t>(params, k_map, q_map, grid, paired, stream);
 }
 
 }  // namespace jax_flash_mla

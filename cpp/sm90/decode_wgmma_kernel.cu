@@ -423,11 +423,12 @@ cudaError_t launch_split_kv_decode_wgmma(const DecodeParams& params, bool allow_
   // that choice still runs the whole fallback.
   CUtensorMap q_map = {};
   const bool query_tma = allow_tma && make_query_tensor_map(params, kBlockM, &q_map);
-  if (use_tma && query_tma && params.head_dim == 576 &&
-      (seesaw == SeesawUse::kAlways ||
-       (seesaw == SeesawUse::kWhereFaster &&
-        (seesaw_pairs_fit(grid) || (row_blocks == 1 && seesaw_alone_pays(params))))))
-    return launch_split_kv_decode_seesaw(params, k_map, q_map, grid, stream);
+  if (use_tma && query_tma && params.head_dim == 576 && seesaw != SeesawUse::kNever) {
+    const bool paired = seesaw != SeesawUse::kAlwaysUnpaired && seesaw_pairs_fit(grid);
+    if (seesaw != SeesawUse::kWhereFaster || paired ||
+        (row_blocks == 1 && seesaw_alone_pays(params)))
+      return launch_split_kv_decode_seesaw(params, k_map, q_map, grid, paired, stream);
+  }
   return params.dtype == ElementType::kBF16
              ? launch_for_element<cutlass::bfloat16_t>(params, k_map, use_tma, q_map, query_tma,
                                                        grid, stream)

@@ -28,8 +28,10 @@ cudaError_t launch_split_kv_decode(const DecodeParams& params, cudaStream_t stre
 // Where d = 576 with TMA key tiles and query rows, the seesaw schedule
 // (decode_seesaw_kernel.cu) can take the 64-row kernel's place: kNever, kWhereFaster (the
 // default: where its CTAs run in pairs that share the keys, or alone with long shares of keys
-// a CTA; decode_wgmma_kernel.cu), kAlways.
-enum class SeesawUse { kNever, kWhereFaster, kAlways };
+// a CTA; decode_wgmma_kernel.cu), kAlways (in pairs where seesaw_pairs_fit), kAlwaysUnpaired
+// (never in pairs: each CTA copies its own keys, the second read of a tile an L2 hit, as
+// FlashMLA does; for comparisons).
+enum class SeesawUse { kNever, kWhereFaster, kAlways, kAlwaysUnpaired };
 cudaError_t launch_split_kv_decode_wgmma(const DecodeParams& params, bool allow_tma,
                                          SeesawUse seesaw, cudaStream_t stream);
 // Whether the seesaw kernel runs `grid` (the 64-row kernel's) in pairs of CTAs, one cluster
@@ -37,10 +39,10 @@ cudaError_t launch_split_kv_decode_wgmma(const DecodeParams& params, bool allow_
 // device in as few waves as single CTAs would.
 bool seesaw_pairs_fit(dim3 grid);
 // The seesaw kernel, on the tensor maps the caller built (keys: paged_kv_tensor_map.h; query
-// rows: query_tensor_map.h, both required) and the 64-row kernel's grid, in pairs where
-// seesaw_pairs_fit.
+// rows: query_tensor_map.h, both required) and the 64-row kernel's grid; `paired` (only where
+// seesaw_pairs_fit): in pairs of CTAs.
 cudaError_t launch_split_kv_decode_seesaw(const DecodeParams& params, const CUtensorMap& k_map,
-                                          const CUtensorMap& q_map, dim3 grid,
+                                          const CUtensorMap& q_map, dim3 grid, bool paired,
                                           cudaStream_t stream);
 // The same for at most kNarrowMaxRows query rows per KV head (decode_narrow_kernel.cu): the
 // products transposed so that keys and value columns fill wgmma's M of 64, not padded rows.
