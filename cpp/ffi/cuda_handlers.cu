@@ -35,14 +35,20 @@ enum class KernelChoice { kSimple, kCpAsync, kWide, kSeesaw, kSeesawUnpaired, kL
 
 KernelChoice kernel_choice() {
   static const KernelChoice choice = [] {
+    struct Named {
+      const char* name;
+      KernelChoice choice;
+    };
+    constexpr Named kChoices[] = {{"simple", KernelChoice::kSimple},
+                                  {"cpasync", KernelChoice::kCpAsync},
+                                  {"wide", KernelChoice::kWide},
+                                  {"seesaw", KernelChoice::kSeesaw},
+                                  {"seesaw-unpaired", KernelChoice::kSeesawUnpaired},
+                                  {"lockstep", KernelChoice::kLockstep}};
     const char* name = std::getenv("JAX_FLASH_MLA_KERNEL");
-    if (name != nullptr && std::string(name) == "simple") return KernelChoice::kSimple;
-    if (name != nullptr && std::string(name) == "cpasync") return KernelChoice::kCpAsync;
-    if (name != nullptr && std::string(name) == "wide") return KernelChoice::kWide;
-    if (name != nullptr && std::string(name) == "seesaw") return KernelChoice::kSeesaw;
-    if (name != nullptr && std::string(name) == "seesaw-unpaired")
-      return KernelChoice::kSeesawUnpaired;
-    if (name != nullptr && std::string(name) == "lockstep") return KernelChoice::kLockstep;
+    if (name == nullptr) return KernelChoice::kTma;
+    for (const Named& named : kChoices)
+      if (std::string(name) == named.name) return named.choice;
     return KernelChoice::kTma;
   }();
   return choice;
