@@ -9,6 +9,11 @@ of each kernel, the busy time (the kernels' durations added), and the span from 
 kernel's start to the last one's end over the calls. span - busy is time the GPU sat idle
 between kernels; wall - span is the host's share (dispatch, sync). FlashMLA's figures are
 CUDA-graph replays, whose idle time between kernels is about a microsecond a launch.
+
+Each row is also checked once against the float32 reference (outputs poisoned with NaN before
+the call; tests/comparisons.py's kernel tolerances: out within 4 units of bfloat16 roundoff
+times max(1, max|ref|), lse within 1e-4), so that an A/B of an untested kernel change
+(run_on_device.sh ab) cannot time a wrong result. Exit status 1 if a check fails.
 """
 
 import collections
@@ -17,15 +22,19 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 import jax_flash_mla
+from jax_flash_mla import reference, testing
 from jax_flash_mla.benchmark import build_case, make_many_calls
 from jax_flash_mla.device_timing import traced_kernel_events
 
 ROWS = [(1, 16, 4096), (1, 128, 4096), (64, 16, 4096), (64, 64, 4096), (128, 128, 4096)]
 CALLS = 20
 PAGE = 64
+OUT_ROUNDINGS = 4  # tests/comparisons.py's KERNEL_OUT_ROUNDINGS
+LSE_ATOL = 1e-4    # and KERNEL_LSE_ATOL
 
 
 def short_name(name):
@@ -63,13 +72,33 @@ def profile_row(rng, b, h_q, s_k):
     for name, values in sorted(durations.items(), key=lambda kv: -sum(kv[1])):
         print(f"    {name:40s} x{len(values):3d}  median {statistics.median(values):8.2f} us")
     sys.stdout.flush()
+    return check_row(q, pool, tables[0], lengths, metadata)
+
+
+def check_row(q, pool, table, lengths, metadata):
+    """One call against the reference; prints the errors and returns whether they are in bounds."""
+    out, lse = jax.jit(testing.flash_mla_with_kvcache_poisoned)(q, pool, table, lengths,
+                                                                metadata=metadata)
+    ref_out, ref_lse = jax.jit(reference.flash_mla_with_kvcache)(q, pool, table, lengths)
+    out, lse = np.asarray(out.astype(jnp.float32)), np.asarray(lse)
+    ref_out, ref_lse = np.asarray(ref_out.astype(jnp.float32)), np.asarray(ref_lse)
+    atol = OUT_ROUNDINGS * 2.0 ** -8 * max(1.0, float(np.abs(ref_out).max()))
+    out_err = float(np.abs(out - ref_out).max())  # NaN anywhere makes it NaN
+    lse_err = float(np.abs(lse - ref_lse).max())
+    ok = out_err <= atol and lse_err <= LSE_ATOL
+    print(f"    check: max |out - ref| {out_err:.2e} (bound {atol:.2e}), max |lse - ref| "
+          f"{lse_err:.2e} (bound {LSE_ATOL:.0e}): {'ok' if ok else 'FAILED'}")
+    sys.stdout.flush()
+    return ok
 
 
 def main(rows):
     rng = np.random.default_rng(0)
-    for row in rows:
-        profile_row(rng, *row)
+    failed = [row for row in rows if not profile_row(rng, *row)]
+    if failed:
+        print("check FAILED for", failed)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
-    main([tuple(int(x) for x in arg.split(",")) for arg in sys.argv[1:]] or ROWS)
+    sys.exit(main([tuple(int(x) for x in arg.split(",")) for arg in sys.argv[1:]] or ROWS))

@@ -112,7 +112,7 @@ step_detail() {
 step_smem() {
   timeout 300 ncu --clock-control none -k regex:split_kv --launch-skip 1 --launch-count 1 \
     --section SpeedOfLight --section MemoryWorkloadAnalysis --section MemoryWorkloadAnalysis_Chart \
-    --section MemoryWorkloadAnalysis_Tables --section ComputeWorkloadAnalysis \
+    --section MemoryWorkloadAnalysis_Tables --section ComputeWorkloadAnalysis --print-details all \
     python3 benchmarks/profile_kernels.py "${SMEM_ROW:-64,128,4096}" >"$OUT/ncu_smem.log" 2>&1
   local rc=$?
   grep -i -E "shared|bank|mem busy|max bandwidth|mem pipes|pipe util|duration|throughput" \
@@ -141,7 +141,7 @@ step_timeline() {
 # What one call costs on the GPU inside the benchmark's jitted function, from the JAX
 # profiler's kernel timestamps (no nsys needed): kernel durations, busy time, idle gaps.
 step_calls() {
-  timeout 300 python3 benchmarks/call_timeline.py ${CALL_ROWS:-} 2>&1 | tee "$OUT/call_timeline.log" | \
+  timeout "${CALLS_TIMEOUT:-300}" python3 benchmarks/call_timeline.py ${CALL_ROWS:-} 2>&1 | tee "$OUT/call_timeline.log" | \
     grep -v -e "^W0000\|^I0000\|^E0000"
   return "${PIPESTATUS[0]}"
 }
@@ -217,20 +217,35 @@ step_probe() {
   return "${PIPESTATUS[0]}"
 }
 
-# A change against the tree on one machine (machines differ by up to 6%, more than most
-# changes): kernel times of CALL_ROWS (call_timeline.py) for the tree, with AB_PATCH applied
-# (a patch file inside the tree, e.g. `git diff main...exp/x > ab.patch`), and without it again;
-# each build incremental after the first. The tree is left as it was.
+# Changes against the tree on one machine (machines differ by up to 6%, more than most
+# changes): kernel times of CALL_ROWS (call_timeline.py, which also checks each row against the
+# reference) for the tree, with each patch of AB_PATCH applied in turn (patch files inside the
+# tree, space-separated, e.g. `git diff main...exp/x > x.patch`), and for the tree again; each
+# build incremental after the first. Logs in ab_base, ab_change (one patch) or ab_change_NAME
+# (several: NAME the patch file's stem), ab_base_again; read them with ab_verdict.py. The tree
+# is left as it was.
 step_ab() {
-  local patch=${AB_PATCH:?AB_PATCH must name a patch file in the tree} out=$OUT label
-  for label in base change base_again; do
-    if [ "$label" = change ]; then patch -p1 --quiet <"$patch" || return 1; fi
-    if [ "$label" = base_again ]; then patch -R -p1 --quiet <"$patch" || return 1; fi
-    mkdir -p "$out/ab_$label"
-    OUT="$out/ab_$label" step_build >/dev/null || { tail -30 "$out/ab_$label/build.log"; return 1; }
-    echo "--- $label"
-    OUT="$out/ab_$label" step_calls | grep -E "^b=|split_kv"
+  local patches=(${AB_PATCH:?AB_PATCH must name patch files in the tree}) out=$OUT run patch dir
+  local runs=(base) rc=0
+  if [ ${#patches[@]} -eq 1 ]; then runs+=("change:${patches[0]}"); else
+    for patch in "${patches[@]}"; do runs+=("change_$(basename "${patch%.patch}"):$patch"); done
+  fi
+  runs+=(base_again)
+  for run in "${runs[@]}"; do
+    dir="$out/ab_${run%%:*}" patch=""
+    [ "$run" != "${run#*:}" ] && patch=${run#*:}
+    if [ -n "$patch" ]; then patch -p1 --quiet <"$patch" || return 1; fi
+    mkdir -p "$dir"
+    echo "--- ${run%%:*}"
+    if OUT="$dir" step_build >/dev/null; then
+      OUT="$dir" CALLS_TIMEOUT="${AB_CALL_TIMEOUT:-150}" step_calls | grep -E "^b=|split_kv|check" \
+        || rc=1
+    else
+      tail -30 "$dir/build.log"; rc=1
+    fi
+    if [ -n "$patch" ]; then patch -R -p1 --quiet <"$patch" || return 1; fi
   done
+  return $rc
 }
 
 step_bench() {
