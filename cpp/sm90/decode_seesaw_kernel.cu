@@ -88,6 +88,11 @@ constexpr int kLeftPieces = kSplitColumn / kPieceColumns;
 // (last read by B's), each with its own "empty" mbarrier.
 constexpr int kGroups = 2;
 constexpr int kStepsPerPiece = kPieceColumns / 16;  // S's k-steps (16 columns) per piece
+// A segment's output rows staged in shared memory: 64 rows of kHeadDimV values (float
+// partials, or Element for a request's only split), kStagedRowElements apart. The 8-element
+// pad keeps each half-warp's 8-byte writes (4 rows x 4 threads) off each other's banks.
+constexpr int kStagedRowElements = kHeadDimV + 8;
+constexpr int kStoringWarps = kBlockM / 32;  // one row a thread
 
 template <typename Element>
 struct Layouts : RowBlockLayouts<Element, kHeadDim> {
@@ -120,7 +125,15 @@ struct SharedStorage {
   uint64_t k_empty[kStages][kGroups];
   uint64_t q_full;
   uint64_t q_empty;
+  // A segment's rows are staged over both key stages and stored from there by bulk copies;
+  // this completes once the copies have read them (in both CTAs of a pair), and the producer
+  // holds the next segment's copies until then.
+  uint64_t outputs_stored;
 };
+
+static_assert(kBlockM * kStagedRowElements * sizeof(float) <=
+                  sizeof(SharedStorage<cutlass::bfloat16_t>::k),
+              "the staged output rows fit over both key stages");
 
 // The mbarrier parity of each stage, flipped by the producer after each use of the stage.
 struct StagePhases {
@@ -239,9 +252,15 @@ __device__ void produce_segment(const DecodeParams& p, const CUtensorMap& k_map,
                                 const CUtensorMap& q_map, const Segment& seg, int kv_head,
                                 int row_base, const KeySharing<kPaired>& sharing,
                                 SharedStorage<Element>& smem, StagePhases& phases,
-                                uint32_t& q_phase, WarpgroupTrace& trace) {
+                                uint32_t& q_phase, uint32_t& stored_phase, bool first_segment,
+                                WarpgroupTrace& trace) {
   using L = Layouts<Element>;
   const int num_tiles = num_tiles_of(seg);
+  // Held until the previous segment's rows, staged over the key stages, have been read out.
+  if (!first_segment) {
+    if (threadIdx.x < 32 * kStages) Barrier::wait(&smem.outputs_stored, stored_phase);
+    stored_phase ^= 1;
+  }
   if (num_tiles == 0 || threadIdx.x >= 32 * kStages) return;
   const int stage = threadIdx.x / 32;
   const int early_group = stage == 0 ? 0 : 1;  // the group its stage's readers free first
@@ -370,6 +389,37 @@ __device__ __forceinline__ void rescale_output(FragO& acc_o, const float (&scale
   if (__any_sync(0xffffffffu, scale[0] != 1.f || scale[1] != 1.f)) {
     CUTE_UNROLL
     for (int i = 0; i < size(acc_o); ++i) acc_o(i) *= scale[row_half(i)];
+  }
+}
+
+// This thread's two rows of O (a 64 x 256 C fragment of value columns from column_base),
+// times 1 / denominator, into the staged rows: elements i and i + 1 (i even) are columns
+// 8 (i / 4) + 2 (thread % 4) and the next one, of row half (i / 2) % 2.
+template <typename Element, typename Accumulator>
+__device__ __forceinline__ void stage_output_rows(const Accumulator& acc_o,
+                                                  const RowResult (&result)[2],
+                                                  const int (&row)[2], bool only_split,
+                                                  int column_base, void* staging) {
+  const int first_column = column_base + threadIdx.x % 4 * 2;
+  if (only_split) {
+    Element* rows = static_cast<Element*>(staging);
+    CUTE_UNROLL
+    for (int i = 0; i < size(acc_o); i += 2) {
+      const int h = row_half(i);
+      const Element pair[2] = {static_cast<Element>(acc_o(i) * result[h].inv_sum),
+                               static_cast<Element>(acc_o(i + 1) * result[h].inv_sum)};
+      *reinterpret_cast<uint32_t*>(rows + row[h] * kStagedRowElements + first_column +
+                                   8 * (i / 4)) = *reinterpret_cast<const uint32_t*>(pair);
+    }
+  } else {
+    float* rows = static_cast<float*>(staging);
+    CUTE_UNROLL
+    for (int i = 0; i < size(acc_o); i += 2) {
+      const int h = row_half(i);
+      *reinterpret_cast<float2*>(rows + row[h] * kStagedRowElements + first_column +
+                                 8 * (i / 4)) =
+          make_float2(acc_o(i) * result[h].inv_sum, acc_o(i + 1) * result[h].inv_sum);
+    }
   }
 }
 
@@ -667,9 +717,32 @@ __device__ __forceinline__ void attend_segment(const DecodeParams& p, const Segm
   if (wg == 1 && wg_thread % 4 == 0) {  // B holds the final running max
     for (int h = 0; h < 2; ++h) output.store_lse(p, row_base + my_row[h], result[h]);
   }
-  RowDestination<Element> destination[2];
-  for (int h = 0; h < 2; ++h) destination[h] = output.destination<Element>(p, row_base + my_row[h]);
-  store_output_rows<Element>(acc_o, result, destination, seg.is_only_split, wg * kSplitColumn);
+  // The rows through shared memory: every math thread writes its scaled fragment into rows
+  // over both key stages (no key is read any more, and the producer holds the next segment's
+  // copies), then the first kStoringWarps warps store one row each by a bulk copy (the TMA
+  // engine, asynchronous), in place of 32 16-byte stores a thread, 8 rows each (the
+  // mid-kernel epilogue took 11 400-14 700 cycles that way, NOTES v19). FlashMLA stages its
+  // output over its key buffers too.
+  void* staging = smem.k[0];
+  stage_output_rows<Element>(acc_o, result, my_row, seg.is_only_split, wg * kSplitColumn,
+                             staging);
+  cutlass::arch::fence_view_async_shared();  // the staged rows, for the bulk copies
+  named_barrier_sync(kMathBarrier, kMathThreads);
+  if (threadIdx.x < kProducerThreads + kStoringWarps * 32) {
+    const int row = threadIdx.x - kProducerThreads;
+    const RowDestination<Element> destination = output.destination<Element>(p, row_base + row);
+    if (destination.live) {
+      if (seg.is_only_split)
+        cute::SM90_BULK_COPY_S2G::copy(static_cast<Element*>(staging) + row * kStagedRowElements,
+                                       destination.out, kHeadDimV * sizeof(Element));
+      else
+        cute::SM90_BULK_COPY_S2G::copy(static_cast<float*>(staging) + row * kStagedRowElements,
+                                       destination.partial, kHeadDimV * sizeof(float));
+    }
+    cute::tma_store_arrive();
+    cute::tma_store_wait<0>();  // read out: the key stages may be refilled
+    sharing.release(&smem.outputs_stored);
+  }
   trace.mark(kTraceSegmentEnd, num_tiles);
 }
 
@@ -686,6 +759,7 @@ __device__ __forceinline__ void init_barriers(SharedStorage<Element>& smem) {
   }
   ClusterBarrier::init(&smem.q_full, 1);
   ClusterBarrier::init(&smem.q_empty, kMathThreads / 32);
+  ClusterBarrier::init(&smem.outputs_stored, kStoringWarps * KeySharing<kPaired>::kCtas);
   cutlass::arch::fence_barrier_init();
 }
 
@@ -711,9 +785,12 @@ __global__ void __launch_bounds__(kThreads, 1)
   if (threadIdx.x < kProducerThreads) {
     cutlass::arch::warpgroup_reg_dealloc<kProducerRegisters>();
     StagePhases phases;
+    uint32_t stored_phase = 0;
+    bool first_segment = true;
     for_each_segment(params, piece, [&](const Segment& seg) __attribute__((always_inline)) {
       produce_segment<Element>(params, k_map, q_map, seg, kv_head, row_base, sharing, smem,
-                               phases, q_phase, trace);
+                               phases, q_phase, stored_phase, first_segment, trace);
+      first_segment = false;
     });
   } else {
     cutlass::arch::warpgroup_reg_alloc<kMathRegisters>();
