@@ -25,16 +25,18 @@ def test_gpu_decode_flashmla_grid(case, rng):
 
 
 # The query rows go by TMA (query_tensor_map.h) when one box per 64 columns covers a CTA's
-# rows: heads_per_kv a multiple of the rows per CTA (64 for the 64-row kernel, 16 or 32 for the
-# narrow one; a run of heads of one token) or a divisor of them (whole tokens, those past s_q
-# out of range and written as zeros). Other head counts take the cp.async path. Small
+# rows: heads_per_kv a multiple of the rows per CTA (64 for the 64-row blocks, 16 or 32 for the
+# narrow kernel; a run of heads of one token) or a divisor of them (whole tokens, those past s_q
+# out of range and written as zeros). Two or more 64-row blocks a KV head run the seesaw kernel
+# in CTA pairs (d = 576), one the 64-row kernel (or the seesaw alone, below). Other head counts take the cp.async path. Small
 # num_sm_parts make a CTA walk several requests, so the query buffer is refilled (its barrier
 # phases turn) within one CTA.
 QUERY_TMA_CASES = [
-    # 64-row kernel, 64 heads of one token a box: two row blocks per token.
+    # 64-row blocks, 64 heads of one token a box: two row blocks per token (paired seesaw).
     Case(b=2, s_q=1, h_q=128, s_k=300),
     Case(b=3, s_q=2, h_q=256, h_kv=2, s_k=140, causal=True, num_sm_parts=1),
-    # 64-row kernel, whole tokens (32 heads x 2): the second block's second token is past s_q.
+    # 64-row blocks, whole tokens (32 heads x 2): the second block's second token is past s_q,
+    # its rows not stored (paired seesaw).
     Case(b=2, s_q=3, h_q=32, s_k=200, causal=True, num_sm_parts=3),
     # Key tiles by cp.async (page 7), query rows by TMA.
     Case(b=2, s_q=2, h_q=64, s_k=150, page=7),
