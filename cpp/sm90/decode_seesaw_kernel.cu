@@ -93,11 +93,6 @@ constexpr int kLeftPieces = kSplitColumn / kPieceColumns;
 // (last read by B's), each with its own "empty" mbarrier.
 constexpr int kGroups = 2;
 constexpr int kStepsPerPiece = kPieceColumns / 16;  // S's k-steps (16 columns) per piece
-// A segment's output rows staged in shared memory: 64 rows of kHeadDimV values (float
-// partials, or Element for a request's only split), kStagedRowElements apart. The 8-element
-// pad keeps each half-warp's 8-byte writes (4 rows x 4 threads) off each other's banks.
-constexpr int kStagedRowElements = kHeadDimV + 8;
-constexpr int kStoringWarps = kBlockM / 32;  // one row a thread
 
 template <typename Element>
 struct Layouts : RowBlockLayouts<Element, kHeadDim> {
@@ -136,8 +131,7 @@ struct SharedStorage {
   uint64_t outputs_stored;
 };
 
-static_assert(kBlockM * kStagedRowElements * sizeof(float) <=
-                  sizeof(SharedStorage<cutlass::bfloat16_t>::k),
+static_assert(kStagedRowsBytes <= sizeof(SharedStorage<cutlass::bfloat16_t>::k),
               "the staged output rows fit over both key stages");
 
 // The mbarrier parity of each stage, flipped by the producer after each use of the stage.
@@ -394,37 +388,6 @@ __device__ __forceinline__ void rescale_output(FragO& acc_o, const float (&scale
   if (__any_sync(0xffffffffu, scale[0] != 1.f || scale[1] != 1.f)) {
     CUTE_UNROLL
     for (int i = 0; i < size(acc_o); ++i) acc_o(i) *= scale[row_half(i)];
-  }
-}
-
-// This thread's two rows of O (a 64 x 256 C fragment of value columns from column_base),
-// times 1 / denominator, into the staged rows: elements i and i + 1 (i even) are columns
-// 8 (i / 4) + 2 (thread % 4) and the next one, of row half (i / 2) % 2.
-template <typename Element, typename Accumulator>
-__device__ __forceinline__ void stage_output_rows(const Accumulator& acc_o,
-                                                  const RowResult (&result)[2],
-                                                  const int (&row)[2], bool only_split,
-                                                  int column_base, void* staging) {
-  const int first_column = column_base + threadIdx.x % 4 * 2;
-  if (only_split) {
-    Element* rows = static_cast<Element*>(staging);
-    CUTE_UNROLL
-    for (int i = 0; i < size(acc_o); i += 2) {
-      const int h = row_half(i);
-      const Element pair[2] = {static_cast<Element>(acc_o(i) * result[h].inv_sum),
-                               static_cast<Element>(acc_o(i + 1) * result[h].inv_sum)};
-      *reinterpret_cast<uint32_t*>(rows + row[h] * kStagedRowElements + first_column +
-                                   8 * (i / 4)) = *reinterpret_cast<const uint32_t*>(pair);
-    }
-  } else {
-    float* rows = static_cast<float*>(staging);
-    CUTE_UNROLL
-    for (int i = 0; i < size(acc_o); i += 2) {
-      const int h = row_half(i);
-      *reinterpret_cast<float2*>(rows + row[h] * kStagedRowElements + first_column +
-                                 8 * (i / 4)) =
-          make_float2(acc_o(i) * result[h].inv_sum, acc_o(i + 1) * result[h].inv_sum);
-    }
   }
 }
 
@@ -734,19 +697,9 @@ __device__ __forceinline__ void attend_segment(const DecodeParams& p, const Segm
   cutlass::arch::fence_view_async_shared();  // the staged rows, for the bulk copies
   named_barrier_sync(kMathBarrier, kMathThreads);
   if (threadIdx.x < kProducerThreads + kStoringWarps * 32) {
-    const int row = threadIdx.x - kProducerThreads;
-    const RowDestination<Element> destination = output.destination<Element>(p, row_base + row);
-    if (destination.live) {
-      if (seg.is_only_split)
-        cute::SM90_BULK_COPY_S2G::copy(static_cast<Element*>(staging) + row * kStagedRowElements,
-                                       destination.out, kHeadDimV * sizeof(Element));
-      else
-        cute::SM90_BULK_COPY_S2G::copy(static_cast<float*>(staging) + row * kStagedRowElements,
-                                       destination.partial, kHeadDimV * sizeof(float));
-    }
-    cute::tma_store_arrive();
-    cute::tma_store_wait<0>();  // read out: the key stages may be refilled
-    sharing.release(&smem.outputs_stored);
+    store_staged_row<Element>(p, output, row_base, threadIdx.x - kProducerThreads,
+                              seg.is_only_split, staging);
+    sharing.release(&smem.outputs_stored);  // read out: the key stages may be refilled
   }
   trace.mark(kTraceSegmentEnd, num_tiles);
 }
