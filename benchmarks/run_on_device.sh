@@ -225,23 +225,25 @@ step_probe() {
 # (several: NAME the patch file's stem), ab_base_again; read them with ab_verdict.py. The tree
 # is left as it was.
 step_ab() {
-  local patches=(${AB_PATCH:?AB_PATCH must name patch files in the tree}) out=$OUT run patch dir
-  local runs=(base) rc=0
-  if [ ${#patches[@]} -eq 1 ]; then runs+=("change:${patches[0]}"); else
-    for patch in "${patches[@]}"; do runs+=("change_$(basename "${patch%.patch}"):$patch"); done
-  fi
-  runs+=(base_again)
-  for run in "${runs[@]}"; do
-    dir="$out/ab_${run%%:*}" patch=""
-    [ "$run" != "${run#*:}" ] && patch=${run#*:}
+  local patches=(${AB_PATCH:?AB_PATCH must name patch files in the tree}) out=$OUT patch i rc=0
+  # One run per label; files[i] is the patch applied for labels[i] (none for the base runs).
+  local labels=(base) files=("")
+  for patch in "${patches[@]}"; do
+    if [ ${#patches[@]} -eq 1 ]; then labels+=(change); else
+      labels+=("change_$(basename "${patch%.patch}")"); fi
+    files+=("$patch")
+  done
+  labels+=(base_again) files+=("")
+  for i in "${!labels[@]}"; do
+    patch=${files[$i]}
     if [ -n "$patch" ]; then patch -p1 --quiet <"$patch" || return 1; fi
-    mkdir -p "$dir"
-    echo "--- ${run%%:*}"
-    if OUT="$dir" step_build >/dev/null; then
-      OUT="$dir" CALLS_TIMEOUT="${AB_CALL_TIMEOUT:-150}" step_calls | grep -E "^b=|split_kv|check" \
-        || rc=1
+    mkdir -p "$out/ab_${labels[$i]}"
+    echo "--- ${labels[$i]}"
+    if OUT="$out/ab_${labels[$i]}" step_build >/dev/null; then
+      OUT="$out/ab_${labels[$i]}" CALLS_TIMEOUT="${AB_CALL_TIMEOUT:-150}" step_calls | \
+        grep -E "^b=|split_kv|check" || rc=1
     else
-      tail -30 "$dir/build.log"; rc=1
+      tail -30 "$out/ab_${labels[$i]}/build.log"; rc=1
     fi
     if [ -n "$patch" ]; then patch -R -p1 --quiet <"$patch" || return 1; fi
   done
