@@ -321,6 +321,20 @@ __device__ __forceinline__ void publish_key_valid(const TmaTileLookup& lookup, u
   __syncwarp();
 }
 
+// The L2 policy of key boxes. Where one copy of the keys serves every row block of a KV head
+// (a single row block, or one pair sharing them by multicast), a key is read from L2 once:
+// first to be evicted, so that the float32 partials the segments write (up to ~25 MB at b=64
+// h_q=64) are still in L2 when the combine kernel reads them, instead of pushed to HBM by the
+// key stream (~300 MB a call there). Where several row blocks (or pairs) each copy the same
+// keys, the later copies are L2 hits: left at the normal policy. Measured (NOTES v21): the
+// split kernel itself gains ~3% at b=64 h_q=64 and b=32 h_q=128 (the combine's time did not
+// move), so the gain is the split kernel's own L2 traffic, not the partials' reuse.
+__device__ __forceinline__ uint64_t key_cache_hint(uint16_t multicast_mask) {
+  const unsigned sharing_ctas = multicast_mask == 0 ? 1u : 2u;
+  return static_cast<uint64_t>(gridDim.z <= sharing_ctas ? TMA::CacheHintSm90::EVICT_FIRST
+                                                         : TMA::CacheHintSm90::EVICT_NORMAL);
+}
+
 // This lane's TMA box of a tile's columns [column, column + 64), if it has one (tokens_per_box
 // >= 8, so a lane has at most one box row: 64 / tokens_per_box lanes do), completing on `full`.
 // With a `multicast_mask`, the box lands at the same offset in each CTA of the cluster the
@@ -331,13 +345,13 @@ __device__ __forceinline__ void copy_key_box(const DecodeParams& p, const CUtens
                                              int column, uint64_t* full, SmemTensor& s_k,
                                              uint16_t multicast_mask = 0) {
   const int first = threadIdx.x % 32 * tma_tokens_per_box(p.page_block_size);
-  constexpr auto kHint = static_cast<uint64_t>(TMA::CacheHintSm90::EVICT_NORMAL);
   if (first >= kBlockN) return;
+  const uint64_t hint = key_cache_hint(multicast_mask);
   if (multicast_mask == 0)
-    SM90_TMA_LOAD_3D::copy(&k_map, full, kHint, &s_k(first, column), column, kv_head,
+    SM90_TMA_LOAD_3D::copy(&k_map, full, hint, &s_k(first, column), column, kv_head,
                            lookup.slot);
   else
-    SM90_TMA_LOAD_MULTICAST_3D::copy(&k_map, full, multicast_mask, kHint, &s_k(first, column),
+    SM90_TMA_LOAD_MULTICAST_3D::copy(&k_map, full, multicast_mask, hint, &s_k(first, column),
                                      column, kv_head, lookup.slot);
 }
 
