@@ -255,16 +255,30 @@ __device__ void produce_segment(const DecodeParams& p, const CUtensorMap& k_map,
                                 WarpgroupTrace& trace) {
   using L = Layouts<Element>;
   const int num_tiles = num_tiles_of(seg);
+  const bool loads = num_tiles > 0 && threadIdx.x < 32 * kStages;
+  const int stage = threadIdx.x / 32;
+  // The query rows and the first tiles' block-table entries do not touch the key stages, so
+  // they go before the hold below: the rows land, and the entries' round trip to memory is
+  // over, while the previous segment's staged rows are read out (and at the kernel's start the
+  // rows no longer wait behind the first key group's issue). The query buffer is free once
+  // the previous segment's last S is done, which comes before its epilogue.
+  if (num_tiles > 0 && threadIdx.x == 0) {
+    Barrier::wait(&smem.q_empty, q_phase ^ 1);
+    trace.mark(kTraceQueryFree, -1);
+    Tensor s_q = make_tensor(make_smem_ptr(smem.q), typename L::Q{});
+    load_query_rows_tma<Element, kHeadDim, kBlockM>(p, q_map, seg, kv_head, row_base,
+                                                    &smem.q_full, s_q);
+  }
+  // The next pair's entries (-1 past the segment, not read).
+  TilePages pages;
+  if (loads) pages = fetch_tile_pages(p, seg, tile_begin_of(seg, stage));
   // Held until the previous segment's rows, staged over the key stages, have been read out.
   if (!first_segment) {
     if (threadIdx.x < 32 * kStages) Barrier::wait(&smem.outputs_stored, stored_phase);
     stored_phase ^= 1;
   }
-  if (num_tiles == 0 || threadIdx.x >= 32 * kStages) return;
-  const int stage = threadIdx.x / 32;
+  if (!loads) return;
   const int early_group = stage == 0 ? 0 : 1;  // the group its stage's readers free first
-  // The next pair's entries (-1 past the segment, not read).
-  TilePages pages = fetch_tile_pages(p, seg, tile_begin_of(seg, stage));
   for (int first = 0; first < num_tiles; first += kStages) {
     const int tile = first + stage;
     if (tile >= num_tiles) break;
@@ -272,13 +286,6 @@ __device__ void produce_segment(const DecodeParams& p, const CUtensorMap& k_map,
     pages = fetch_tile_pages(p, seg, tile_begin_of(seg, tile + kStages));
     load_group(p, k_map, lookup, kv_head, tile, stage, early_group, phases.parity(stage), true,
                sharing, smem, trace);
-    if (first == 0 && threadIdx.x == 0) {
-      Barrier::wait(&smem.q_empty, q_phase ^ 1);
-      trace.mark(kTraceQueryFree, -1);
-      Tensor s_q = make_tensor(make_smem_ptr(smem.q), typename L::Q{});
-      load_query_rows_tma<Element, kHeadDim, kBlockM>(p, q_map, seg, kv_head, row_base,
-                                                      &smem.q_full, s_q);
-    }
     load_group(p, k_map, lookup, kv_head, tile, stage, 1 - early_group, phases.parity(stage),
                false, sharing, smem, trace);
     phases.flip(stage);
