@@ -1,6 +1,6 @@
 """Where one decode call's time goes on the GPU, from the JAX profiler's kernel timestamps.
 
-    python3 benchmarks/call_timeline.py [b,h_q,s_k ...]      (GPU; default: ROWS)
+    python3 benchmarks/call_timeline.py [b,h_q,s_k[,page] ...]      (GPU; default: ROWS)
 
 Runs the benchmark's jitted function of back-to-back calls (jax_flash_mla/benchmark.py) under
 jax.profiler.trace and reads the trace back (device_timing.py): for each row, the wall time per
@@ -8,7 +8,9 @@ call (the benchmark's figure before v14), next to what the GPU did per call: the
 of each kernel, the busy time (the kernels' durations added), and the span from the first
 kernel's start to the last one's end over the calls. span - busy is time the GPU sat idle
 between kernels; wall - span is the host's share (dispatch, sync). FlashMLA's figures are
-CUDA-graph replays, whose idle time between kernels is about a microsecond a launch.
+CUDA-graph replays, whose idle time between kernels is about a microsecond a launch. A row's
+page size is PAGE (64, the target table's) unless it names another (b,h_q,s_k,page); the
+block tables are the benchmark's (random pages).
 
 Each row is also checked once against the float32 reference (outputs poisoned with NaN before
 the call; tests/comparisons.py's kernel tolerances: out within 4 units of bfloat16 roundoff
@@ -48,8 +50,8 @@ def short_name(name):
     return name.split("(")[0][:40]
 
 
-def profile_row(rng, b, h_q, s_k):
-    q, pool, tables, lengths, copies = build_case(rng, b, h_q, s_k, 1, False, PAGE, 50 << 20)
+def profile_row(rng, b, h_q, s_k, page=PAGE):
+    q, pool, tables, lengths, copies = build_case(rng, b, h_q, s_k, 1, False, page, 50 << 20)
     metadata = jax_flash_mla.get_mla_metadata(lengths, h_q, 1)
     fn = make_many_calls(jax_flash_mla.flash_mla_with_kvcache, CALLS, copies, False)
     args = (q, pool, tables, lengths, metadata)
@@ -67,7 +69,8 @@ def profile_row(rng, b, h_q, s_k):
     decode = [k for k in kernels if "split_kv" in k[0] or "combine" in k[0]]
     span = (decode[-1][2] - decode[0][1]) / 1e3 / CALLS if decode else float("nan")
     busy = sum((e - s) for _, s, e in decode) / 1e3 / CALLS
-    print(f"b={b} h_q={h_q} s_k={s_k}: wall {statistics.median(walls) / CALLS * 1e6:.1f} us a call,"
+    label = f"b={b} h_q={h_q} s_k={s_k}" + (f" page={page}" if page != PAGE else "")
+    print(f"{label}: wall {statistics.median(walls) / CALLS * 1e6:.1f} us a call,"
           f" GPU span {span:.1f}, busy {busy:.1f} (idle between kernels {span - busy:.1f})")
     for name, values in sorted(durations.items(), key=lambda kv: -sum(kv[1])):
         print(f"    {name:40s} x{len(values):3d}  median {statistics.median(values):8.2f} us")
