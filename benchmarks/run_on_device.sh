@@ -7,6 +7,7 @@
 #   bash benchmarks/run_on_device.sh [build] [test] [quicktest] [main] [sanitize] [profile]
 #                                    [devicetest] [detail] [timeline] [calls] [graphbench] [multigpu] [graphs] [demo] [bench] [quickbench]
 #                                    [probe] [ab] [smem] [trace] (last: it leaves the diagnostic build)
+#                                    [pack] (last: one archive of every log)
 #   (default: build test main sanitize)
 # Logs go under $OUT (the device tool brings that folder back).
 set -uo pipefail
@@ -253,6 +254,16 @@ step_ab() {
 step_bench() {
   python3 -m jax_flash_mla bench --out "$OUT" 2>&1 | tee "$OUT/bench.log" | tail -60
   return "${PIPESTATUS[0]}"
+}
+
+# Every file under $OUT into one archive, $OUT/logs.tar.gz (the files removed): the device tool
+# brings back at most 8 files, and an A/B alone writes 12. Run it last, after anything that
+# reads the logs on the machine (ab_verdict.py); `tar -xzf logs.tar.gz` restores the tree.
+step_pack() {
+  local archive
+  archive="$(mktemp /tmp/jax_flash_mla_logs.XXXXXX.tar.gz)"
+  tar -C "$OUT" -czf "$archive" . && find "$OUT" -mindepth 1 -delete && chmod 644 "$archive" &&
+    mv "$archive" "$OUT/logs.tar.gz"
 }
 
 for s in "${steps[@]}"; do
