@@ -5,7 +5,8 @@
 
 Complements jax_flash_mla/benchmark.py (which times many calls inside one jitted function): this shows
 how a call's time divides between the schedule, split-KV and combine kernels.
-Rows may be given as arguments, `b,h_q,s_k` each (default: ROWS). With `--calls N`, each row
+Rows may be given as arguments, `b,h_q,s_k` or `b,h_q,s_k,page` each (default: ROWS, page
+64). With `--calls N`, each row
 runs the benchmark's jitted function of N back-to-back calls instead of one call, so that a
 timeline (nsys) or a list of every kernel (ncu without -k) shows what one call costs in there.
 """
@@ -25,9 +26,10 @@ PAGE, D, DV = 64, 576, 512
 
 def main(rows, calls):
     rng = np.random.default_rng(0)
-    for b, h_q, s_k in rows:
-        max_blocks = s_k // PAGE
-        pool = jax.random.normal(jax.random.key(0), (b * max_blocks, PAGE, 1, D), jnp.bfloat16)
+    for b, h_q, s_k, *rest in rows:
+        page = rest[0] if rest else PAGE
+        max_blocks = -(-s_k // page)
+        pool = jax.random.normal(jax.random.key(0), (b * max_blocks, page, 1, D), jnp.bfloat16)
         table = jnp.asarray(rng.permutation(b * max_blocks).reshape(b, max_blocks).astype(np.int32))
         q = jax.random.normal(jax.random.key(1), (b, 1, h_q, D), jnp.bfloat16)
         seqlens = jnp.full((b,), s_k, jnp.int32)
@@ -40,7 +42,7 @@ def main(rows, calls):
             decode = jax.jit(jax_flash_mla.flash_mla_with_kvcache, static_argnums=(4,))
             for _ in range(2):
                 jax.block_until_ready(decode(q, pool, table, seqlens, DV, metadata))
-        print(f"profiled b={b} h_q={h_q} s_k={s_k} num_sm_parts="
+        print(f"profiled b={b} h_q={h_q} s_k={s_k} page={page} num_sm_parts="
               f"{metadata.tile_scheduler_metadata.shape[0]}", flush=True)
 
 

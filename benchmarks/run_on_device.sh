@@ -6,7 +6,7 @@
 #
 #   bash benchmarks/run_on_device.sh [build] [test] [quicktest] [main] [sanitize] [profile]
 #                                    [devicetest] [detail] [timeline] [calls] [graphbench] [multigpu] [graphs] [demo] [bench] [quickbench]
-#                                    [probe] [ab] [smem] [trace] (last: it leaves the diagnostic build)
+#                                    [probe] [ab] [smem] [pages] [trace] (last: it leaves the diagnostic build)
 #                                    [pack] (last: one archive of every log)
 #   (default: build test main sanitize)
 # Logs go under $OUT (the device tool brings that folder back).
@@ -107,6 +107,23 @@ step_detail() {
 }
 
 # Is shared memory what bounds the h_q = 128 pair (NOTES v19)? One launch of the split kernel at
+# Page sizes side by side (v21: page 16 +20.5% over page 64 at b=64 h=16): one split-KV launch
+# of each row of PAGE_ROWS (b,h_q,s_k,page; default page 16 and 64 at b=64 h=16 s_k=4096) under
+# Nsight Compute, its throughput, memory and warp-state sections, one log a row.
+step_pages() {
+  local row rc=0
+  for row in ${PAGE_ROWS:-64,16,4096,16 64,16,4096,64}; do
+    timeout 300 ncu --clock-control none -k regex:split_kv --launch-skip 1 --launch-count 1 \
+      --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats \
+      --section SchedulerStats python3 benchmarks/profile_kernels.py "$row" \
+      >"$OUT/ncu_page_${row//,/_}.log" 2>&1 || rc=1
+    echo "--- $row"
+    grep -E "Duration|Memory Throughput|DRAM Throughput|L2 Cache Throughput|L1/TEX Hit|L2 Hit|Stall|Issued Warp|No Eligible" \
+      "$OUT/ncu_page_${row//,/_}.log" | cut -c1-120 | head -24
+  done
+  return $rc
+}
+
 # SMEM_ROW (default b=64 h=128): the memory sections with their tables (shared-memory
 # wavefronts, bank conflicts, the busiest memory pipe), and the pipes' utilization. Apply a
 # branch's patch first to profile it instead.
