@@ -19,6 +19,7 @@ times max(1, max|ref|), lse within 1e-4), so that an A/B of an untested kernel c
 """
 
 import collections
+import pathlib
 import statistics
 import sys
 import time
@@ -32,11 +33,13 @@ from jax_flash_mla import reference, testing
 from jax_flash_mla.benchmark import build_case, make_many_calls
 from jax_flash_mla.device_timing import traced_kernel_events
 
+# The tests' kernel tolerances and their reasons, in tests/comparisons.py (not a package).
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "tests"))
+from comparisons import KERNEL_LSE_ATOL, KERNEL_OUT_ROUNDINGS, unit_roundoff  # noqa: E402
+
 ROWS = [(1, 16, 4096), (1, 128, 4096), (64, 16, 4096), (64, 64, 4096), (128, 128, 4096)]
 CALLS = 20
 PAGE = 64
-OUT_ROUNDINGS = 4  # tests/comparisons.py's KERNEL_OUT_ROUNDINGS
-LSE_ATOL = 1e-4    # and KERNEL_LSE_ATOL
 
 
 def short_name(name):
@@ -85,12 +88,13 @@ def check_row(q, pool, table, lengths, metadata):
     ref_out, ref_lse = jax.jit(reference.flash_mla_with_kvcache)(q, pool, table, lengths)
     out, lse = np.asarray(out.astype(jnp.float32)), np.asarray(lse)
     ref_out, ref_lse = np.asarray(ref_out.astype(jnp.float32)), np.asarray(ref_lse)
-    atol = OUT_ROUNDINGS * 2.0 ** -8 * max(1.0, float(np.abs(ref_out).max()))
+    atol = (KERNEL_OUT_ROUNDINGS * unit_roundoff(jnp.bfloat16)
+            * max(1.0, float(np.abs(ref_out).max())))
     out_err = float(np.abs(out - ref_out).max())  # NaN anywhere makes it NaN
     lse_err = float(np.abs(lse - ref_lse).max())
-    ok = out_err <= atol and lse_err <= LSE_ATOL
+    ok = out_err <= atol and lse_err <= KERNEL_LSE_ATOL
     print(f"    check: max |out - ref| {out_err:.2e} (bound {atol:.2e}), max |lse - ref| "
-          f"{lse_err:.2e} (bound {LSE_ATOL:.0e}): {'ok' if ok else 'FAILED'}")
+          f"{lse_err:.2e} (bound {KERNEL_LSE_ATOL:.0e}): {'ok' if ok else 'FAILED'}")
     sys.stdout.flush()
     return ok
 
