@@ -52,7 +52,19 @@ TARGET_ROWS = [
 TIMING = {True: "GPU span of a run (profiler kernel timestamps) / calls",
           False: "wall time of a run / calls"}
 PAGE_SWEEP = [16, 32, 64, 128, 256]  # at b=64, h_q=16, s_k=4096 and 16384
+# Page 16 against page 64 on the other kernels too (b=64, s_k=4096): h_q = 64 runs the 64-row
+# kernel, h_q = 128 the paired seesaw; h_q = 16 above runs the narrow one.
+PAGE_SWEEP_HEADS = [64, 128]
 SK_SWEEP = [512, 1024, 2048, 4096, 8192, 16384, 32768]  # at b=64, h_q=16
+
+
+def page_sweep_rows():
+    """(row, page) of the page-size sweep: every page of PAGE_SWEEP at b=64 h_q=16 (s_k 4096
+    and 16384), then page 16 and 64 at b=64 s_k=4096 for each of PAGE_SWEEP_HEADS."""
+    return ([((64, 16, s_k, 1, False, False), page)
+             for s_k in (4096, 16384) for page in PAGE_SWEEP] +
+            [((64, h_q, 4096, 1, False, False), page)
+             for h_q in PAGE_SWEEP_HEADS for page in (16, 64)])
 
 
 def lengths_for(rng, b, s_k, varlen):
@@ -223,8 +235,7 @@ def run(args) -> int:
     # Per section: (row, page, with the plain-JAX reference, devices the heads are split over).
     jobs = {"target rows (page 64)": [(row, 64, not args.quick, 1) for row in rows]}
     if not args.quick:
-        jobs["page-size sweep"] = [((64, 16, s_k, 1, False, False), page, False, 1)
-                                   for s_k in (4096, 16384) for page in PAGE_SWEEP]
+        jobs["page-size sweep"] = [(row, page, False, 1) for row, page in page_sweep_rows()]
         jobs["s_k sweep (b=64, h_q=16)"] = [((64, 16, s_k, 1, False, False), 64, False, 1)
                                             for s_k in SK_SWEEP]
     devices = len(jax.devices())

@@ -17,6 +17,17 @@ def test_traffic_formulas():
     assert flops == 2 * 2 * 16 * 4096 * (576 + 512)
 
 
+def test_page_sweep_compares_page_16_with_64_on_every_kernel():
+    """The issue's bar (page 16 within 10% of page 64 at s_k >= 4096) is checked on each
+    kernel family: h_q = 16 (narrow), 64 (64-row), 128 (paired seesaw), all at b=64."""
+    rows = benchmark.page_sweep_rows()
+    assert len(rows) == len(set(rows))
+    for h_q in (16, 64, 128):
+        for page in (16, 64):
+            assert ((64, h_q, 4096, 1, False, False), page) in rows
+    assert {page for (row, page) in rows if row[1] == 16} == set(benchmark.PAGE_SWEEP)
+
+
 def test_one_row_runs_with_the_reference(rng):
     args = argparse.Namespace(calls=2, repeats=1)
     row = benchmark.measure(rng, (2, 16, 64, 1, False, False), 16, args, l2_bytes=1 << 20,
