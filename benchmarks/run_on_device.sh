@@ -40,11 +40,16 @@ step_build() {
 # run_pytest LOG SECONDS LINES PYTEST_ARGS...: the suite under a time limit, its whole output
 # in $OUT/LOG and its last LINES on the console (without pytest-benchmark's xdist warnings).
 # Several pytest workers: the GPU cases are bound by XLA compilation on the host, not by the
-# GPU. Each worker allocates GPU memory on demand instead of preallocating 75% of it.
+# GPU. Each worker allocates GPU memory on demand instead of preallocating 75% of it. XLA does
+# not autotune the references' matmuls: every case has its own shapes, so each would be
+# autotuned once, on the host's clock (pytest -m gpu took 374 s of a 30-minute device session,
+# v21); the algorithm cuBLAS picks changes the float32 references by rounding only, far under
+# the kernels' tolerances. The slowest cases are listed (--durations), to see what remains.
 run_pytest() {
   local log=$1 seconds=$2 lines=$3
   shift 3
-  XLA_PYTHON_CLIENT_PREALLOCATE=false timeout "$seconds" python3 -m pytest -q -p no:cacheprovider \
+  XLA_PYTHON_CLIENT_PREALLOCATE=false XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_autotune_level=0" \
+    timeout "$seconds" python3 -m pytest -q -p no:cacheprovider --durations=15 \
     -n "${TEST_WORKERS:-8}" "$@" tests 2>&1 | tee "$OUT/$log" | \
     grep -v -e PytestBenchmarkWarning -e "warner(" | tail -"$lines"
   return "${PIPESTATUS[0]}"
