@@ -162,9 +162,11 @@ step_timeline() {
 }
 
 # What one call costs on the GPU inside the benchmark's jitted function, from the JAX
-# profiler's kernel timestamps (no nsys needed): kernel durations, busy time, idle gaps.
+# profiler's kernel timestamps (no nsys needed): kernel durations, busy time, idle gaps. The
+# timed function has no matmul; the rows' reference checks are not autotuned (as the tests).
 step_calls() {
-  timeout "${CALLS_TIMEOUT:-300}" python3 benchmarks/call_timeline.py ${CALL_ROWS:-} 2>&1 | tee "$OUT/call_timeline.log" | \
+  XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_autotune_level=0" timeout "${CALLS_TIMEOUT:-300}" \
+    python3 benchmarks/call_timeline.py ${CALL_ROWS:-} 2>&1 | tee "$OUT/call_timeline.log" | \
     grep -v -e "^W0000\|^I0000\|^E0000"
   return "${PIPESTATUS[0]}"
 }
