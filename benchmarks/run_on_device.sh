@@ -45,10 +45,13 @@ step_build() {
 # autotuned once, on the host's clock (pytest -m gpu took 374 s of a 30-minute device session,
 # v21); the algorithm cuBLAS picks changes the float32 references by rounding only, far under
 # the kernels' tolerances. The slowest cases are listed (--durations), to see what remains.
+# A TMA tensor map the driver refuses stops the run (JAX_FLASH_MLA_EXPECT_TMA,
+# paged_kv_tensor_map.h) instead of passing on the cp.async path.
 run_pytest() {
   local log=$1 seconds=$2 lines=$3
   shift 3
-  XLA_PYTHON_CLIENT_PREALLOCATE=false XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_autotune_level=0" \
+  JAX_FLASH_MLA_EXPECT_TMA=1 XLA_PYTHON_CLIENT_PREALLOCATE=false \
+    XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_autotune_level=0" \
     timeout "$seconds" python3 -m pytest -q -p no:cacheprovider --durations=15 \
     -n "${TEST_WORKERS:-8}" "$@" tests 2>&1 | tee "$OUT/$log" | \
     grep -v -e PytestBenchmarkWarning -e "warner(" | tail -"$lines"
@@ -164,8 +167,10 @@ step_timeline() {
 # What one call costs on the GPU inside the benchmark's jitted function, from the JAX
 # profiler's kernel timestamps (no nsys needed): kernel durations, busy time, idle gaps. The
 # timed function has no matmul; the rows' reference checks are not autotuned (as the tests).
+# A refused TMA tensor map stops it, as in the tests: an A/B never times the fallback path.
 step_calls() {
-  XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_autotune_level=0" timeout "${CALLS_TIMEOUT:-300}" \
+  JAX_FLASH_MLA_EXPECT_TMA=1 XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_autotune_level=0" \
+    timeout "${CALLS_TIMEOUT:-300}" \
     python3 benchmarks/call_timeline.py ${CALL_ROWS:-} 2>&1 | tee "$OUT/call_timeline.log" | \
     grep -v -e "^W0000\|^I0000\|^E0000"
   return "${PIPESTATUS[0]}"

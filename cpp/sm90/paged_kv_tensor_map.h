@@ -12,6 +12,8 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <cstdio>
+#include <cstdlib>
 
 #include "../common/host_device.h"
 #include "../common/params.h"
@@ -43,6 +45,22 @@ inline TensorMapEncoder tensor_map_encoder() {
   return encode;
 }
 
+// A refusal of a tensor map whose parameters the caller has checked is unexpected: the kernels
+// then take the cp.async path, correct but slower, and a timing would pass for the TMA path's
+// (a new map's layout, say). Said once per process on stderr; with JAX_FLASH_MLA_EXPECT_TMA set
+// (the device scripts' test and A/B steps) the process stops there instead.
+inline void report_refused_tensor_map(int rank, int result) {
+  static const bool expect_tma = std::getenv("JAX_FLASH_MLA_EXPECT_TMA") != nullptr;
+  static bool reported = false;
+  if (!reported || expect_tma)
+    std::fprintf(stderr,
+                 "jax_flash_mla: the driver refused a %d-D TMA tensor map (CUresult %d, -1: no "
+                 "entry point); the cp.async path runs instead\n",
+                 rank, result);
+  reported = true;
+  if (expect_tma) std::abort();
+}
+
 // Encodes a tensor map over bf16/fp16 `base` (the innermost dimension contiguous, `strides`
 // of the outer ones in bytes) whose boxes land in shared memory 128-byte swizzled, the layout
 // wgmma reads; out-of-range elements of a box read as zeros. False when the driver refuses it
@@ -53,15 +71,20 @@ inline bool encode_swizzled_tensor_map(ElementType dtype, const void* base,
                                        const cuuint64_t (&strides)[kRank - 1],
                                        const cuuint32_t (&box)[kRank], CUtensorMap* map) {
   const TensorMapEncoder encode = tensor_map_encoder();
-  if (encode == nullptr) return false;
+  if (encode == nullptr) {
+    report_refused_tensor_map(kRank, -1);
+    return false;
+  }
   cuuint32_t element_strides[kRank];
   for (int i = 0; i < kRank; ++i) element_strides[i] = 1;
   const CUtensorMapDataType type = dtype == ElementType::kBF16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16
                                                                : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
-  return encode(map, type, kRank, const_cast<void*>(base), sizes, strides, box, element_strides,
-                CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
-                CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
-                CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+  const CUresult result =
+      encode(map, type, kRank, const_cast<void*>(base), sizes, strides, box, element_strides,
+             CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+             CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  if (result != CUDA_SUCCESS) report_refused_tensor_map(kRank, static_cast<int>(result));
+  return result == CUDA_SUCCESS;
 }
 
 // False when TMA cannot express this cache (page not a multiple of 8 tokens, more token slots
