@@ -88,11 +88,14 @@ inline bool encode_swizzled_tensor_map(ElementType dtype, const void* base,
 }
 
 // False when TMA cannot express this cache (page not a multiple of 8 tokens, more token slots
-// than an int32 coordinate reaches, or no driver entry point): the caller gathers with cp.async.
+// than an int32 coordinate reaches, a cache not 16-byte aligned, or no driver entry point): the
+// caller gathers with cp.async.
 inline bool make_paged_kv_tensor_map(const DecodeParams& p, CUtensorMap* map) {
   const int tokens_per_box = tma_tokens_per_box(p.page_block_size);
   const int64_t token_slots = static_cast<int64_t>(p.num_blocks) * p.page_block_size;
   if (tokens_per_box < 8 || token_slots >= INT32_MAX || token_slots <= 0) return false;
+  // The global address must be 16-byte aligned (XLA's buffers are; a caller's view may not be).
+  if (reinterpret_cast<uintptr_t>(p.k_cache) % 16 != 0) return false;
   const cuuint64_t sizes[3] = {static_cast<cuuint64_t>(p.head_dim),
                                static_cast<cuuint64_t>(p.num_heads_k),
                                static_cast<cuuint64_t>(token_slots)};
