@@ -37,21 +37,26 @@ step_build() {
   python3 -c "import jax, jax_flash_mla as m; print(jax.__version__, jax.devices(), 'cuda handlers:', m.BUILT_WITH_CUDA)"
 }
 
+# checked COMMAND...: COMMAND as the steps that check the kernels against the references run
+# it (tests, calls and so ab). XLA does not autotune the references' matmuls: every case has
+# its own shapes, so each would be autotuned once, on the host's clock (pytest -m gpu took 374 s
+# of a 30-minute device session, v21); the algorithm cuBLAS picks changes the float32
+# references by rounding only, far under the kernels' tolerances. A TMA tensor map the driver
+# refuses stops the run (JAX_FLASH_MLA_EXPECT_TMA, paged_kv_tensor_map.h) instead of passing
+# on, or being timed on, the cp.async path.
+checked() {
+  JAX_FLASH_MLA_EXPECT_TMA=1 XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_autotune_level=0" "$@"
+}
+
 # run_pytest LOG SECONDS LINES PYTEST_ARGS...: the suite under a time limit, its whole output
 # in $OUT/LOG and its last LINES on the console (without pytest-benchmark's xdist warnings).
 # Several pytest workers: the GPU cases are bound by XLA compilation on the host, not by the
-# GPU. Each worker allocates GPU memory on demand instead of preallocating 75% of it. XLA does
-# not autotune the references' matmuls: every case has its own shapes, so each would be
-# autotuned once, on the host's clock (pytest -m gpu took 374 s of a 30-minute device session,
-# v21); the algorithm cuBLAS picks changes the float32 references by rounding only, far under
-# the kernels' tolerances. The slowest cases are listed (--durations), to see what remains.
-# A TMA tensor map the driver refuses stops the run (JAX_FLASH_MLA_EXPECT_TMA,
-# paged_kv_tensor_map.h) instead of passing on the cp.async path.
+# GPU. Each worker allocates GPU memory on demand instead of preallocating 75% of it. The
+# slowest cases are listed (--durations), to see what remains.
 run_pytest() {
   local log=$1 seconds=$2 lines=$3
   shift 3
-  JAX_FLASH_MLA_EXPECT_TMA=1 XLA_PYTHON_CLIENT_PREALLOCATE=false \
-    XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_autotune_level=0" \
+  XLA_PYTHON_CLIENT_PREALLOCATE=false checked \
     timeout "$seconds" python3 -m pytest -q -p no:cacheprovider --durations=15 \
     -n "${TEST_WORKERS:-8}" "$@" tests 2>&1 | tee "$OUT/$log" | \
     grep -v -e PytestBenchmarkWarning -e "warner(" | tail -"$lines"
@@ -114,7 +119,6 @@ step_detail() {
   grep -E "Throughput|Pipe|Stall|Busy|Bandwidth|Duration|Warp Cycles|Issued" "$OUT"/ncu_detail_h16.log | head -40
 }
 
-# Is shared memory what bounds the h_q = 128 pair (NOTES v19)? One launch of the split kernel at
 # Page sizes side by side (v21: page 16 +20.5% over page 64 at b=64 h=16): one split-KV launch
 # of each row of PAGE_ROWS (b,h_q,s_k,page; default page 16 and 64 at b=64 h=16 s_k=4096) under
 # Nsight Compute, its throughput, memory and warp-state sections, one log a row.
@@ -132,6 +136,7 @@ step_pages() {
   return $rc
 }
 
+# Is shared memory what bounds the h_q = 128 pair (NOTES v19)? One launch of the split kernel at
 # SMEM_ROW (default b=64 h=128): the memory sections with their tables (shared-memory
 # wavefronts, bank conflicts, the busiest memory pipe), and the pipes' utilization. Apply a
 # branch's patch first to profile it instead.
@@ -165,13 +170,10 @@ step_timeline() {
 }
 
 # What one call costs on the GPU inside the benchmark's jitted function, from the JAX
-# profiler's kernel timestamps (no nsys needed): kernel durations, busy time, idle gaps. The
-# timed function has no matmul; the rows' reference checks are not autotuned (as the tests).
-# A refused TMA tensor map stops it, as in the tests: an A/B never times the fallback path.
+# profiler's kernel timestamps (no nsys needed): kernel durations, busy time, idle gaps, each
+# row checked against the reference (`checked`: the timed function has no matmul).
 step_calls() {
-  JAX_FLASH_MLA_EXPECT_TMA=1 XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_autotune_level=0" \
-    timeout "${CALLS_TIMEOUT:-300}" \
-    python3 benchmarks/call_timeline.py ${CALL_ROWS:-} 2>&1 | tee "$OUT/call_timeline.log" | \
+  checked timeout "${CALLS_TIMEOUT:-300}" python3 benchmarks/call_timeline.py ${CALL_ROWS:-} 2>&1 | tee "$OUT/call_timeline.log" | \
     grep -v -e "^W0000\|^I0000\|^E0000"
   return "${PIPESTATUS[0]}"
 }
