@@ -253,7 +253,6 @@ __device__ void produce_segment(const DecodeParams& p, const CUtensorMap& k_map,
                                 SharedStorage<Element>& smem, StagePhases& phases,
                                 uint32_t& q_phase, uint32_t& stored_phase, bool first_segment,
                                 WarpgroupTrace& trace) {
-  using L = Layouts<Element>;
   const int num_tiles = num_tiles_of(seg);
   const bool loads = num_tiles > 0 && threadIdx.x < 32 * kStages;
   const int stage = threadIdx.x / 32;
@@ -262,13 +261,9 @@ __device__ void produce_segment(const DecodeParams& p, const CUtensorMap& k_map,
   // over, while the previous segment's staged rows are read out (and at the kernel's start the
   // rows no longer wait behind the first key group's issue). The query buffer is free once
   // the previous segment's last S is done, which comes before its epilogue.
-  if (num_tiles > 0 && threadIdx.x == 0) {
-    Barrier::wait(&smem.q_empty, q_phase ^ 1);
-    trace.mark(kTraceQueryFree, -1);
-    Tensor s_q = make_tensor(make_smem_ptr(smem.q), typename L::Q{});
-    load_query_rows_tma<Element, kHeadDim, kBlockM>(p, q_map, seg, kv_head, row_base,
-                                                    &smem.q_full, s_q);
-  }
+  if (num_tiles > 0 && threadIdx.x == 0)
+    stage_query_rows<Element, kHeadDim, kBlockM>(p, q_map, true, seg, kv_head, row_base, smem,
+                                                 q_phase, trace);
   // The next pair's entries (-1 past the segment, not read).
   TilePages pages;
   if (loads) pages = fetch_tile_pages(p, seg, tile_begin_of(seg, stage));
