@@ -12,6 +12,9 @@ CASES = [  # b, s_q, h_q, h_kv, d, page, lengths
     (3, 1, 16, 1, 576, 64, [5000, 0, 129]),
     (4, 2, 128, 1, 576, 16, [-7, 300, 1 << 30, 64]),
     (2, 4, 9, 3, 512, 1, [33, 2]),
+    # The narrow kernel's key-group boxes (pages 8 and 16, a second KV head, d = 512).
+    (3, 2, 32, 2, 576, 8, [700, 0, 37]),
+    (4, 1, 16, 1, 512, 16, [100, 37, -1, 128]),
     (5, 1, 64, 2, 576, 256, [1, 257, 1000, 0, 511]),
     # 64 rows a KV head: at parts = 1 the unpaired seesaw (6 requests of 8 table tiles pass
     # seesaw_alone_pays), at 7 and 132 the 64-row kernel.

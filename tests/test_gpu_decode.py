@@ -75,3 +75,25 @@ SEESAW_ALONE_CASES = [
 @pytest.mark.parametrize("case", SEESAW_ALONE_CASES, ids=str)
 def test_gpu_decode_seesaw_alone(case, rng):
     check_case(case, rng, gpu())
+
+
+# The narrow kernel (at most 32 rows a KV head) gathers key tiles by TMA in key groups: one box
+# per 8 keys with all their columns, through a 4-D view of the cache whose head coordinate is
+# its own dimension (paged_kv_tensor_map.h). Every page size TMA can box (multiples of 8), both
+# head dims (8 or 9 column blocks a box), a second KV head, keys past a request's end inside its
+# last group and page (NaN in the cache), masked pages inside the length, and segments that
+# start and end inside a page (many splits).
+KEY_GROUP_CASES = [
+    Case(b=3, s_q=1, h_q=16, s_k=300, page=8, lengths="varlen+zeros", num_sm_parts=16),
+    Case(b=2, s_q=2, h_q=16, h_kv=2, s_k=700, page=16, causal=True, num_sm_parts=132),
+    Case(b=2, s_q=1, h_q=32, h_kv=2, s_k=500, page=24, d=512, dtype="float16"),
+    Case(b=4, s_q=1, h_q=32, s_k=1000, page=32, lengths="varlen", num_sm_parts=7),
+    Case(b=2, s_q=1, h_q=16, s_k=1300, page=128, num_sm_parts=3),
+    Case(b=2, s_q=4, h_q=8, s_k=900, page=256, causal=True, d=512),
+    Case(seqlens=(301, 77, 1500), h_q=16, page=16, invalid_pages=5, num_sm_parts=16),
+]
+
+
+@pytest.mark.parametrize("case", KEY_GROUP_CASES, ids=str)
+def test_gpu_decode_narrow_key_groups(case, rng):
+    check_case(case, rng, gpu())

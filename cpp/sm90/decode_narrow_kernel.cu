@@ -14,7 +14,10 @@
 //
 // One CTA = (piece of the schedule, KV head, block of kRows query rows), 2 warpgroups:
 //   producer  warpgroup 0: query rows (by TMA where one box per 64 columns covers them,
-//             query_tensor_map.h) and key tiles (key_tile_pipeline.h)
+//             query_tensor_map.h) and key tiles (key_tile_pipeline.h) in key groups: one TMA
+//             box per 8 keys with all their columns, 8 a tile at every page size, where column
+//             blocks took 36 boxes at page 16 (their issue, ~120 cycles a box, outlasted the
+//             tile's math: page 16 was 20% slower than page 64, NOTES v21)
 //   math      warpgroup 1: the online softmax. In S^T's C layout a query row is a column: its
 //             64 keys are spread over 8 lanes of each warp and the 4 warps, so a tile's row
 //             maxima are reduced by shuffles, then across warps through shared memory (one
@@ -49,8 +52,10 @@ constexpr int kThreads = kProducerThreads + kMathThreads;
 // Named barrier among the math threads (after the producer's, key_tile_pipeline.h).
 constexpr int kMathBarrier = kProducerBarrier + 1;
 
+constexpr KeyTileOrder kKeyOrder = KeyTileOrder::kKeyGroups;
+
 template <typename Element, int kHeadDim, int kRows>
-struct NarrowLayouts : TileLayouts<Element, kHeadDim, kRows> {
+struct NarrowLayouts : TileLayouts<Element, kHeadDim, kRows, kKeyOrder> {
   // P^T as wgmma's B operand (N = query rows, K = keys), K-major: a row's 64 probabilities
   // are one 128-byte swizzled line.
   using Pt = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<Element>{},
@@ -282,8 +287,9 @@ __global__ void __launch_bounds__(kThreads, 1)
   // Both roles walk the same segments in the same order, so their ring positions agree.
   if (threadIdx.x < kProducerThreads) {
     for_each_segment(params, piece, [&](const Segment& seg) {
-      produce_segment<Element, kHeadDim, kRows>(params, k_map, use_tma, q_map, query_tma, seg,
-                                                kv_head, row_base, smem, ring, q_phase, trace);
+      produce_segment<Element, kHeadDim, kRows, kKeyOrder>(params, k_map, use_tma, q_map,
+                                                           query_tma, seg, kv_head, row_base,
+                                                           smem, ring, q_phase, trace);
     });
     // Copies still in flight must land before their issuing threads exit.
     cp_async_wait<0>();
@@ -342,7 +348,7 @@ cudaError_t launch_split_kv_decode_narrow(const DecodeParams& params, bool allow
   if (params.num_heads_k > 65535) return cudaErrorInvalidConfiguration;
   const dim3 grid(params.num_sm_parts, params.num_heads_k, 1);
   CUtensorMap k_map = {};
-  const bool use_tma = allow_tma && make_paged_kv_tensor_map(params, &k_map);
+  const bool use_tma = allow_tma && make_paged_kv_key_group_tensor_map(params, &k_map);
   // Without allow_tma (JAX_FLASH_MLA_KERNEL=cpasync) the query rows go by cp.async too, so
   // that choice still runs the whole fallback.
   CUtensorMap q_map = {};

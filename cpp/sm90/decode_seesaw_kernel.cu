@@ -277,7 +277,9 @@ __device__ void produce_segment(const DecodeParams& p, const CUtensorMap& k_map,
   for (int first = 0; first < num_tiles; first += kStages) {
     const int tile = first + stage;
     if (tile >= num_tiles) break;
-    const TmaTileLookup lookup = resolve_tile_lookup(p, seg, tile_begin_of(seg, tile), pages);
+    const TmaTileLookup lookup =
+        resolve_tile_lookup(p, seg, tile_begin_of(seg, tile), pages,
+                            tokens_per_key_box<KeyTileOrder::kColumnBlocks>(p));
     pages = fetch_tile_pages(p, seg, tile_begin_of(seg, tile + kStages));
     load_group(p, k_map, lookup, kv_head, tile, stage, early_group, phases.parity(stage), true,
                sharing, smem, trace);

@@ -18,6 +18,7 @@
 #include <cutlass/arch/barrier.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "../common/split_kv.h"
 #include "kernel_trace.h"
@@ -38,13 +39,31 @@ constexpr int kProducerThreads = 128;
 constexpr int kProducerBarrier = 1;
 static_assert(kBlockN == kTokensPerTile, "a tile is one unit of the schedule");
 
+// How a key tile's 1 KiB swizzle atoms (8 keys x 64 columns) follow each other in shared
+// memory, and so which TMA boxes fill it:
+//   kColumnBlocks  a 64-column block of all 64 keys after another (8 KiB each): a box is one
+//                  column block of a run of keys inside one page, so a tile takes
+//                  (64 / tokens a box) x (head_dim / 64) boxes: 9 at page 64, 36 at page 16.
+//   kKeyGroups     a group of 8 keys with all their columns after another (9 KiB at d = 576):
+//                  a box is one group (paged_kv_tensor_map.h's key-group map), 8 a tile at
+//                  every page size that is a multiple of 8. wgmma reads either: only the
+//                  stride between 8-key groups and between column blocks differ.
+// Boxes are issued one at a time by the loading warp (~120 cycles each, NOTES v19), so the
+// box count, not the bytes, is what grows as pages shrink.
+enum class KeyTileOrder { kColumnBlocks, kKeyGroups };
+constexpr int kKeyGroup = 8;  // keys a key-group box holds: one swizzle atom's rows
+
 // 128-byte swizzled, K-major: the layout wgmma reads without bank conflicts, and the layout a
 // TMA box of 64 columns lands in.
-template <typename Element, int kHeadDim, int kQueryRows>
+template <typename Element, int kHeadDim, int kQueryRows,
+          KeyTileOrder kOrder = KeyTileOrder::kColumnBlocks>
 struct TileLayouts {
   using Atom = GMMA::Layout_K_SW128_Atom<Element>;
   using Q = decltype(tile_to_shape(Atom{}, Shape<Int<kQueryRows>, Int<kHeadDim>>{}));
-  using K = decltype(tile_to_shape(Atom{}, Shape<Int<kBlockN>, Int<kHeadDim>>{}));
+  // Atoms down the keys first (column blocks), or along the columns first (key groups).
+  using AtomOrder =
+      std::conditional_t<kOrder == KeyTileOrder::kKeyGroups, Step<_2, _1>, Step<_1, _2>>;
+  using K = decltype(tile_to_shape(Atom{}, Shape<Int<kBlockN>, Int<kHeadDim>>{}, AtomOrder{}));
   // V^T (value columns x keys) over the very bytes of a K tile: MN-major.
   using Vt = decltype(composition(
       K{}, make_ordered_layout(Shape<Int<kHeadDimV>, Int<kBlockN>>{}, Step<_2, _1>{})));
@@ -284,16 +303,17 @@ __device__ __forceinline__ TilePages fetch_tile_pages(const DecodeParams& p, con
   return pages;
 }
 
-// The lookup from the entries (every lane of the warp at once: the box lanes read the entry of
-// their box's first key from the lane holding it).
+// The lookup from the entries, for boxes of `tokens_per_box` consecutive keys inside a page
+// (every lane of the warp at once: the box lanes read the entry of their box's first key from
+// the lane holding it).
 __device__ __forceinline__ TmaTileLookup resolve_tile_lookup(const DecodeParams& p,
                                                              const Segment& seg, int tile_begin,
-                                                             const TilePages& pages) {
+                                                             const TilePages& pages,
+                                                             int tokens_per_box) {
   const int lane = threadIdx.x % 32;
   TmaTileLookup lookup;
   CUTE_UNROLL
   for (int i = 0; i < kBlockN / 32; ++i) lookup.key_valid[i] = is_valid_page(p, pages.entry[i]);
-  const int tokens_per_box = tma_tokens_per_box(p.page_block_size);
   const int first_key = min(lane * tokens_per_box, kBlockN - 1);
   const int32_t low = __shfl_sync(0xffffffffu, pages.entry[0], first_key % 32);
   const int32_t high = __shfl_sync(0xffffffffu, pages.entry[1], first_key % 32);
@@ -305,11 +325,19 @@ __device__ __forceinline__ TmaTileLookup resolve_tile_lookup(const DecodeParams&
   return lookup;
 }
 
+// Keys a TMA box holds in a tile of that order (a divisor of the page: the map's precondition).
+template <KeyTileOrder kOrder>
+__device__ __forceinline__ int tokens_per_key_box(const DecodeParams& p) {
+  return kOrder == KeyTileOrder::kKeyGroups ? kKeyGroup : tma_tokens_per_box(p.page_block_size);
+}
+
 // One warp's lookups of a tile, done before the stage frees: the block-table reads (an L2
 // round trip) overlap the wait instead of delaying the copy.
+template <KeyTileOrder kOrder>
 __device__ __forceinline__ TmaTileLookup lookup_tile_tma(const DecodeParams& p, const Segment& seg,
                                                          int tile_begin) {
-  return resolve_tile_lookup(p, seg, tile_begin, fetch_tile_pages(p, seg, tile_begin));
+  return resolve_tile_lookup(p, seg, tile_begin, fetch_tile_pages(p, seg, tile_begin),
+                             tokens_per_key_box<kOrder>(p));
 }
 
 // Which keys of a tile exist, for the math warpgroups' masks: written by the loading warp,
@@ -390,13 +418,32 @@ __device__ __forceinline__ void load_piece_tma(const DecodeParams& p, const CUte
   if (issues_box) copy_key_box(p, k_map, lookup, kv_head, column, full, s_k, multicast_mask);
 }
 
+// A key-group tile by one warp: lane g copies keys [8 g, 8 g + 8) with all their columns, one
+// box through the key-group map (make_paged_kv_key_group_tensor_map), completing on `full`,
+// which expects the whole tile's bytes (a box out of range counts its zeros too).
 template <typename Element, int kHeadDim, typename SmemTensor>
+__device__ __forceinline__ void load_key_groups_tma(const CUtensorMap& k_map,
+                                                    const TmaTileLookup& lookup, int kv_head,
+                                                    uint64_t* full, SmemTensor& s_k) {
+  constexpr uint32_t kBytes = kBlockN * kHeadDim * sizeof(Element);
+  const int lane = threadIdx.x % 32;
+  if (lane == 0) cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(full, kBytes);
+  __syncwarp();
+  if (lane < kBlockN / kKeyGroup)
+    SM90_TMA_LOAD_4D::copy(&k_map, full, key_cache_hint(0), &s_k(lane * kKeyGroup, 0), 0,
+                           lookup.slot, 0, kv_head);
+}
+
+template <typename Element, int kHeadDim, KeyTileOrder kOrder, typename SmemTensor>
 __device__ __forceinline__ void load_tile_tma(const DecodeParams& p, const CUtensorMap& k_map,
                                               const TmaTileLookup& lookup, int kv_head,
                                               uint8_t* key_valid, uint64_t* full,
                                               SmemTensor& s_k) {
   publish_key_valid(lookup, key_valid);
-  load_columns_tma<Element, 0, kHeadDim>(p, k_map, lookup, kv_head, full, s_k);
+  if constexpr (kOrder == KeyTileOrder::kKeyGroups)
+    load_key_groups_tma<Element, kHeadDim>(k_map, lookup, kv_head, full, s_k);
+  else
+    load_columns_tma<Element, 0, kHeadDim>(p, k_map, lookup, kv_head, full, s_k);
 }
 
 // The math side's half of the masking contract: zeroes the value columns of keys
@@ -495,14 +542,16 @@ __device__ __forceinline__ void stage_query_rows(const DecodeParams& p, const CU
 }
 
 // The producer warpgroup: for each segment, its query rows (once the math warpgroups are done
-// with the previous ones), then its key tiles, each as soon as a stage frees.
-template <typename Element, int kHeadDim, int kQueryRows>
+// with the previous ones), then its key tiles, each as soon as a stage frees, in kOrder (with
+// TMA, k_map is the map that order's boxes need).
+template <typename Element, int kHeadDim, int kQueryRows,
+          KeyTileOrder kOrder = KeyTileOrder::kColumnBlocks>
 __device__ void produce_segment(const DecodeParams& p, const CUtensorMap& k_map, bool use_tma,
                                 const CUtensorMap& q_map, bool query_tma,
                                 const Segment& seg, int kv_head, int row_base,
                                 PipelineStorage<Element, kHeadDim, kQueryRows>& smem,
                                 RingPosition& ring, uint32_t& q_phase, WarpgroupTrace& trace) {
-  using L = TileLayouts<Element, kHeadDim, kQueryRows>;
+  using L = TileLayouts<Element, kHeadDim, kQueryRows, kOrder>;
   const int thread = threadIdx.x;  // 0..127
   const int num_tiles = num_tiles_of(seg);
   if (num_tiles == 0) return;
@@ -514,13 +563,14 @@ __device__ void produce_segment(const DecodeParams& p, const CUtensorMap& k_map,
   const auto load_keys = [&](int tile) {
     const int tile_begin = tile_begin_of(seg, tile);
     TmaTileLookup lookup{};
-    if (use_tma) lookup = lookup_tile_tma(p, seg, tile_begin);
+    if (use_tma) lookup = lookup_tile_tma<kOrder>(p, seg, tile_begin);
     Barrier::wait(&smem.k_empty[ring.stage], ring.phase ^ 1);
     trace.mark(kTraceStageFree, tile);
     Tensor s_k = make_tensor(make_smem_ptr(smem.k[ring.stage]), typename L::K{});
     if (use_tma) {
-      load_tile_tma<Element, kHeadDim>(p, k_map, lookup, kv_head, smem.key_valid[ring.stage],
-                                       &smem.k_full[ring.stage], s_k);
+      load_tile_tma<Element, kHeadDim, kOrder>(p, k_map, lookup, kv_head,
+                                               smem.key_valid[ring.stage],
+                                               &smem.k_full[ring.stage], s_k);
     } else {
       int64_t* offsets = smem.token_offset[ring.stage];
       plan_tile(p, seg, kv_head, tile_begin, offsets, smem.key_valid[ring.stage], thread);

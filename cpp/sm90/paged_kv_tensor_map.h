@@ -5,7 +5,9 @@
 // `tokens_per_box` consecutive token slots) is 64 x 128-byte rows that land in shared memory
 // already in the 128-byte swizzled layout wgmma reads. A box never crosses a page (it starts
 // on a multiple of tokens_per_box, which divides the page), so a 64-key tile is gathered
-// through the block table with 64 / tokens_per_box boxes per 64 columns.
+// through the block table with 64 / tokens_per_box boxes per 64 columns. The narrow kernel
+// uses a second view of the same bytes (make_paged_kv_key_group_tensor_map): one box per 8
+// keys with all their columns, 8 boxes a tile whatever the page size.
 #pragma once
 
 #include <cuda.h>
@@ -87,15 +89,21 @@ inline bool encode_swizzled_tensor_map(ElementType dtype, const void* base,
   return result == CUDA_SUCCESS;
 }
 
-// False when TMA cannot express this cache (page not a multiple of 8 tokens, more token slots
-// than an int32 coordinate reaches, a cache not 16-byte aligned, or no driver entry point): the
-// caller gathers with cp.async.
+// Whether TMA can box this cache at all: a page a multiple of 8 tokens, token slots an int32
+// coordinate reaches, and a 16-byte aligned cache (XLA's buffers are; a caller's view may not
+// be). Otherwise the caller gathers with cp.async.
+inline bool paged_kv_fits_tma(const DecodeParams& p) {
+  const int64_t token_slots = static_cast<int64_t>(p.num_blocks) * p.page_block_size;
+  return tma_tokens_per_box(p.page_block_size) >= 8 && token_slots < INT32_MAX &&
+         token_slots > 0 && reinterpret_cast<uintptr_t>(p.k_cache) % 16 == 0;
+}
+
+// False when TMA cannot express this cache (paged_kv_fits_tma) or the driver has no entry
+// point: the caller gathers with cp.async.
 inline bool make_paged_kv_tensor_map(const DecodeParams& p, CUtensorMap* map) {
+  if (!paged_kv_fits_tma(p)) return false;
   const int tokens_per_box = tma_tokens_per_box(p.page_block_size);
   const int64_t token_slots = static_cast<int64_t>(p.num_blocks) * p.page_block_size;
-  if (tokens_per_box < 8 || token_slots >= INT32_MAX || token_slots <= 0) return false;
-  // The global address must be 16-byte aligned (XLA's buffers are; a caller's view may not be).
-  if (reinterpret_cast<uintptr_t>(p.k_cache) % 16 != 0) return false;
   const cuuint64_t sizes[3] = {static_cast<cuuint64_t>(p.head_dim),
                                static_cast<cuuint64_t>(p.num_heads_k),
                                static_cast<cuuint64_t>(token_slots)};
@@ -104,6 +112,24 @@ inline bool make_paged_kv_tensor_map(const DecodeParams& p, CUtensorMap* map) {
   const cuuint32_t box[3] = {64, 1, static_cast<cuuint32_t>(tokens_per_box)};
   // Out-of-range boxes (invalid pages, keys past the request) read as zeros: the tile's rows
   // are then finite, so P (0 for them) times V adds nothing.
+  return encode_swizzled_tensor_map(p.dtype, p.k_cache, sizes, strides, box, map);
+}
+
+// The same cache for key-group tiles (KeyTileOrder::kKeyGroups, key_tile_pipeline.h): seen as
+// (64 columns, token slots, head_dim / 64 column blocks, num_heads_k), the column blocks a
+// dimension of their own (stride 128 bytes) after the tokens, so that a box of (64, 8 tokens,
+// every column block, 1 head) lands as its column blocks one after another, each 8 keys x 128
+// bytes: one 1 KiB swizzle atom per column block, the atoms of 8 keys' whole rows contiguous.
+// A box starts on a multiple of 8 tokens, which divides the page, so it never crosses one.
+inline bool make_paged_kv_key_group_tensor_map(const DecodeParams& p, CUtensorMap* map) {
+  if (!paged_kv_fits_tma(p)) return false;
+  const int64_t token_slots = static_cast<int64_t>(p.num_blocks) * p.page_block_size;
+  const cuuint64_t row_bytes = static_cast<cuuint64_t>(p.head_dim) * 2;
+  const cuuint64_t sizes[4] = {64, static_cast<cuuint64_t>(token_slots),
+                               static_cast<cuuint64_t>(p.head_dim / 64),
+                               static_cast<cuuint64_t>(p.num_heads_k)};
+  const cuuint64_t strides[3] = {row_bytes * p.num_heads_k, 128, row_bytes};  // dims 1, 2, 3
+  const cuuint32_t box[4] = {64, 8, static_cast<cuuint32_t>(p.head_dim / 64), 1};
   return encode_swizzled_tensor_map(p.dtype, p.k_cache, sizes, strides, box, map);
 }
 
