@@ -15,6 +15,9 @@ CASES = [  # b, s_q, h_q, h_kv, d, page, lengths
     # The narrow kernel's key-group boxes (pages 8 and 16, a second KV head, d = 512).
     (3, 2, 32, 2, 576, 8, [700, 0, 37]),
     (4, 1, 16, 1, 512, 16, [100, 37, -1, 128]),
+    # The 64-row kernel's key-group boxes (page 8 with a second KV head; d = 512, two row blocks).
+    (3, 1, 64, 2, 576, 8, [300, 0, 37]),
+    (2, 1, 128, 1, 512, 16, [100, 1 << 30]),
     (5, 1, 64, 2, 576, 256, [1, 257, 1000, 0, 511]),
     # 64 rows a KV head: at parts = 1 the unpaired seesaw (6 requests of 8 table tiles pass
     # seesaw_alone_pays), at 7 and 132 the 64-row kernel.

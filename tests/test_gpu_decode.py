@@ -97,3 +97,23 @@ KEY_GROUP_CASES = [
 @pytest.mark.parametrize("case", KEY_GROUP_CASES, ids=str)
 def test_gpu_decode_narrow_key_groups(case, rng):
     check_case(case, rng, gpu())
+
+
+# The 64-row kernel (33-64 rows a KV head, and every row count at d = 512) gathers key groups
+# too, with P and one math warpgroup's partial scores over the rope atom of each key group
+# (d = 576) or in buffers of their own (d = 512). Pages from 8 to 128 (24: a tile across
+# pages that are not powers of two), a second KV head, fp16, causal rows, masked pages, two
+# row blocks a KV head at d = 512, and segments that end inside a group.
+ROW_BLOCK_KEY_GROUP_CASES = [
+    Case(b=3, s_q=1, h_q=64, s_k=300, page=8, lengths="varlen+zeros", num_sm_parts=16),
+    Case(b=2, s_q=2, h_q=32, h_kv=2, s_k=700, page=16, causal=True, num_sm_parts=132),
+    Case(b=2, s_q=1, h_q=128, h_kv=2, s_k=500, page=24, d=512, dtype="float16"),
+    Case(b=4, s_q=1, h_q=64, s_k=1000, page=32, lengths="varlen", num_sm_parts=7),
+    Case(b=2, s_q=2, h_q=64, s_k=900, page=128, causal=True, d=512, num_sm_parts=16),
+    Case(seqlens=(301, 77, 1500), h_q=48, page=16, invalid_pages=5, num_sm_parts=16),
+]
+
+
+@pytest.mark.parametrize("case", ROW_BLOCK_KEY_GROUP_CASES, ids=str)
+def test_gpu_decode_row_block_key_groups(case, rng):
+    check_case(case, rng, gpu())

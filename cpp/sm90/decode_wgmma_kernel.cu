@@ -4,8 +4,10 @@
 // One CTA = (piece of the schedule, KV head, block of kBlockM = 64 query rows), 3 warpgroups:
 //   producer      warpgroup 0 stages the segment's 64 query rows (by TMA where one box per 64
 //                 columns covers them, query_tensor_map.h) and gathers the keys of every
-//                 tile into the 2-stage ring (key_tile_pipeline.h). It gives up registers
-//                 (setmaxnreg) to the math warpgroups.
+//                 tile into the 2-stage ring (key_tile_pipeline.h) in key groups, one TMA box
+//                 per 8 keys with all their columns: 8 boxes a tile at every page size (column
+//                 blocks took 36 at page 16, 12% slower than page 64 at h_q = 64, NOTES v22).
+//                 It gives up registers (setmaxnreg) to the math warpgroups.
 //   math 0 and 1  warpgroups 1 and 2 compute, per tile:
 //     S = Q K^T     math warpgroup w: all 64 keys over half of the head dimension (m64n64k16,
 //                   K = 288), then each sends the other the partial scores of the other's 32
@@ -75,10 +77,12 @@ constexpr uint32_t kMathRegisters = 216;
 // Named barrier among the math threads (after the producer's, key_tile_pipeline.h).
 constexpr int kMathBarrier = kProducerBarrier + 1;
 
+constexpr KeyTileOrder kKeyOrder = KeyTileOrder::kKeyGroups;
+
 // kHeadDim (576 or 512) is a template parameter so that every k-loop over it unrolls: a
 // run-time trip count made ptxas serialize the wgmma chain (warning C7515).
 template <typename Element, int kHeadDim>
-struct Layouts : RowBlockLayouts<Element, kHeadDim> {
+struct Layouts : RowBlockLayouts<Element, kHeadDim, kKeyOrder> {
   // MmaS: S of all 64 keys, issued over half of the head dimension by each math warpgroup.
   // The same C layout restricted to one warpgroup's 32 keys: where its scores and its half of
   // P sit (no wgmma is issued with it).
@@ -109,9 +113,10 @@ struct SharedStorage
       std::conditional_t<(kHeadDim > kHeadDimV), NoPartialsBuffer, PartialsBuffer> {
   using L = Layouts<Element, kHeadDim>;
   // d = 576 leaves no room for more buffers (224 of the 227 KiB a CTA may have): there P goes
-  // over the tile's rope columns, dead once both warpgroups have their scores, and so do the
-  // partial scores math warpgroup 1 sends (it alone reads the rope columns for S); `p` holds
-  // the partial scores math warpgroup 0 sends. d = 512: P in `p`, the partials in PartialsBuffer.
+  // over the tile's rope columns (one atom in each key group), dead once both warpgroups have
+  // their scores, and so do the partial scores math warpgroup 1 sends (it alone reads the
+  // rope columns for S); `p` holds the partial scores math warpgroup 0 sends. d = 512: P in
+  // `p`, the partials in PartialsBuffer.
   // (d = 576 uses every byte of the 227 KiB: not one more fits.)
   static constexpr bool kPOverRope = kHeadDim > kHeadDimV;
   alignas(1024) Element p[cosize_v<typename L::P>];
@@ -159,22 +164,29 @@ __device__ void attend_segment(const DecodeParams& p, bool use_tma, const Segmen
   constexpr int kSteps = decltype(size<2>(frag_q))::value;  // 16 head-dimension columns each
   constexpr int kFirstHalfSteps = kSteps / 2;  // d = 576: columns 0-287; the rest has the rope
   // Where P of the tile in `stage` goes, and where each warpgroup's outgoing partials go.
-  // (The rope columns of a tile are its last 64-column block of swizzle atoms: 8 KiB from
-  // element kBlockN * kHeadDimV on, the size of P.)
-  const auto p_base = [&](int stage) -> Element* {
-    if constexpr (Storage::kPOverRope)
-      return smem.k[stage] + kBlockN * kHeadDimV;
-    else
-      return smem.p;
-  };
+  // The rope columns of a key-group tile are the last 1 KiB swizzle atom of each group of 8
+  // keys (8 KiB in all, the size of P): P over them is the tile's rope column block seen as
+  // 64 rows x 64 keys, its 8-row atoms a group (9 KiB) apart, which wgmma reads as it reads
+  // the keys; the partials take them as 8 runs of 64 float4.
+  constexpr int kAtomFloat4s = 1024 / 16;
+  constexpr int kGroupElements = kKeyGroup * kHeadDim;  // one key group's swizzle atoms
+  constexpr int kRopeInGroup = kKeyGroup * kHeadDimV;   // its rope atom, after the values'
   const auto p_of_stage = [&](int stage) {
-    return make_tensor(make_smem_ptr(p_base(stage)), typename L::P{});
-  };
-  const auto partials_of = [&](int sender, int stage) -> float4* {
     if constexpr (Storage::kPOverRope)
-      return reinterpret_cast<float4*>(sender == 0 ? smem.p : p_base(stage));
+      return local_tile(make_tensor(make_smem_ptr(smem.k[stage]), typename L::K{}),
+                        Shape<Int<kBlockM>, Int<kBlockN>>{}, make_coord(0, kHeadDimV / 64));
     else
-      return reinterpret_cast<float4*>(smem.partials + sender * kPartialFloats);
+      return make_tensor(make_smem_ptr(smem.p), typename L::P{});
+  };
+  // Float4 `i` (of kPartialFloats / 4) of the partial scores `sender` sends.
+  const auto partial_slot = [&](int sender, int stage, int i) -> float4* {
+    if constexpr (Storage::kPOverRope) {
+      if (sender == 0) return reinterpret_cast<float4*>(smem.p) + i;
+      Element* rope_atom = smem.k[stage] + i / kAtomFloat4s * kGroupElements + kRopeInGroup;
+      return reinterpret_cast<float4*>(rope_atom) + i % kAtomFloat4s;
+    } else {
+      return reinterpret_cast<float4*>(smem.partials + sender * kPartialFloats) + i;
+    }
   };
 
   // Each thread holds two rows: warp * 16 + lane / 4 and that + 8 (wgmma's C layout, where
@@ -218,18 +230,16 @@ __device__ void attend_segment(const DecodeParams& p, bool use_tma, const Segmen
     // buffers are free: the other warpgroup read this one's previous partials before the
     // previous tile's maxima were exchanged, and math warpgroup 1 sends over rope columns only
     // it reads, once its own scores have completed.
-    float4* outgoing = partials_of(wg, stage);
-    const float4* incoming = partials_of(1 - wg, stage);
     const auto exchange = [&](auto send_first, auto keep_first) {
       CUTE_UNROLL
       for (int j = 0; j < kOwnScores; j += 4)
-        outgoing[(j / 4) * 128 + wg_thread] =
+        *partial_slot(wg, stage, (j / 4) * 128 + wg_thread) =
             make_float4(acc_partial(send_first + j), acc_partial(send_first + j + 1),
                         acc_partial(send_first + j + 2), acc_partial(send_first + j + 3));
       named_barrier_sync(kMathBarrier, kMathThreads);
       CUTE_UNROLL
       for (int j = 0; j < kOwnScores; j += 4) {
-        const float4 other = incoming[(j / 4) * 128 + wg_thread];
+        const float4 other = *partial_slot(1 - wg, stage, (j / 4) * 128 + wg_thread);
         acc_s(j) = acc_partial(keep_first + j) + other.x;
         acc_s(j + 1) = acc_partial(keep_first + j + 1) + other.y;
         acc_s(j + 2) = acc_partial(keep_first + j + 2) + other.z;
@@ -352,8 +362,9 @@ __global__ void __launch_bounds__(kThreads, 1)
   if (threadIdx.x < kProducerThreads) {
     cutlass::arch::warpgroup_reg_dealloc<kProducerRegisters>();
     for_each_segment(params, piece, [&](const Segment& seg) {
-      produce_segment<Element, kHeadDim, kBlockM>(params, k_map, use_tma, q_map, query_tma, seg,
-                                                  kv_head, row_base, smem, ring, q_phase, trace);
+      produce_segment<Element, kHeadDim, kBlockM, kKeyOrder>(params, k_map, use_tma, q_map,
+                                                             query_tma, seg, kv_head, row_base,
+                                                             smem, ring, q_phase, trace);
     });
     // Copies still in flight must land before their issuing threads exit.
     cp_async_wait<0>();
@@ -417,18 +428,21 @@ cudaError_t launch_split_kv_decode_wgmma(const DecodeParams& params, bool allow_
   const int64_t row_blocks = (static_cast<int64_t>(params.rows_per_kv) + kBlockM - 1) / kBlockM;
   if (params.num_heads_k > 65535 || row_blocks > 65535) return cudaErrorInvalidConfiguration;
   const dim3 grid(params.num_sm_parts, params.num_heads_k, static_cast<unsigned>(row_blocks));
-  CUtensorMap k_map = {};
-  const bool use_tma = allow_tma && make_paged_kv_tensor_map(params, &k_map);
   // Without allow_tma (JAX_FLASH_MLA_KERNEL=cpasync) the query rows go by cp.async too, so
   // that choice still runs the whole fallback.
   CUtensorMap q_map = {};
   const bool query_tma = allow_tma && make_query_tensor_map(params, kBlockM, &q_map);
-  if (use_tma && query_tma && params.head_dim == 576 && seesaw != SeesawUse::kNever) {
+  // The seesaw gathers column blocks (its refills free a tile by column pieces), this kernel
+  // key groups: each builds its own map of the cache.
+  CUtensorMap k_map = {};
+  if (allow_tma && query_tma && params.head_dim == 576 && seesaw != SeesawUse::kNever) {
     const bool paired = seesaw != SeesawUse::kAlwaysUnpaired && seesaw_pairs_fit(grid);
-    if (seesaw != SeesawUse::kWhereFaster || paired ||
-        (row_blocks == 1 && seesaw_alone_pays(params)))
+    if ((seesaw != SeesawUse::kWhereFaster || paired ||
+         (row_blocks == 1 && seesaw_alone_pays(params))) &&
+        make_paged_kv_tensor_map(params, &k_map))
       return launch_split_kv_decode_seesaw(params, k_map, q_map, grid, paired, stream);
   }
+  const bool use_tma = allow_tma && make_paged_kv_key_group_tensor_map(params, &k_map);
   return params.dtype == ElementType::kBF16
              ? launch_for_element<cutlass::bfloat16_t>(params, k_map, use_tma, q_map, query_tma,
                                                        grid, stream)

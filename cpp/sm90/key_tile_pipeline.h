@@ -73,8 +73,8 @@ struct TileLayouts {
 // add to those: P (query rows x the tile's keys) in shared memory, K-major like Q, and
 // S = Q K^T with both operands there (m64n64, K the head dimension).
 constexpr int kRowBlock = 64;  // one wgmma M
-template <typename Element, int kHeadDim>
-struct RowBlockLayouts : TileLayouts<Element, kHeadDim, kRowBlock> {
+template <typename Element, int kHeadDim, KeyTileOrder kOrder = KeyTileOrder::kColumnBlocks>
+struct RowBlockLayouts : TileLayouts<Element, kHeadDim, kRowBlock, kOrder> {
   using P = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<Element>{},
                                    Shape<Int<kRowBlock>, Int<kBlockN>>{}));
   using MmaS = decltype(make_tiled_mma(
