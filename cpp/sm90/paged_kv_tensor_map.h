@@ -5,9 +5,10 @@
 // `tokens_per_box` consecutive token slots) is 64 x 128-byte rows that land in shared memory
 // already in the 128-byte swizzled layout wgmma reads. A box never crosses a page (it starts
 // on a multiple of tokens_per_box, which divides the page), so a 64-key tile is gathered
-// through the block table with 64 / tokens_per_box boxes per 64 columns. The narrow kernel
-// uses a second view of the same bytes (make_paged_kv_key_group_tensor_map): one box per 8
-// keys with all their columns, 8 boxes a tile whatever the page size.
+// through the block table with 64 / tokens_per_box boxes per 64 columns (the seesaw kernel's
+// map). The narrow and 64-row kernels use a second view of the same bytes
+// (make_paged_kv_key_group_tensor_map): one box per 8 keys with all their columns, 8 boxes a
+// tile whatever the page size.
 #pragma once
 
 #include <cuda.h>
