@@ -77,13 +77,17 @@ def test_gpu_decode_seesaw_alone(case, rng):
     check_case(case, rng, gpu())
 
 
-# The narrow kernel (at most 32 rows a KV head) gathers key tiles by TMA in key groups: one box
-# per 8 keys with all their columns, through a 4-D view of the cache whose head coordinate is
-# its own dimension (paged_kv_tensor_map.h). Every page size TMA can box (multiples of 8), both
-# head dims (8 or 9 column blocks a box), a second KV head, keys past a request's end inside its
-# last group and page (NaN in the cache), masked pages inside the length, and segments that
-# start and end inside a page (many splits).
+# The narrow kernel (at most 32 rows a KV head) and the 64-row kernel (33-64 rows a KV head,
+# every row count at d = 512) gather key tiles by TMA in key groups: one box per 8 keys with
+# all their columns, through a 4-D view of the cache whose head coordinate is its own dimension
+# (paged_kv_tensor_map.h); the 64-row kernel puts P and one math warpgroup's partial scores
+# over the rope atom of each group (d = 576). For each kernel: every page size TMA can box
+# (multiples of 8; 24 is not a power of two, so tiles cross pages mid-tile), both head dims (8
+# or 9 column blocks a box), a second KV head, fp16, causal rows, keys past a request's end
+# inside its last group and page (NaN in the cache), masked pages inside the length, segments
+# that start and end inside a page (many splits), and two row blocks a KV head at d = 512.
 KEY_GROUP_CASES = [
+    # narrow kernel
     Case(b=3, s_q=1, h_q=16, s_k=300, page=8, lengths="varlen+zeros", num_sm_parts=16),
     Case(b=2, s_q=2, h_q=16, h_kv=2, s_k=700, page=16, causal=True, num_sm_parts=132),
     Case(b=2, s_q=1, h_q=32, h_kv=2, s_k=500, page=24, d=512, dtype="float16"),
@@ -91,20 +95,7 @@ KEY_GROUP_CASES = [
     Case(b=2, s_q=1, h_q=16, s_k=1300, page=128, num_sm_parts=3),
     Case(b=2, s_q=4, h_q=8, s_k=900, page=256, causal=True, d=512),
     Case(seqlens=(301, 77, 1500), h_q=16, page=16, invalid_pages=5, num_sm_parts=16),
-]
-
-
-@pytest.mark.parametrize("case", KEY_GROUP_CASES, ids=str)
-def test_gpu_decode_narrow_key_groups(case, rng):
-    check_case(case, rng, gpu())
-
-
-# The 64-row kernel (33-64 rows a KV head, and every row count at d = 512) gathers key groups
-# too, with P and one math warpgroup's partial scores over the rope atom of each key group
-# (d = 576) or in buffers of their own (d = 512). Pages from 8 to 128 (24: a tile across
-# pages that are not powers of two), a second KV head, fp16, causal rows, masked pages, two
-# row blocks a KV head at d = 512, and segments that end inside a group.
-ROW_BLOCK_KEY_GROUP_CASES = [
+    # 64-row kernel
     Case(b=3, s_q=1, h_q=64, s_k=300, page=8, lengths="varlen+zeros", num_sm_parts=16),
     Case(b=2, s_q=2, h_q=32, h_kv=2, s_k=700, page=16, causal=True, num_sm_parts=132),
     Case(b=2, s_q=1, h_q=128, h_kv=2, s_k=500, page=24, d=512, dtype="float16"),
@@ -114,6 +105,6 @@ ROW_BLOCK_KEY_GROUP_CASES = [
 ]
 
 
-@pytest.mark.parametrize("case", ROW_BLOCK_KEY_GROUP_CASES, ids=str)
-def test_gpu_decode_row_block_key_groups(case, rng):
+@pytest.mark.parametrize("case", KEY_GROUP_CASES, ids=str)
+def test_gpu_decode_key_groups(case, rng):
     check_case(case, rng, gpu())
