@@ -51,8 +51,9 @@ static_assert(kBlockN == kTokensPerTile, "a tile is one unit of the schedule");
 // Boxes are issued one at a time by the loading warp (~120 cycles each, NOTES v19), so the
 // box count, not the bytes, is what grows as pages shrink: with column blocks page 16 was
 // 14-18% slower than page 64, with key groups it is as fast (NOTES v22).
+// (kKeyGroup, the keys of a key-group box, is paged_kv_tensor_map.h's: the map's box and the
+// tile's layout must agree.)
 enum class KeyTileOrder { kColumnBlocks, kKeyGroups };
-constexpr int kKeyGroup = 8;  // keys a key-group box holds: one swizzle atom's rows
 
 // 128-byte swizzled, K-major: the layout wgmma reads without bank conflicts, and the layout a
 // TMA box of 64 columns lands in.

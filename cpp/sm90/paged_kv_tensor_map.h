@@ -32,6 +32,15 @@ FMLA_HOST_DEVICE int tma_tokens_per_box(int page_block_size) {
   return tokens;
 }
 
+// Keys a key-group box holds (make_paged_kv_key_group_tensor_map): one 1 KiB swizzle atom's
+// rows, so the smallest run tma_tokens_per_box accepts, and a divisor of every page it accepts.
+constexpr int kKeyGroup = 8;
+
+// Token slots of the cache: the coordinate a box's first key is addressed by.
+inline int64_t paged_kv_token_slots(const DecodeParams& p) {
+  return static_cast<int64_t>(p.num_blocks) * p.page_block_size;
+}
+
 // The driver function's own type (cuda.h declares it; the entry point avoids linking libcuda).
 using TensorMapEncoder = decltype(&cuTensorMapEncodeTiled);
 
@@ -94,8 +103,8 @@ inline bool encode_swizzled_tensor_map(ElementType dtype, const void* base,
 // coordinate reaches, and a 16-byte aligned cache (XLA's buffers are; a caller's view may not
 // be). Otherwise the caller gathers with cp.async.
 inline bool paged_kv_fits_tma(const DecodeParams& p) {
-  const int64_t token_slots = static_cast<int64_t>(p.num_blocks) * p.page_block_size;
-  return tma_tokens_per_box(p.page_block_size) >= 8 && token_slots < INT32_MAX &&
+  const int64_t token_slots = paged_kv_token_slots(p);
+  return tma_tokens_per_box(p.page_block_size) >= kKeyGroup && token_slots < INT32_MAX &&
          token_slots > 0 && reinterpret_cast<uintptr_t>(p.k_cache) % 16 == 0;
 }
 
@@ -104,7 +113,7 @@ inline bool paged_kv_fits_tma(const DecodeParams& p) {
 inline bool make_paged_kv_tensor_map(const DecodeParams& p, CUtensorMap* map) {
   if (!paged_kv_fits_tma(p)) return false;
   const int tokens_per_box = tma_tokens_per_box(p.page_block_size);
-  const int64_t token_slots = static_cast<int64_t>(p.num_blocks) * p.page_block_size;
+  const int64_t token_slots = paged_kv_token_slots(p);
   const cuuint64_t sizes[3] = {static_cast<cuuint64_t>(p.head_dim),
                                static_cast<cuuint64_t>(p.num_heads_k),
                                static_cast<cuuint64_t>(token_slots)};
@@ -118,19 +127,20 @@ inline bool make_paged_kv_tensor_map(const DecodeParams& p, CUtensorMap* map) {
 
 // The same cache for key-group tiles (KeyTileOrder::kKeyGroups, key_tile_pipeline.h): seen as
 // (64 columns, token slots, head_dim / 64 column blocks, num_heads_k), the column blocks a
-// dimension of their own (stride 128 bytes) after the tokens, so that a box of (64, 8 tokens,
-// every column block, 1 head) lands as its column blocks one after another, each 8 keys x 128
-// bytes: one 1 KiB swizzle atom per column block, the atoms of 8 keys' whole rows contiguous.
+// dimension of their own (stride 128 bytes) after the tokens, so that a box of (64, kKeyGroup
+// tokens, every column block, 1 head) lands as its column blocks one after another, each 8
+// keys x 128 bytes: one 1 KiB swizzle atom per column block, the atoms of 8 keys' whole rows
+// contiguous.
 // A box starts on a multiple of 8 tokens, which divides the page, so it never crosses one.
 inline bool make_paged_kv_key_group_tensor_map(const DecodeParams& p, CUtensorMap* map) {
   if (!paged_kv_fits_tma(p)) return false;
-  const int64_t token_slots = static_cast<int64_t>(p.num_blocks) * p.page_block_size;
+  const int64_t token_slots = paged_kv_token_slots(p);
   const cuuint64_t row_bytes = static_cast<cuuint64_t>(p.head_dim) * 2;
   const cuuint64_t sizes[4] = {64, static_cast<cuuint64_t>(token_slots),
                                static_cast<cuuint64_t>(p.head_dim / 64),
                                static_cast<cuuint64_t>(p.num_heads_k)};
   const cuuint64_t strides[3] = {row_bytes * p.num_heads_k, 128, row_bytes};  // dims 1, 2, 3
-  const cuuint32_t box[4] = {64, 8, static_cast<cuuint32_t>(p.head_dim / 64), 1};
+  const cuuint32_t box[4] = {64, kKeyGroup, static_cast<cuuint32_t>(p.head_dim / 64), 1};
   return encode_swizzled_tensor_map(p.dtype, p.k_cache, sizes, strides, box, map);
 }
 
