@@ -77,6 +77,13 @@ def profile_row(rng, b, h_q, s_k, page=PAGE):
           f" GPU span {span:.1f}, busy {busy:.1f} (idle between kernels {span - busy:.1f})")
     for name, values in sorted(durations.items(), key=lambda kv: -sum(kv[1])):
         print(f"    {name:40s} x{len(values):3d}  median {statistics.median(values):8.2f} us")
+    schedule = jax.jit(jax_flash_mla.get_mla_metadata, static_argnums=(1, 2))
+    schedule_us = [(end - begin) / 1e3
+                   for name, begin, end in traced_kernel_events(schedule, (lengths, h_q, 1), 5)
+                   if "tile_schedule" in name]
+    if schedule_us:  # once per decode step, outside the span above
+        print(f"    {'tile_schedule (per step, not in span)':40s} x{len(schedule_us):3d}"
+              f"  median {statistics.median(schedule_us):8.2f} us")
     sys.stdout.flush()
     return check_row(q, pool, tables[0], lengths, metadata)
 

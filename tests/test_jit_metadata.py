@@ -15,6 +15,7 @@ from paged_inputs import make_block_table, random_layer, random_seqlens
 
 TOKENS_PER_TILE = 64
 BEGIN_REQ, BEGIN_TILE, END_REQ, END_TILE, BEGIN_SPLIT = range(5)
+FIXED_OVERHEAD_TILES = 5  # kFixedOverheadTiles, cpp/common/tile_scheduler.h
 
 B, S_Q, H_Q, H_KV, D, PAGE, LAYERS = 4, 2, 16, 1, 576, 16, 3
 
@@ -141,6 +142,78 @@ def test_schedule_of_random_batch_under_jit(rng):
     eager = jax_flash_mla.get_mla_metadata(cache_seqlens, 64, 1, num_sm_parts=132)
     for a, b in zip(jitted, eager):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def piece_costs(metadata, cache_seqlens):
+    """Each piece's cost as the scheduler counts it: its tiles, plus FIXED_OVERHEAD_TILES for
+    each request it touches."""
+    tiles = -(-np.maximum(cache_seqlens, 0).astype(np.int64) // TOKENS_PER_TILE)
+    costs = []
+    for row in np.asarray(metadata.tile_scheduler_metadata):
+        cost = 0
+        for r in range(row[BEGIN_REQ], min(row[END_REQ], len(tiles) - 1) + 1):
+            if tiles[r] == 0:
+                continue
+            first = row[BEGIN_TILE] if r == row[BEGIN_REQ] else 0
+            end = row[END_TILE] if r == row[END_REQ] else tiles[r]
+            cost += end - first + FIXED_OVERHEAD_TILES
+        costs.append(cost)
+    return np.array(costs)
+
+
+# Equal requests over more pieces than requests: the longest piece is the kernel's critical
+# path. The equal share plus one overhead as the only budget cut 64 requests of 64 tiles into
+# 34 + 30 tiles (a 39 piece); the smallest budget that fits cuts them into halves of 32. A
+# smaller budget that would cut more segments (more partials for the combine) is not taken:
+# one request of 64 tiles over 66 pieces stays in 32 pieces of 2 tiles, not 64 of 1.
+@pytest.mark.parametrize("b,s_k,num_sm_parts,longest,segments", [
+    (64, 4096, 132, 32 + FIXED_OVERHEAD_TILES, 128),
+    (32, 4096, 66, 32 + FIXED_OVERHEAD_TILES, 64),
+    (32, 4096, 132, 16 + FIXED_OVERHEAD_TILES, 128),
+    (1, 4096, 66, 2 + FIXED_OVERHEAD_TILES, 32),
+    (128, 4096, 132, 64 + FIXED_OVERHEAD_TILES, 128),
+])
+def test_schedule_cuts_equal_requests_evenly(b, s_k, num_sm_parts, longest, segments):
+    cache_seqlens = np.full(b, s_k, np.int32)
+    metadata = jax_flash_mla.get_mla_metadata(cache_seqlens, 64, 1, num_sm_parts=num_sm_parts)
+    assert_valid_schedule(metadata, cache_seqlens)
+    assert piece_costs(metadata, cache_seqlens).max() == longest
+    assert np.asarray(metadata.num_splits)[-1] == segments
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_schedule_never_longer_than_the_equal_share_bound(seed):
+    """The first budget tried before the search (an equal share of the cost plus one overhead)
+    always fits; the chosen one is never larger."""
+    rng = np.random.default_rng(seed)
+    b, num_sm_parts = int(rng.integers(1, 200)), int(rng.choice([16, 66, 132]))
+    cache_seqlens = rng.integers(-100, 9000, size=b).astype(np.int32)
+    metadata = jax_flash_mla.get_mla_metadata(cache_seqlens, 64, 1, num_sm_parts=num_sm_parts)
+    assert_valid_schedule(metadata, cache_seqlens)
+    tiles = -(-np.maximum(cache_seqlens, 0).astype(np.int64) // TOKENS_PER_TILE)
+    total = int((tiles + FIXED_OVERHEAD_TILES)[tiles > 0].sum())
+    assert piece_costs(metadata, cache_seqlens).max() <= (
+        -(-total // num_sm_parts) + FIXED_OVERHEAD_TILES)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("seqlens", [*SEQLENS, "random_64", "random_5000"], ids=str)
+def test_gpu_schedule_equals_cpu_schedule(seqlens):
+    """The metadata kernel (its budgets searched by several warps at once, its inputs staged in
+    shared memory, or read in place past 48 KiB at 5000 requests) against the CPU handler."""
+    if seqlens.startswith("random_"):
+        rng = np.random.default_rng(7)
+        cache_seqlens = rng.integers(-10, 9000, size=int(seqlens[7:])).astype(np.int32)
+    else:
+        cache_seqlens = np.array(SEQLENS[seqlens], np.int32)
+    for num_sm_parts in (1, 66, 132):
+        on = {}
+        for platform in ("cpu", "gpu"):
+            with jax.default_device(jax.devices(platform)[0]):
+                on[platform] = jax_flash_mla.get_mla_metadata(
+                    jnp.asarray(cache_seqlens), 64, 1, num_sm_parts=num_sm_parts)
+        for a, b in zip(on["cpu"], on["gpu"]):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="the default comes from the "
