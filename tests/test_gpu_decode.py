@@ -60,15 +60,16 @@ def test_gpu_decode_query_tma(case, rng):
 
 
 # One row block a KV head (33-64 rows) runs the seesaw kernel unpaired where the block table
-# holds at least 48 tiles of 64 keys a CTA and there is a request for every two CTAs
-# (seesaw_alone_pays in decode_wgmma_kernel.cu); small num_sm_parts reach that at test sizes.
-# Edges inside the segments: an empty request, the causal mask, page 16,
-# fp16, and a CTA walking several requests (the query buffer and the pipeline refilled).
+# holds at least 96 tiles of 64 keys a CTA and there is a request for every four CTAs
+# (seesaw_alone_pays in decode_wgmma_kernel.cu); num_sm_parts=1 reaches that at test sizes
+# (the table's capacity is the longest request and two pages). Edges inside the segments: an
+# empty request, the causal mask, page 16, fp16, and a CTA walking several requests (the query
+# buffer and the pipeline refilled).
 SEESAW_ALONE_CASES = [
-    Case(b=4, s_q=1, h_q=64, s_k=2000, num_sm_parts=2),
-    Case(b=3, s_q=2, h_q=32, s_k=1500, causal=True, page=16, lengths="fixed+zeros",
+    Case(b=4, s_q=1, h_q=64, s_k=2000, num_sm_parts=1),
+    Case(b=3, s_q=2, h_q=32, s_k=2100, causal=True, page=16, lengths="fixed+zeros",
          num_sm_parts=1),
-    Case(b=2, s_q=1, h_q=64, h_kv=2, s_k=3100, dtype="float16", num_sm_parts=2),
+    Case(b=2, s_q=1, h_q=64, h_kv=2, s_k=3100, dtype="float16", num_sm_parts=1),
 ]
 
 

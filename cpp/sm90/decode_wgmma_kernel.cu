@@ -401,18 +401,19 @@ cudaError_t launch_for_element(const DecodeParams& params, const CUtensorMap& k_
 }
 
 // One row block a KV head (33-64 rows): the seesaw kernel unpaired against this one, kernel
-// time at h_q = 64, s_k = 4096 (benchmarks/NOTES.md v19): b = 128 (~62 tiles a CTA) 5.5%
-// faster, b = 64 (~31) even, b = 32 (~15) 3% slower. It loses its segment start and end (its
+// time at h_q = 64 (benchmarks/NOTES.md v23, after v22's key groups made this one faster):
+// s_k = 4096, b = 128 (~62 tiles a CTA) 2.3% slower; s_k = 8192, b = 128 and s_k = 16384,
+// b = 64 (~124 tiles a CTA) 4.4% and 3-7% faster. It loses its segment start and end (its
 // pipeline fills and drains per segment) and wins per tile, so it pays where each CTA's share
 // of keys is long. The host knows no lengths (they stay on the device): the bound is the
-// block table's capacity per CTA, with at least one request for every two CTAs of a KV head
+// block table's capacity per CTA, with at least one request for every four CTAs of a KV head
 // so that a table sized far past the lengths does not send a small batch there.
 bool seesaw_alone_pays(const DecodeParams& params) {
-  constexpr int64_t kMinTilesPerCta = 48;
+  constexpr int64_t kMinTilesPerCta = 96;
   const int64_t tiles_per_request =
       (static_cast<int64_t>(params.max_blocks_per_seq) * params.page_block_size + kBlockN - 1) /
       kBlockN;
-  return 2 * static_cast<int64_t>(params.batch) >= params.num_sm_parts &&
+  return 4 * static_cast<int64_t>(params.batch) >= params.num_sm_parts &&
          static_cast<int64_t>(params.batch) * tiles_per_request >=
              kMinTilesPerCta * params.num_sm_parts;
 }
