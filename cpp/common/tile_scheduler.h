@@ -68,11 +68,13 @@ struct TilesFromCounts {
 // The budgets worth trying: a piece's cost (tiles plus kFixedOverheadTiles a segment) can be no
 // less than an equal share of the total, nor less than one tile and its overhead; and the
 // equal share plus one overhead always fits every tile into num_sm_parts pieces (a piece that
-// stops short leaves less than one overhead unused). [first, last]; at most
-// kFixedOverheadTiles + 1 of them.
+// stops short leaves less than one overhead unused). [first, last]: at most
+// kMaxScheduleBudgets of them.
+constexpr int kMaxScheduleBudgets = kFixedOverheadTiles + 1;
 struct ScheduleBudgets {
   int64_t first = 0;
   int64_t last = 0;
+  FMLA_HOST_DEVICE int count() const { return static_cast<int>(last - first) + 1; }
 };
 
 template <typename Tiles>
@@ -159,35 +161,36 @@ FMLA_HOST_DEVICE int walk_tile_schedule(const Tiles& tiles_of, int batch, int nu
   return req >= batch ? segments : -1;
 }
 
-// Whether a budget smaller than `last` is taken over it: every tile must fit, and no more
-// segments than `last` cuts. The longest piece is the split kernel's critical path, but each
-// segment past one a request also writes a float32 partial the combine reads back: at b = 1,
-// h_q = 128 a budget of one tile a piece instead of two took a kernel no faster and a call
-// 2.3 us (12%) slower (benchmarks/NOTES.md v23).
-FMLA_HOST_DEVICE bool budget_beats_last(int segments, int last_segments) {
-  return segments >= 0 && segments <= last_segments;
+// The chosen budget, from each candidate's walk: segments[i] for budget first + i, the last
+// with the rest absorbed (so always >= 0); -1 where a walk left tiles over. The smallest budget
+// that fits every tile and cuts no more segments than the last: the longest piece is the split
+// kernel's critical path, but each segment past one a request also writes a float32 partial
+// the combine reads back (at b = 1, h_q = 128 a budget of one tile a piece instead of two took
+// a kernel no faster and a call 2.3 us, 12%, slower: benchmarks/NOTES.md v23).
+FMLA_HOST_DEVICE int64_t chosen_budget(const ScheduleBudgets& budgets, const int* segments) {
+  const int last = budgets.count() - 1;
+  for (int i = 0; i < last; ++i)
+    if (segments[i] >= 0 && segments[i] <= segments[last]) return budgets.first + i;
+  return budgets.last;
 }
 
-// The schedule with the smallest budget in [first, last] that beats `last`. The equal share
-// plus one overhead alone (the only budget FlashMLA's scheduler tries) lets a piece stop up to
-// an overhead short of it and cut requests unevenly: 64 requests of 64 tiles over 132 pieces
-// take 34 + 30 tiles each (longest piece 39), where 37 cuts each into two halves of 32, 4.5%
-// off the split kernel at b = 64, h_q = 64 (v23). The GPU walks the candidates in parallel
-// (tile_schedule_kernel.cu); here one after another.
+// The schedule with the chosen budget. The equal share plus one overhead alone (the only
+// budget FlashMLA's scheduler tries) lets a piece stop up to an overhead short of it and cut
+// requests unevenly: 64 requests of 64 tiles over 132 pieces take 34 + 30 tiles each (longest
+// piece 39), where 37 cuts each into two halves of 32, 4.5% off the split kernel at b = 64,
+// h_q = 64 (v23). The GPU walks the candidates in parallel (tile_schedule_kernel.cu); here one
+// after another.
 FMLA_HOST_DEVICE void build_tile_schedule(const int32_t* cache_seqlens, int batch,
                                           int num_sm_parts, int32_t* metadata,
                                           int32_t* num_splits) {
   const TilesFromLengths tiles_of{cache_seqlens};
   const ScheduleBudgets budgets = schedule_budgets(tiles_of, batch, num_sm_parts);
-  const int last_segments =
-      walk_tile_schedule(tiles_of, batch, num_sm_parts, budgets.last, true, nullptr, nullptr);
-  int64_t budget = budgets.first;
-  while (budget < budgets.last &&
-         !budget_beats_last(walk_tile_schedule(tiles_of, batch, num_sm_parts, budget, false,
-                                               nullptr, nullptr),
-                            last_segments))
-    ++budget;
-  walk_tile_schedule(tiles_of, batch, num_sm_parts, budget, true, metadata, num_splits);
+  int segments[kMaxScheduleBudgets];
+  for (int i = 0; i < budgets.count(); ++i)
+    segments[i] = walk_tile_schedule(tiles_of, batch, num_sm_parts, budgets.first + i,
+                                     i == budgets.count() - 1, nullptr, nullptr);
+  walk_tile_schedule(tiles_of, batch, num_sm_parts, chosen_budget(budgets, segments), true,
+                     metadata, num_splits);
 }
 
 }  // namespace jax_flash_mla

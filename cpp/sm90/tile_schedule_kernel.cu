@@ -18,13 +18,12 @@ namespace {
 
 constexpr int kScheduleThreads = 256;
 constexpr int kScheduleWarps = kScheduleThreads / 32;
-constexpr int kMaxCandidates = kFixedOverheadTiles + 1;
-static_assert(kScheduleWarps >= kMaxCandidates, "a warp for each candidate budget");
+static_assert(kScheduleWarps >= kMaxScheduleBudgets, "a warp for each candidate budget");
 // Stays under the default 48 KiB of dynamic shared memory, so no attribute call is needed.
 constexpr int64_t kMaxStagedInts = 48 * 1024 / sizeof(int32_t);
 
 // Shared memory when staged: the tile counts, then `copies` schedules (metadata, num_splits).
-// copies: kMaxCandidates (one a candidate budget), 1 (the chosen budget walked again into it)
+// copies: kMaxScheduleBudgets (one a candidate budget), 1 (the chosen budget walked again into it)
 // or 0 (not staged: the walks read the lengths in place and write the schedule out directly).
 struct StagedLayout {
   int64_t schedule_ints = 0;  // one copy: metadata, then num_splits
@@ -32,8 +31,8 @@ struct StagedLayout {
 
   __host__ __device__ StagedLayout(int batch, int num_sm_parts) {
     schedule_ints = static_cast<int64_t>(num_sm_parts) * kMetadataInts + batch + 1;
-    if (total_ints(batch, kMaxCandidates) <= kMaxStagedInts)
-      copies = kMaxCandidates;
+    if (total_ints(batch, kMaxScheduleBudgets) <= kMaxStagedInts)
+      copies = kMaxScheduleBudgets;
     else if (total_ints(batch, 1) <= kMaxStagedInts)
       copies = 1;
   }
@@ -53,7 +52,7 @@ __global__ void __launch_bounds__(kScheduleThreads, 1)
                          int32_t* tile_scheduler_metadata, int32_t* num_splits) {
   extern __shared__ int32_t staged_ints[];
   __shared__ ScheduleBudgets budgets;
-  __shared__ int segments[kMaxCandidates];  // of budget first + i; -1: does not fit
+  __shared__ int segments[kMaxScheduleBudgets];  // of budget first + i; -1: does not fit
   __shared__ int chosen;
   const StagedLayout layout(batch, num_sm_parts);
   const int64_t metadata_ints = static_cast<int64_t>(num_sm_parts) * kMetadataInts;
@@ -72,10 +71,7 @@ __global__ void __launch_bounds__(kScheduleThreads, 1)
     }
     __syncthreads();
     if (threadIdx.x == 0) {
-      const int last = static_cast<int>(budgets.last - budgets.first);
-      chosen = last;
-      for (int c = last - 1; c >= 0; --c)
-        if (budget_beats_last(segments[c], segments[last])) chosen = c;
+      chosen = static_cast<int>(chosen_budget(budgets, segments) - budgets.first);
       if (layout.copies <= 1) {
         int32_t* metadata = layout.copies == 1 ? schedule_copy(0) : tile_scheduler_metadata;
         int32_t* splits = layout.copies == 1 ? metadata + metadata_ints : num_splits;
