@@ -197,10 +197,13 @@ def test_schedule_never_longer_than_the_equal_share_bound(seed):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("seqlens", [*SEQLENS, "random_64", "random_5000"], ids=str)
+@pytest.mark.parametrize("seqlens", [*SEQLENS, "random_64", "random_5000", "random_9000"],
+                         ids=str)
 def test_gpu_schedule_equals_cpu_schedule(seqlens):
-    """The metadata kernel (its budgets searched by several warps at once, its inputs staged in
-    shared memory, or read in place past 48 KiB at 5000 requests) against the CPU handler."""
+    """The metadata kernel against the CPU handler, through each of its three shared-memory
+    layouts (tile_schedule_kernel.cu's StagedLayout): up to several hundred requests a copy of
+    the schedule for every candidate budget; at 5000 one copy, the chosen budget walked again;
+    at 9000 nothing staged (past 48 KiB), the lengths read in place."""
     if seqlens.startswith("random_"):
         rng = np.random.default_rng(7)
         cache_seqlens = rng.integers(-10, 9000, size=int(seqlens[7:])).astype(np.int32)
