@@ -76,6 +76,23 @@ def test_default_metadata_equals_explicit_metadata(rng):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+def request_tiles(cache_seqlens):
+    """Each request's 64-token tiles (none for a negative length)."""
+    return -(-np.maximum(cache_seqlens, 0).astype(np.int64) // TOKENS_PER_TILE)
+
+
+def piece_segments(row, tiles):
+    """(request, first tile, end tile, split index) of each segment of a piece's metadata row,
+    in order; requests with no tiles own none."""
+    for r in range(row[BEGIN_REQ], min(row[END_REQ], len(tiles) - 1) + 1):
+        if tiles[r] == 0:
+            continue
+        first = row[BEGIN_TILE] if r == row[BEGIN_REQ] else 0
+        end = row[END_TILE] if r == row[END_REQ] else tiles[r]
+        split = row[BEGIN_SPLIT] if r == row[BEGIN_REQ] else 0
+        yield r, first, end, split
+
+
 def assert_valid_schedule(metadata, cache_seqlens):
     """Walks the pieces in order: every request's tiles must be covered exactly once, in
     order, by consecutive splits numbered 0, 1, ... as num_splits says."""
@@ -85,7 +102,7 @@ def assert_valid_schedule(metadata, cache_seqlens):
     assert rows.dtype == np.int32 and rows.shape == (parts, 8) and (rows[:, 5:] == 0).all()
     assert num_splits.dtype == np.int32 and num_splits.shape == (b + 1,)
 
-    tiles = -(-np.maximum(cache_seqlens, 0).astype(np.int64) // TOKENS_PER_TILE)
+    tiles = request_tiles(cache_seqlens)
     splits = np.diff(num_splits)
     assert num_splits[0] == 0 and (splits >= 0).all()
     np.testing.assert_array_equal(splits > 0, tiles > 0)
@@ -97,12 +114,7 @@ def assert_valid_schedule(metadata, cache_seqlens):
         if row[BEGIN_REQ] == b:  # idle piece
             continue
         assert 0 <= row[BEGIN_REQ] <= row[END_REQ] < b, row
-        for r in range(row[BEGIN_REQ], row[END_REQ] + 1):
-            if tiles[r] == 0:
-                continue
-            first = row[BEGIN_TILE] if r == row[BEGIN_REQ] else 0
-            end = row[END_TILE] if r == row[END_REQ] else tiles[r]
-            split = row[BEGIN_SPLIT] if r == row[BEGIN_REQ] else 0
+        for r, first, end, split in piece_segments(row, tiles):
             assert (first, split) == (next_tile[r], next_split[r]), (row, r)
             assert first < end <= tiles[r], (row, r)
             next_tile[r], next_split[r] = end, next_split[r] + 1
@@ -147,18 +159,10 @@ def test_schedule_of_random_batch_under_jit(rng):
 def piece_costs(metadata, cache_seqlens):
     """Each piece's cost as the scheduler counts it: its tiles, plus FIXED_OVERHEAD_TILES for
     each request it touches."""
-    tiles = -(-np.maximum(cache_seqlens, 0).astype(np.int64) // TOKENS_PER_TILE)
-    costs = []
-    for row in np.asarray(metadata.tile_scheduler_metadata):
-        cost = 0
-        for r in range(row[BEGIN_REQ], min(row[END_REQ], len(tiles) - 1) + 1):
-            if tiles[r] == 0:
-                continue
-            first = row[BEGIN_TILE] if r == row[BEGIN_REQ] else 0
-            end = row[END_TILE] if r == row[END_REQ] else tiles[r]
-            cost += end - first + FIXED_OVERHEAD_TILES
-        costs.append(cost)
-    return np.array(costs)
+    tiles = request_tiles(cache_seqlens)
+    return np.array([sum(end - first + FIXED_OVERHEAD_TILES
+                         for _, first, end, _ in piece_segments(row, tiles))
+                     for row in np.asarray(metadata.tile_scheduler_metadata)])
 
 
 # Equal requests over more pieces than requests: the longest piece is the kernel's critical
@@ -183,14 +187,14 @@ def test_schedule_cuts_equal_requests_evenly(b, s_k, num_sm_parts, longest, segm
 
 @pytest.mark.parametrize("seed", range(6))
 def test_schedule_never_longer_than_the_equal_share_bound(seed):
-    """The first budget tried before the search (an equal share of the cost plus one overhead)
-    always fits; the chosen one is never larger."""
+    """The largest budget tried (an equal share of the cost plus one overhead) always fits;
+    the chosen one is never larger."""
     rng = np.random.default_rng(seed)
     b, num_sm_parts = int(rng.integers(1, 200)), int(rng.choice([16, 66, 132]))
     cache_seqlens = rng.integers(-100, 9000, size=b).astype(np.int32)
     metadata = jax_flash_mla.get_mla_metadata(cache_seqlens, 64, 1, num_sm_parts=num_sm_parts)
     assert_valid_schedule(metadata, cache_seqlens)
-    tiles = -(-np.maximum(cache_seqlens, 0).astype(np.int64) // TOKENS_PER_TILE)
+    tiles = request_tiles(cache_seqlens)
     total = int((tiles + FIXED_OVERHEAD_TILES)[tiles > 0].sum())
     assert piece_costs(metadata, cache_seqlens).max() <= (
         -(-total // num_sm_parts) + FIXED_OVERHEAD_TILES)
