@@ -2,10 +2,14 @@
 covering set of FlashMLA's own test grid (see decode_grid.py), then the head counts that stage
 the query rows by TMA and some that fall back to cp.async."""
 
+import functools
+
 import jax
 import pytest
 
-from decode_grid import CPU_GRID, FLASHMLA_GRID, Case, check_case
+from jax_flash_mla import device_timing
+
+from decode_grid import CPU_GRID, FLASHMLA_GRID, Case, check_case, poisoned_decode
 
 pytestmark = pytest.mark.gpu
 
@@ -94,7 +98,8 @@ KEY_GROUP_CASES = [
     Case(b=2, s_q=1, h_q=32, h_kv=2, s_k=500, page=24, d=512, dtype="float16"),
     Case(b=4, s_q=1, h_q=32, s_k=1000, page=32, lengths="varlen", num_sm_parts=7),
     Case(b=2, s_q=1, h_q=16, s_k=1300, page=128, num_sm_parts=3),
-    Case(b=2, s_q=4, h_q=8, s_k=900, page=256, causal=True, d=512),
+    # (32 rows, over one piece: the narrow kernel's with more than 3 tiles a CTA)
+    Case(b=2, s_q=4, h_q=8, s_k=900, page=256, causal=True, d=512, num_sm_parts=1),
     Case(seqlens=(301, 77, 1500), h_q=16, page=16, invalid_pages=5, num_sm_parts=16),
     # 64-row kernel
     Case(b=3, s_q=1, h_q=64, s_k=300, page=8, lengths="varlen+zeros", num_sm_parts=16),
@@ -109,3 +114,37 @@ KEY_GROUP_CASES = [
 @pytest.mark.parametrize("case", KEY_GROUP_CASES, ids=str)
 def test_gpu_decode_key_groups(case, rng):
     check_case(case, rng, gpu())
+
+
+# 17-32 rows a KV head go to the narrow kernel only where the block table holds more than 3 key
+# tiles of 64 a CTA (narrow_kernel_pays, decode_narrow_kernel.cu); with fewer, a call is about
+# one tile's latency and the 64-row kernel runs them in its (padded) row block. The table holds
+# the longest request and two pages; num_sm_parts defaults to the SM count over the KV heads.
+KERNEL_ROUTE_CASES = [
+    # 64-row kernel: b=1 s_k=4096 (66 tiles over 132 or 114 pieces); 16 heads x 2 causal
+    # tokens, page 16, empty requests; two KV heads of 32 rows, d = 512, fp16, masked pages; 24
+    # rows, 2 x 18 tiles over 16 pieces.
+    (Case(b=1, s_q=1, h_q=32, s_k=4096), "wgmma"),
+    (Case(b=3, s_q=2, h_q=16, s_k=700, page=16, causal=True, lengths="varlen+zeros"), "wgmma"),
+    (Case(b=3, s_q=1, h_q=64, h_kv=2, s_k=300, page=32, d=512, dtype="float16",
+          invalid_pages=2), "wgmma"),
+    (Case(b=2, s_q=1, h_q=24, s_k=1000, num_sm_parts=16), "wgmma"),
+    # narrow kernel: 4 x 17 tiles over 7 pieces; 2 x 34 over 1, causal.
+    (Case(b=4, s_q=1, h_q=32, s_k=1000, page=32, num_sm_parts=7), "narrow"),
+    (Case(b=2, s_q=2, h_q=16, s_k=2000, causal=True, num_sm_parts=1), "narrow"),
+]
+
+
+@pytest.mark.parametrize("case,kernel", KERNEL_ROUTE_CASES,
+                         ids=[f"{kernel}-{case}" for case, kernel in KERNEL_ROUTE_CASES])
+def test_gpu_decode_kernel_route(case, kernel, rng):
+    """The case against the reference, and the split-KV kernel that ran it, by the profiler's
+    kernel names: a case meant for one kernel cannot pass on the other."""
+    check_case(case, rng, gpu())
+    args = jax.device_put(tuple(case.make_inputs(rng)), gpu())
+    call = functools.partial(poisoned_decode, num_sm_parts=case.num_sm_parts,
+                             softmax_scale=case.softmax_scale, causal=case.causal)
+    names = [name for name, _, _ in device_timing.traced_kernel_events(call, args, runs=1)]
+    ran = {k for k in ("narrow", "wgmma", "seesaw")
+           if any(f"split_kv_decode_{k}" in name for name in names)}
+    assert ran == {kernel}, names

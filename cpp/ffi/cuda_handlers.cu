@@ -28,9 +28,10 @@ ffi::Error cuda_error(const char* what, cudaError_t err) {
 // "seesaw-unpaired" the same never paired (each CTA copies its own keys), "lockstep" the 64-row
 // kernel (decode_wgmma_kernel.cu) in its place everywhere. Unset, the tensor-core kernels copy
 // with TMA where they can; at most kNarrowMaxRows query rows per KV head go to the narrow
-// kernel; more go to the seesaw kernel where its CTAs pair (benchmarks/NOTES.md v17) or where
-// one row block's CTAs have long shares of keys (v19), else to the 64-row one. Read once per
-// process.
+// kernel (at 17-32 rows only with more than a few key tiles a CTA, narrow_kernel_pays, v25;
+// else to the 64-row kernel); more go to the seesaw kernel where its CTAs pair
+// (benchmarks/NOTES.md v17) or where one row block's CTAs have long shares of keys (v19), else
+// to the 64-row one. Read once per process.
 enum class KernelChoice { kSimple, kCpAsync, kWide, kSeesaw, kSeesawUnpaired, kLockstep, kTma };
 
 KernelChoice kernel_choice() {
@@ -98,7 +99,8 @@ ffi::Error DecodeImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k_ca
   cudaError_t err;
   if (choice == KernelChoice::kSimple)
     err = launch_split_kv_decode(params, stream);
-  else if (choice != KernelChoice::kWide && params.rows_per_kv <= kNarrowMaxRows)
+  else if (choice != KernelChoice::kWide && params.rows_per_kv <= kNarrowMaxRows &&
+           narrow_kernel_pays(params))
     err = launch_split_kv_decode_narrow(params, allow_tma, stream);
   else
     err = launch_split_kv_decode_wgmma(params, allow_tma, seesaw_use(choice), stream);

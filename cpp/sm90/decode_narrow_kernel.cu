@@ -338,6 +338,26 @@ cudaError_t launch_for_element(const DecodeParams& params, const CUtensorMap& k_
 
 }  // namespace
 
+// Split kernel time at h_q = 32, s_k = 4096, narrow / 64-row kernel (benchmarks/NOTES.md v25):
+// b=1 13.1 / 10.8 us, b=2 14.8 / 13.3, b=4 17.3 / 15.8, b=8 21.5 / 21.2, b=16 and b=32 even;
+// b=1 s_k=16384 16.2 / 14.7. With a tile or two a CTA a call is about one tile's latency, and
+// here one math warpgroup runs S^T and all 8 column blocks of O^T where the 64-row kernel's
+// two warpgroups share the work; from ~4 tiles a CTA the narrow kernel's smaller tensor work
+// (no padded rows) evens it out or wins. At 16 rows, whose products are half as wide, the narrow
+// kernel wins even at b=1 (8.5 against 10.1 us). The host knows no lengths (they stay on the
+// device): the block table's capacity stands for them, so a table sized far past the lengths
+// keeps the narrow kernel, the choice before this rule.
+bool narrow_kernel_pays(const DecodeParams& params) {
+  constexpr int kRowsAlwaysNarrow = 16;
+  constexpr int64_t kMaxTilesPerCtaForRowBlock = 3;
+  if (params.rows_per_kv <= kRowsAlwaysNarrow) return true;
+  const int64_t tiles_per_request =
+      (static_cast<int64_t>(params.max_blocks_per_seq) * params.page_block_size + kBlockN - 1) /
+      kBlockN;
+  return static_cast<int64_t>(params.batch) * tiles_per_request >
+         kMaxTilesPerCtaForRowBlock * params.num_sm_parts;
+}
+
 cudaError_t launch_split_kv_decode_narrow(const DecodeParams& params, bool allow_tma,
                                           cudaStream_t stream) {
   if ((params.head_dim != 576 && params.head_dim != 512) ||

@@ -49,6 +49,10 @@ cudaError_t launch_split_kv_decode_seesaw(const DecodeParams& params, const CUte
 constexpr int kNarrowMaxRows = 32;
 cudaError_t launch_split_kv_decode_narrow(const DecodeParams& params, bool allow_tma,
                                           cudaStream_t stream);
+// Whether the narrow kernel, rather than the 64-row one, should run a grid of at most
+// kNarrowMaxRows rows a KV head: always at 16 rows or fewer; at 17-32 only where the block table
+// holds more than a few key tiles a CTA (decode_narrow_kernel.cu says why).
+bool narrow_kernel_pays(const DecodeParams& params);
 
 // Merges the partials of split requests into (out, lse) and writes the empty output of
 // requests with no keys. Must run after launch_split_kv_decode on the same stream.
