@@ -40,6 +40,12 @@ FMLA_HOST_DEVICE int32_t block_table_entry(const DecodeParams& p, int batch_idx,
                        token / p.page_block_size];
 }
 
+// Key tiles a request's row of the block table can hold: where the host chooses a kernel by
+// how much work a CTA gets, it has only this, since the lengths stay on the device.
+FMLA_HOST_DEVICE int64_t table_tiles_per_request(const DecodeParams& p) {
+  return num_tiles_for_length(static_cast<int64_t>(p.max_blocks_per_seq) * p.page_block_size);
+}
+
 // Whether a block-table entry names a page of the cache.
 FMLA_HOST_DEVICE bool is_valid_page(const DecodeParams& p, int32_t entry) {
   return entry >= 0 && entry < p.num_blocks;

@@ -351,10 +351,7 @@ bool narrow_kernel_pays(const DecodeParams& params) {
   constexpr int kRowsAlwaysNarrow = 16;
   constexpr int64_t kMaxTilesPerCtaForRowBlock = 3;
   if (params.rows_per_kv <= kRowsAlwaysNarrow) return true;
-  const int64_t tiles_per_request =
-      (static_cast<int64_t>(params.max_blocks_per_seq) * params.page_block_size + kBlockN - 1) /
-      kBlockN;
-  return static_cast<int64_t>(params.batch) * tiles_per_request >
+  return static_cast<int64_t>(params.batch) * table_tiles_per_request(params) >
          kMaxTilesPerCtaForRowBlock * params.num_sm_parts;
 }
 

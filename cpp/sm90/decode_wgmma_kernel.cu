@@ -410,11 +410,8 @@ cudaError_t launch_for_element(const DecodeParams& params, const CUtensorMap& k_
 // so that a table sized far past the lengths does not send a small batch there.
 bool seesaw_alone_pays(const DecodeParams& params) {
   constexpr int64_t kMinTilesPerCta = 96;
-  const int64_t tiles_per_request =
-      (static_cast<int64_t>(params.max_blocks_per_seq) * params.page_block_size + kBlockN - 1) /
-      kBlockN;
   return 4 * static_cast<int64_t>(params.batch) >= params.num_sm_parts &&
-         static_cast<int64_t>(params.batch) * tiles_per_request >=
+         static_cast<int64_t>(params.batch) * table_tiles_per_request(params) >=
              kMinTilesPerCta * params.num_sm_parts;
 }
 
