@@ -4,13 +4,14 @@
 
 Runs the benchmark's jitted function of back-to-back calls (jax_flash_mla/benchmark.py) under
 jax.profiler.trace and reads the trace back (device_timing.py): for each row, the wall time per
-call (the benchmark's figure before v14), next to what the GPU did per call: the median duration
-of each kernel, the busy time (the kernels' durations added), and the span from the first
-kernel's start to the last one's end over the calls. span - busy is time the GPU sat idle
-between kernels; wall - span is the host's share (dispatch, sync). FlashMLA's figures are
-CUDA-graph replays, whose idle time between kernels is about a microsecond a launch. A row's
-page size is PAGE (64, the target table's) unless it names another (b,h_q,s_k,page); the
-block tables are the benchmark's (random pages).
+call of the function issued once and waited on (host cost included), next to what the GPU did
+per call: the median duration of each kernel, the busy time (the kernels' durations added), and
+the span from the first kernel's start to the last one's end over the calls. span - busy is time
+the GPU sat idle between kernels; wall - span is the host's share (dispatch, sync). FlashMLA's
+figures are CUDA-graph replays, whose idle time between kernels is about a microsecond a launch.
+A row's page size is PAGE (64, the target table's) unless it names another (b,h_q,s_k,page); the
+inputs are the benchmark's (jax_flash_mla/paged_inputs.py rotated_case: permuted pages, the
+pool copied beyond L2).
 
 Each row is also checked once against the float32 reference (outputs poisoned with NaN before
 the call; tests/comparisons.py's kernel tolerances: out within 4 units of bfloat16 roundoff
@@ -29,8 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import jax_flash_mla
-from jax_flash_mla import reference, testing
-from jax_flash_mla.benchmark import build_case, make_many_calls
+from jax_flash_mla import paged_inputs, reference, testing
+from jax_flash_mla.benchmark import jax_inputs, make_many_calls
 from jax_flash_mla.device_timing import traced_kernel_events
 
 # The tests' kernel tolerances and their reasons, in tests/comparisons.py (not a package).
@@ -43,8 +44,8 @@ PAGE = 64
 
 
 def short_name(name):
-    for key in ("split_kv_decode_seesaw", "split_kv_decode_wgmma", "split_kv_decode_narrow",
-                "split_kv_decode", "combine",
+    for key in ("split_kv_seesaw", "split_kv_lockstep", "split_kv_transposed",
+                "combine",
                 "tile_schedule"):
         if key in name:
             # The seesaw kernel in CTA pairs (cluster, keys multicast): kPaired = true.
@@ -54,9 +55,10 @@ def short_name(name):
 
 
 def profile_row(rng, b, h_q, s_k, page=PAGE):
-    q, pool, tables, lengths, copies = build_case(rng, b, h_q, s_k, 1, False, page, 50 << 20)
+    q, pool, tables, lengths = jax_inputs(
+        paged_inputs.rotated_case(rng, b, h_q, s_k, 1, False, page, 50 << 20))
     metadata = jax_flash_mla.get_mla_metadata(lengths, h_q, 1)
-    fn = make_many_calls(jax_flash_mla.flash_mla_with_kvcache, CALLS, copies, False)
+    fn = make_many_calls(jax_flash_mla.flash_mla_with_kvcache, CALLS, len(tables), False)
     args = (q, pool, tables, lengths, metadata)
     for _ in range(3):
         jax.block_until_ready(fn(*args))

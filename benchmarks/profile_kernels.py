@@ -14,25 +14,23 @@ timeline (nsys) or a list of every kernel (ncu without -k) shows what one call c
 import sys
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 import jax_flash_mla
-from jax_flash_mla.benchmark import make_many_calls
+from jax_flash_mla import paged_inputs
+from jax_flash_mla.benchmark import jax_inputs, make_many_calls
 
 ROWS = [(1, 16, 4096), (1, 128, 4096), (64, 16, 4096), (64, 128, 4096), (128, 128, 4096)]
-PAGE, D, DV = 64, 576, 512
+PAGE, DV = 64, 512
 
 
 def main(rows, calls):
     rng = np.random.default_rng(0)
     for b, h_q, s_k, *rest in rows:
         page = rest[0] if rest else PAGE
-        max_blocks = -(-s_k // page)
-        pool = jax.random.normal(jax.random.key(0), (b * max_blocks, page, 1, D), jnp.bfloat16)
-        table = jnp.asarray(rng.permutation(b * max_blocks).reshape(b, max_blocks).astype(np.int32))
-        q = jax.random.normal(jax.random.key(1), (b, 1, h_q, D), jnp.bfloat16)
-        seqlens = jnp.full((b,), s_k, jnp.int32)
+        # The benchmark's inputs with one copy of the pool (no L2 budget): one table.
+        q, pool, (table,), seqlens = jax_inputs(
+            paged_inputs.rotated_case(rng, b, h_q, s_k, 1, False, page, l2_bytes=0))
         metadata = jax_flash_mla.get_mla_metadata(seqlens, h_q, 1)
         if calls:
             many = make_many_calls(jax_flash_mla.flash_mla_with_kvcache, calls, 1, False)

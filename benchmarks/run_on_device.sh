@@ -4,12 +4,15 @@
 # the build uses its preinstalled scikit-build-core, nanobind and jax (no build isolation).
 # Editable, so that python run from the repository root imports the built package.
 #
-#   bash benchmarks/run_on_device.sh [build] [test] [quicktest] [main] [sanitize] [profile]
-#                                    [devicetest] [detail] [timeline] [calls] [graphbench] [multigpu] [graphs] [demo] [bench] [quickbench]
-#                                    [probe] [ab] [smem] [pages] [trace] (last: it leaves the diagnostic build)
+#   bash benchmarks/run_on_device.sh [build] [flashmla] [test] [quicktest] [main] [sanitize]
+#                                    [profile] [devicetest] [detail] [timeline] [calls]
+#                                    [graphbench] [multigpu] [graphs] [demo] [bench] [quickbench]
+#                                    [flashmla] [before] [probe] [ab] [smem] [pages] [trace] (last: it leaves the diagnostic build)
 #                                    [pack] (last: one archive of every log)
 #   (default: build test main sanitize)
-# Logs go under $OUT (the device tool brings that folder back).
+# Logs go under $OUT (the device tool brings that folder back). bench and quickbench time
+# FlashMLA beside ours: they need its sources in the git-ignored .flashmla/ (a copy of
+# shared/flashmla, carried with the tree) and build it first if `build` did not start it.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-/tmp/jax_flash_mla_out}"
@@ -29,6 +32,8 @@ status=0
 
 step_build() {
   nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,driver_version --format=csv | tee "$OUT/gpu.txt"
+  # FlashMLA builds beside ours when a later step times it (they share the CPU cores).
+  if wants_flashmla && [ -d .flashmla ]; then flashmla_start; fi
   # The trace option is cached by CMake: a release build names it off.
   python3 -m pip install --no-build-isolation --no-deps -v -e . \
     -Ccmake.define.JAX_FLASH_MLA_TRACE=OFF >"$OUT/build.log" 2>&1 \
@@ -39,9 +44,9 @@ step_build() {
 
 # checked COMMAND...: COMMAND as the steps that check the kernels against the references run
 # it (tests, calls and so ab). XLA does not autotune the references' matmuls: every case has
-# its own shapes, so each would be autotuned once, on the host's clock (pytest -m gpu took 374 s
-# of a 30-minute device session, v21); the algorithm cuBLAS picks changes the float32
-# references by rounding only, far under the kernels' tolerances. A TMA tensor map the driver
+# its own shapes, so each would be autotuned once, on the host's clock (minutes for pytest -m
+# gpu); the algorithm cuBLAS picks changes the float32 references by rounding only, far under
+# the kernels' tolerances. A TMA tensor map the driver
 # refuses stops the run (JAX_FLASH_MLA_EXPECT_TMA, paged_kv_tensor_map.h) instead of passing
 # on, or being timed on, the cp.async path.
 checked() {
@@ -90,8 +95,85 @@ step_quicktest() {
   run_pytest pytest_quick.log "${TEST_TIMEOUT:-300}" 15 -m gpu -k "${QUICK_TESTS:-flashmla_grid}"
 }
 
+# DeepSeek's FlashMLA (shared/flashmla, carried as the git-ignored .flashmla/) for bench
+# --flashmla, by the recipe of its README: setup.py build_ext --inplace with the CUTLASS wheel on
+# PYTHONPATH. It builds in a writable copy, build/flashmla (the copy of shared/ has no write
+# bits; build/ is ignored and stays between calls on a warm machine, so ninja rebuilds only
+# what changed), in the background from `build` on when a later step needs it. FLASHMLA_JOBS:
+# its parallel nvcc jobs (default 10 of the 16 cores).
+FLASHMLA_DIR="$PWD/build/flashmla"
+flashmla_state=none  # none, building (flashmla_pid), ready or failed
+
+wants_flashmla() {
+  local s
+  for s in "${steps[@]}"; do
+    case $s in flashmla|bench|quickbench) return 0 ;; esac
+  done
+  return 1
+}
+
+flashmla_start() {
+  [ "$flashmla_state" = none ] || return 0
+  mkdir -p "$FLASHMLA_DIR" && cp -r -u --no-preserve=mode .flashmla/. "$FLASHMLA_DIR"/ \
+    && chmod -R u+w "$FLASHMLA_DIR" || { flashmla_state=failed; return 1; }
+  (cd "$FLASHMLA_DIR" && MAX_JOBS="${FLASHMLA_JOBS:-10}" python3 setup.py build_ext --inplace) \
+    >"$OUT/flashmla_build.log" 2>&1 &
+  flashmla_pid=$!
+  flashmla_state=building
+}
+
+# Waits for the FlashMLA build (starting it if `build` did not), then puts it on PYTHONPATH so
+# that `import flash_mla` works in the steps after it.
+step_flashmla() {
+  if [ ! -d .flashmla ]; then
+    echo "no .flashmla/: copy shared/flashmla there (cp -r ../shared/flashmla .flashmla, git-ignored) and carry it with the tree"
+    return 1
+  fi
+  flashmla_start
+  if [ "$flashmla_state" = building ]; then
+    if wait "$flashmla_pid"; then flashmla_state=ready; else flashmla_state=failed; fi
+    export PYTHONPATH="$FLASHMLA_DIR${PYTHONPATH:+:$PYTHONPATH}"
+  fi
+  [ "$flashmla_state" = ready ] || { tail -30 "$OUT/flashmla_build.log"; return 1; }
+  python3 -c "import torch, flash_mla; print('flash_mla', flash_mla.__version__, 'torch', torch.__version__)"
+}
+
+# bench_with_flashmla LOG SECONDS ARGS...: the benchmark with FlashMLA beside each row (same
+# inputs, same method), its output in $OUT/LOG; SECONDS 0 for no time limit. Torch and JAX share
+# the GPU, so JAX allocates on demand instead of preallocating 75% of its memory. The step runs
+# step_flashmla first, outside any pipeline: it waits on the build job and exports PYTHONPATH,
+# which a subshell could do neither of.
+bench_with_flashmla() {
+  local log=$1 seconds=$2
+  shift 2
+  XLA_PYTHON_CLIENT_PREALLOCATE=false timeout "$seconds" \
+    python3 -m jax_flash_mla bench --flashmla --out "$OUT" "$@" 2>&1 | tee "$OUT/$log"
+  return "${PIPESTATUS[0]}"
+}
+
 step_quickbench() {
-  timeout "${BENCH_TIMEOUT:-300}" python3 -m jax_flash_mla bench --quick --out "$OUT" 2>&1 | tee "$OUT/bench_quick.log" | tail -40
+  step_flashmla || return 1
+  bench_with_flashmla bench_quick.log "${BENCH_TIMEOUT:-400}" --quick | tail -40
+  return "${PIPESTATUS[0]}"
+}
+
+# A same-run A/B of a change too wide for a patch (`ab` takes patches): an earlier tree, unpacked
+# into the ignored .before/ (`git archive REV | tar -x -C .before`, carried), built into its own
+# folder and timed by its own `bench --quick` (profiler span, as `us_span` here) on this machine,
+# from outside the checkout so that Python imports that build. Compare with quickbench's us_span.
+step_before() {
+  [ -d .before ] || { echo "no .before/ tree"; return 1; }
+  python3 -m pip install --no-build-isolation --no-deps --target /tmp/before_site ./.before \
+    >"$OUT/build_before.log" 2>&1 || { tail -30 "$OUT/build_before.log"; return 1; }
+  (cd /tmp && PYTHONPATH="/tmp/before_site:${PYTHONPATH:-}" XLA_PYTHON_CLIENT_PREALLOCATE=false \
+    timeout "${BENCH_TIMEOUT:-400}" python3 -m jax_flash_mla bench --quick --out "$OUT/before") \
+    2>&1 | tee "$OUT/bench_before.log" | tail -30
+  return "${PIPESTATUS[0]}"
+}
+
+step_bench() {
+  step_flashmla || return 1
+  bench_with_flashmla bench.log "${BENCH_TIMEOUT:-0}" | tail -60
   return "${PIPESTATUS[0]}"
 }
 
@@ -119,7 +201,7 @@ step_detail() {
   grep -E "Throughput|Pipe|Stall|Busy|Bandwidth|Duration|Warp Cycles|Issued" "$OUT"/ncu_detail_h16.log | head -40
 }
 
-# Page sizes side by side (v21: page 16 +20.5% over page 64 at b=64 h=16): one split-KV launch
+# Page sizes side by side: one split-KV launch
 # of each row of PAGE_ROWS (b,h_q,s_k,page; default page 16 and 64 at b=64 h=16 s_k=4096) under
 # Nsight Compute, its throughput, memory and warp-state sections, one log a row.
 step_pages() {
@@ -136,7 +218,7 @@ step_pages() {
   return $rc
 }
 
-# Is shared memory what bounds the h_q = 128 pair (NOTES v19)? One launch of the split kernel at
+# Is shared memory what bounds the h_q = 128 pair? One launch of the split kernel at
 # SMEM_ROW (default b=64 h=128): the memory sections with their tables (shared-memory
 # wavefronts, bank conflicts, the busiest memory pipe), and the pipes' utilization. Apply a
 # branch's patch first to profile it instead.
@@ -280,11 +362,6 @@ step_ab() {
     if [ -n "$patch" ]; then patch -R -p1 --quiet <"$patch" || return 1; fi
   done
   return $rc
-}
-
-step_bench() {
-  python3 -m jax_flash_mla bench --out "$OUT" 2>&1 | tee "$OUT/bench.log" | tail -60
-  return "${PIPESTATUS[0]}"
 }
 
 # Every file under $OUT into one archive, $OUT/logs.tar.gz (the files removed): the device tool

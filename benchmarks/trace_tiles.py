@@ -9,8 +9,8 @@ event tile clock` lines for a few CTAs:
     python3 benchmarks/trace_tiles.py timeline trace.log 40 45   # CTA 0's events, tiles 40-45
 
 Microseconds are cycles over --clock-ghz (default 1.98, the H200's maximum); under a heavy
-tensor load the H200 ran at ~1.67 GHz (a traced CTA's cycles against the kernel's device
-time, NOTES v16), so pass the clock measured that way when the us matter.
+tensor load the H200 runs at ~1.67 GHz (a traced CTA's cycles against the kernel's device
+time), so pass the clock measured that way when the us matter.
 
 `run` makes one paged decode call of shape b,h_q,s_k (page 64, bf16, d = 576) twice inside
 jax.jit (profile_kernels.py's calls); the device prints each launch's records when the call synchronizes. `summarize` keeps
@@ -18,8 +18,7 @@ the last launch and prints, per warpgroup of each traced CTA, the median cycles 
 pair of consecutive events (a tile's steps: keys landed -> scores -> maxima shared -> P shared
 -> P V done), and the producer's copy-to-landing latency of every tile. `timeline` prints
 every record of CTA 0's last launch whose tile is in [first, last], all roles interleaved in
-clock order, in cycles from the first: which step waits on which (NOTES v18 read the seesaw's
-refill path this way).
+clock order, in cycles from the first: which step waits on which.
 """
 
 import collections
@@ -68,8 +67,8 @@ def summarize(path, clock_ghz):
     for cta in sorted({c for c, _ in records}):
         start = min(r[0][2] for (c, _), r in records.items() if c == cta)
         end = max(r[-1][2] for (c, _), r in records.items() if c == cta)
-        # Warpgroup 0 is a producer in the kernels that have one (v16's first seesaw versions
-        # had none: their math warpgroups issued the copies).
+        # Warpgroup 0 is a producer in the kernels that have one; in a kernel without one, the
+        # math warpgroups issue the copies and slot 0 records scores.
         has_producer = not any(e == SCORES_DONE for e, _, _ in records.get((cta, 0), []))
         landed = [r for (c, w), r in records.items() if c == cta and w == 1]
         tiles = sum(1 for e, _, _ in (landed[0] if landed else []) if e == KEYS_LANDED)

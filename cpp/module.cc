@@ -1,7 +1,13 @@
 // The Python extension: one registrations() dict, {platform: {target name: capsule}}, that
-// jax_flash_mla registers with jax.ffi at import.
+// jax_flash_mla registers with jax.ffi at import; and the numbers and rules of the C++ side that
+// the Python side needs (jax_flash_mla/_constants.py reads them), exported rather than copied so
+// that the two cannot drift apart.
 #include <nanobind/nanobind.h>
 
+#include <cstdint>
+
+#include "common/tile_scheduler.h"
+#include "sm90/heuristics.h"
 #include "xla/ffi/api/ffi.h"
 
 XLA_FFI_DECLARE_HANDLER_SYMBOL(jax_flash_mla_get_mla_metadata_cpu);
@@ -20,6 +26,75 @@ nb::capsule as_capsule(T* fn) {
   static_assert(std::is_invocable_r_v<XLA_FFI_Error*, T, XLA_FFI_CallFrame*>,
                 "an XLA FFI handler must take an XLA_FFI_CallFrame*");
   return nb::capsule(reinterpret_cast<void*>(fn));
+}
+
+using jax_flash_mla::DispatchInputs;
+using jax_flash_mla::SplitKvKernel;
+
+// The names jax_flash_mla.testing takes for the decode target's `kernel` attribute.
+struct NamedKernel {
+  const char* name;
+  SplitKvKernel kernel;
+};
+constexpr NamedKernel kSplitKvKernels[] = {
+    {"dispatch", SplitKvKernel::kDispatch},
+    {"transposed", SplitKvKernel::kTransposed},
+    {"lockstep", SplitKvKernel::kLockstep},
+    {"seesaw_alone", SplitKvKernel::kSeesawAlone},
+    {"seesaw_paired", SplitKvKernel::kSeesawPaired},
+};
+
+const char* kernel_name(SplitKvKernel kernel) {
+  for (const NamedKernel& named : kSplitKvKernels)
+    if (named.kernel == kernel) return named.name;
+  return "unknown";
+}
+
+nb::dict split_kv_kernels() {
+  nb::dict kernels;
+  for (const NamedKernel& named : kSplitKvKernels)
+    kernels[named.name] = static_cast<int32_t>(named.kernel);
+  return kernels;
+}
+
+nb::dict metadata_fields() {
+  namespace j = jax_flash_mla;
+  nb::dict fields;
+  fields["begin_req"] = static_cast<int>(j::kBeginReq);
+  fields["begin_tile"] = static_cast<int>(j::kBeginTile);
+  fields["end_req"] = static_cast<int>(j::kEndReq);
+  fields["end_tile"] = static_cast<int>(j::kEndTile);
+  fields["begin_split"] = static_cast<int>(j::kBeginSplit);
+  return fields;
+}
+
+// Binds `rule` (DispatchInputs -> result) as a Python function of the inputs' fields, each a
+// keyword argument of the same name, so that the CPU tests can walk the dispatch rules.
+template <typename Rule>
+void def_dispatch_rule(nb::module_& m, const char* name, Rule rule, const char* doc) {
+  m.def(
+      name,
+      [rule](int rows_per_kv, int head_dim, int64_t batch, int max_blocks_per_seq,
+             int page_block_size, int num_sm_parts, int num_heads_k, bool keys_fit_tma,
+             bool query_fits_tma, int sms, int max_resident_pairs) {
+        DispatchInputs in;
+        in.rows_per_kv = rows_per_kv;
+        in.head_dim = head_dim;
+        in.batch = batch;
+        in.max_blocks_per_seq = max_blocks_per_seq;
+        in.page_block_size = page_block_size;
+        in.num_sm_parts = num_sm_parts;
+        in.num_heads_k = num_heads_k;
+        in.keys_fit_tma = keys_fit_tma;
+        in.query_fits_tma = query_fits_tma;
+        in.sms = sms;
+        in.max_resident_pairs = max_resident_pairs;
+        return rule(in);
+      },
+      nb::kw_only(), nb::arg("rows_per_kv"), nb::arg("head_dim"), nb::arg("batch"),
+      nb::arg("max_blocks_per_seq"), nb::arg("page_block_size"), nb::arg("num_sm_parts"),
+      nb::arg("num_heads_k"), nb::arg("keys_fit_tma"), nb::arg("query_fits_tma"), nb::arg("sms"),
+      nb::arg("max_resident_pairs"), doc);
 }
 
 }  // namespace
@@ -46,4 +121,41 @@ NB_MODULE(_jax_flash_mla, m) {
     return false;
 #endif
   });
+
+  // The tile schedule (common/tile_scheduler.h): its metadata rows, its tiles and the split
+  // slots a call's scratch holds.
+  m.attr("METADATA_INTS") = static_cast<int>(jax_flash_mla::kMetadataInts);
+  m.attr("METADATA_FIELDS") = metadata_fields();
+  m.attr("TOKENS_PER_TILE") = jax_flash_mla::kTokensPerTile;
+  m.attr("FIXED_OVERHEAD_TILES") = jax_flash_mla::kFixedOverheadTiles;
+  m.def(
+      "max_split_slots",
+      [](int64_t batch, int64_t num_sm_parts) {
+        return jax_flash_mla::max_split_slots(batch, num_sm_parts);
+      },
+      nb::arg("batch"), nb::arg("num_sm_parts"),
+      "Split slots (rows of o_accum / lse_accum) any schedule of this shape may use.");
+
+  // The split-KV kernels and the rules that pick one (sm90/heuristics.h).
+  m.attr("ROWS_PER_CTA") = jax_flash_mla::kRowsPerCta;
+  m.attr("TRANSPOSED_MAX_ROWS") = jax_flash_mla::kTransposedMaxRows;
+  m.attr("SEESAW_HEAD_DIM") = jax_flash_mla::kSeesawHeadDim;
+  m.def("split_kv_kernels", &split_kv_kernels,
+        "{name: value} of the decode target's `kernel` attribute; 'dispatch' lets the rules "
+        "pick, any other forces that kernel.");
+  def_dispatch_rule(
+      m, "choose_split_kv_kernel",
+      [](const DispatchInputs& in) {
+        return kernel_name(jax_flash_mla::choose_split_kv_kernel(in));
+      },
+      "The name of the kernel the CUDA dispatch picks for a call of these inputs.");
+  def_dispatch_rule(
+      m, "runnable_split_kv_kernels",
+      [](const DispatchInputs& in) {
+        nb::list names;
+        for (const NamedKernel& named : kSplitKvKernels)
+          if (jax_flash_mla::split_kv_kernel_can_run(in, named.kernel)) names.append(named.name);
+        return names;
+      },
+      "The names of the kernels that can run a call of these inputs, whatever their speed.");
 }

@@ -1,6 +1,6 @@
 """jax-flash-mla: paged Multi-head Latent Attention decode for JAX, as XLA FFI custom calls."""
 
-from . import batching, reference  # batching registers the vmap rules
+from . import batching, reference, sharding  # the vmap rules and the decode's lowering
 from ._registration import BUILT_WITH_CUDA
 from .api import MLAMetadata, flash_mla_with_kvcache, get_mla_metadata
 

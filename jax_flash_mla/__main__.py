@@ -17,26 +17,17 @@ import jax
 import jax.numpy as jnp
 
 import jax_flash_mla
-
-
-def random_paged_problem(rng, batch, seqlen, num_heads_q, page_block_size, dtype):
-    """A DeepSeek-shaped decode step: h_kv = 1, d = 576, lengths around `seqlen`."""
-    head_dim = 576
-    lengths = rng.integers(seqlen // 2, seqlen + 1, size=batch).astype(np.int32)
-    max_blocks = -(-seqlen // page_block_size)
-    num_blocks = batch * max_blocks
-    block_table = rng.permutation(num_blocks).astype(np.int32).reshape(batch, max_blocks)
-    k_cache = rng.standard_normal((num_blocks, page_block_size, 1, head_dim), np.float32)
-    q = rng.standard_normal((batch, 1, num_heads_q, head_dim), np.float32)
-    return (jnp.asarray(q, dtype), jnp.asarray(k_cache, dtype), jnp.asarray(block_table),
-            jnp.asarray(lengths))
+from jax_flash_mla import paged_inputs
 
 
 def run_check(args) -> int:
     rng = np.random.default_rng(args.seed)
     dtype = jnp.bfloat16 if args.dtype == "bf16" else jnp.float16
-    q, k_cache, block_table, seqlens = random_paged_problem(
-        rng, args.batch, args.seqlen, args.heads, args.page_size, dtype)
+    # A DeepSeek-shaped decode step (h_kv = 1, d = 576) in the tests' hostile layout: lengths
+    # around --seqlen, NaN in every slot no request may read, garbage ids past each request.
+    seqlens = paged_inputs.random_seqlens(rng, args.batch, args.seqlen, varlen=True)
+    q, k_cache, block_table, seqlens = (jnp.asarray(x) for x in paged_inputs.make_paged_inputs(
+        rng, seqlens, s_q=1, h_q=args.heads, h_kv=1, d=576, page=args.page_size, dtype=dtype))
 
     @jax.jit
     def decode(q, k_cache, block_table, seqlens):
@@ -60,7 +51,8 @@ def run_check(args) -> int:
     device = jax.devices()[0]
     print(f"device: {device.device_kind} ({device.platform}), CUDA handlers built: "
           f"{jax_flash_mla.BUILT_WITH_CUDA}")
-    print(f"shape: batch={args.batch} seqlen<={args.seqlen} heads={args.heads} d=576 dv=512 "
+    print(f"shape: batch={args.batch} lengths {int(seqlens.min())}-{int(seqlens.max())} "
+          f"(around --seqlen {args.seqlen}) heads={args.heads} d=576 dv=512 "
           f"page={args.page_size} {args.dtype}")
     print(f"max |out - reference| = {out_err:.3e}, max |lse - reference| = {lse_err:.3e}")
     print(f"time per call: {median_us:.1f} us (median of {args.iters}, host-timed)")

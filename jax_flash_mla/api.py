@@ -9,24 +9,24 @@ import jax
 import jax.numpy as jnp
 
 from . import validation
+from ._constants import DISPATCH, ROWS_PER_CTA
 from .primitives import mla_decode_p, mla_metadata_p
 
 # On the CPU there are no SMs: the schedule is cut for this many virtual ones, so that the CPU
 # path (what CI runs) exercises split requests and the combine like the GPU does.
 CPU_VIRTUAL_SMS = 16
-# Query rows one CTA takes per KV head; more rows per KV head take more CTAs.
-ROWS_PER_CTA = 64
 
 
 class MLAMetadata(NamedTuple):
     """Split-KV schedule of one decode step: reuse it for every layer of that step."""
 
-    tile_scheduler_metadata: jax.Array  # int32 [num_sm_parts, 8]
+    tile_scheduler_metadata: jax.Array  # int32 [num_sm_parts, _constants.METADATA_INTS]
     num_splits: jax.Array  # int32 [batch + 1], prefix sum of splits per request
 
 
 def default_num_sm_parts(num_q_tokens_per_head_k: int, num_heads_k: int) -> int:
-    """Pieces of KV work per (KV head, row block) so that the whole grid fills the chip once."""
+    """Pieces of KV work per (KV head, row block of ROWS_PER_CTA query rows) so that the whole
+    grid fills the chip once."""
     device = jax.devices()[0]
     sms = getattr(device, "core_count", None) if device.platform == "gpu" else None
     sms = sms or CPU_VIRTUAL_SMS
@@ -52,12 +52,15 @@ def get_mla_metadata(cache_seqlens, num_q_tokens_per_head_k: int, num_heads_k: i
     if num_sm_parts is None:
         num_sm_parts = default_num_sm_parts(num_q_tokens_per_head_k, num_heads_k)
     validation.check_positive_int("num_sm_parts", num_sm_parts)
-    tsm, num_splits = mla_metadata_p.bind(jnp.asarray(cache_seqlens), num_sm_parts=int(num_sm_parts))
+    tsm, num_splits = mla_metadata_p.bind(jnp.asarray(cache_seqlens),
+                                          num_sm_parts=int(num_sm_parts))
     return MLAMetadata(tsm, num_splits)
 
 
 def _decode(q, k_cache, block_table, cache_seqlens, head_dim_v, metadata, softmax_scale, causal,
-            initial_outputs=()):
+            initial_outputs=(), kernel=DISPATCH):
+    """The decode primitive's call; `kernel` (a _constants.SPLIT_KV_KERNELS value) is DISPATCH
+    for every call of the public API, another only through jax_flash_mla.testing."""
     validation.check_decode_args(q, k_cache, block_table, cache_seqlens, head_dim_v, metadata,
                                  softmax_scale, causal)
     _, seqlen_q, num_heads_q, head_dim = q.shape
@@ -70,7 +73,8 @@ def _decode(q, k_cache, block_table, cache_seqlens, head_dim_v, metadata, softma
     out, lse = mla_decode_p.bind(
         jnp.asarray(q), jnp.asarray(k_cache), jnp.asarray(block_table), jnp.asarray(cache_seqlens),
         metadata.tile_scheduler_metadata, metadata.num_splits, *initial_outputs,
-        softmax_scale=float(softmax_scale), causal=bool(causal), head_dim_v=int(head_dim_v))
+        softmax_scale=float(softmax_scale), causal=bool(causal), head_dim_v=int(head_dim_v),
+        kernel=int(kernel))
     return out, lse
 
 

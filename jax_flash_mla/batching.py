@@ -7,7 +7,8 @@ better balanced problem instead of V small ones:
   and each instance's block-table entries move to its slice of it; entries that were invalid
   stay invalid (-1), so no instance can reach another's pages;
 - the schedule is recomputed for the folded batch (any vmapped metadata was computed for the
-  unfolded one), with the same number of SM parts.
+  unfolded one), with the same number of SM parts;
+- the static params (softmax_scale, causal, head_dim_v, the split-KV kernel) pass unchanged.
 get_mla_metadata under vmap computes one schedule per instance (lax.map).
 """
 
@@ -55,7 +56,7 @@ def _fold_block_tables(block_table, num_blocks):
     return _fold(jnp.where(valid, block_table + instance * num_blocks, -1))
 
 
-def _decode_batching_rule(args, dims, *, softmax_scale, causal, head_dim_v):
+def _decode_batching_rule(args, dims, **params):
     q, k_cache, block_table, cache_seqlens, tsm, _, *initial_outputs = args
     q_dim, k_dim, table_dim, seqlens_dim = dims[:4]
     size = _axis_size(args, dims)
@@ -72,9 +73,8 @@ def _decode_batching_rule(args, dims, *, softmax_scale, causal, head_dim_v):
     num_sm_parts = tsm.shape[-2]
     folded_tsm, folded_splits = mla_metadata_p.bind(seqlens, num_sm_parts=num_sm_parts)
     initial = [_fold(_to_front(x, d, size)) for x, d in zip(initial_outputs, dims[6:])]
-    out, lse = mla_decode_p.bind(
-        q, pool, tables, seqlens, folded_tsm, folded_splits, *initial,
-        softmax_scale=softmax_scale, causal=causal, head_dim_v=head_dim_v)
+    out, lse = mla_decode_p.bind(q, pool, tables, seqlens, folded_tsm, folded_splits, *initial,
+                                 **params)
     unfold = lambda x: x.reshape((size, batch) + x.shape[1:])
     return (unfold(out), unfold(lse)), (0, 0)
 

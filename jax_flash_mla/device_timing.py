@@ -1,13 +1,16 @@
-"""Per-call device time of a jitted function of back-to-back calls, from the GPU's own clock.
+"""Per-call time of a block of back-to-back calls, by the two methods the benchmark reports.
 
-The benchmark's figure on a GPU: the function runs `repeats` times inside one JAX profiler
-trace, and each run's span on the GPU (first kernel's start to last kernel's end, from the
-kernel timestamps the profiler records) is divided by the calls it makes; the median over runs
-is returned. Host dispatch and synchronization never enter it, while any idle time the GPU has
-between kernels does, as in FlashMLA's CUDA-graph replays. Wall time over the whole function
-(dispatch paid once per function) was the figure before; it charged each call a share of the
-function's fixed host cost (argument handling, launch, sync), about 15 us a call at b = 1 with
-20 calls, where the calls themselves take 14-19 us on the GPU (benchmarks/NOTES.md, v14).
+- wall_time_per_call, the headline and the one FlashMLA is timed by too: the block is issued
+  `blocks` times with no host sync in between, then waited on once; the wall time over every
+  call, median of repeats. A block issued once would charge each call a share of its fixed host
+  cost (argument handling, launch, sync: about 15 us a call at b = 1 with 20 calls, where a
+  call takes 14-19 us on the GPU); issued back-to-back, the host runs ahead of the GPU (while it
+  issues a block faster than the GPU runs one) and the GPU's time, idle gaps between kernels
+  included, is what is left.
+- device_time_per_call (ours, GPU only): the function runs `repeats` times inside one JAX
+  profiler trace, and each run's span on the GPU (first kernel's start to last kernel's end,
+  from the kernel timestamps the profiler records) is divided by the calls it makes; the median
+  over runs. Host time never enters it, the GPU's idle time between kernels does.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from __future__ import annotations
 import glob
 import statistics
 import tempfile
+import time
 
 import jax
 
@@ -73,3 +77,17 @@ def device_time_per_call(fn, args, calls: int, repeats: int) -> float:
     """Seconds per call on the GPU: median over `repeats` traced runs of a run's kernel span
     over `calls`."""
     return statistics.median(spans_per_call(traced_kernel_events(fn, args, repeats), repeats, calls))
+
+
+def wall_time_per_call(issue_block, wait, calls: int, blocks: int, repeats: int) -> float:
+    """Seconds per call: issue_block() (a block of `calls` calls, not waited on) `blocks`
+    times back-to-back, then wait(results of the blocks); the wall time over blocks * calls,
+    median of `repeats` after two warm-up blocks."""
+    wait([issue_block()])
+    wait([issue_block()])
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        wait([issue_block() for _ in range(blocks)])
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) / (blocks * calls)

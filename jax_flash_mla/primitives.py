@@ -3,10 +3,14 @@
 `mla_metadata_p`: cache_seqlens -> (tile_scheduler_metadata, num_splits).
 `mla_decode_p`: (q, k_cache, block_table, cache_seqlens, tile_scheduler_metadata, num_splits
 [, initial_out, initial_lse]) -> (out, lse). What the public API binds: it has the batching
-rule (batching.py) and lowers through the sharding rule (sharding.py), which emits one
-`mla_decode_local_p` per shard.
+rule (batching.py) and its lowering is the sharding rule's (sharding.py registers it), which
+emits one `mla_decode_local_p` per shard.
 `mla_decode_local_p`: the same operands on one device's shard -> (out, lse, o_accum,
 lse_accum), lowered to the FFI custom call.
+
+Both decode primitives carry the static params softmax_scale, causal, head_dim_v and kernel:
+the split-KV kernel as the value of the target's `kernel` attribute (_constants.SPLIT_KV_KERNELS),
+always DISPATCH from the public API, a forced kernel only from jax_flash_mla.testing.
 
 o_accum / lse_accum are the float32 partials of split requests. They are results of the
 custom call, not handler-side allocations, so XLA owns that scratch: the handlers allocate
@@ -21,18 +25,12 @@ import numpy as np
 import jax
 import jax.numpy as jnp
 from jax.extend.core import Primitive
-from jax._src import dispatch
 from jax.interpreters import ad, mlir, xla
 
+from ._constants import METADATA_INTS, max_split_slots
 from ._registration import DECODE_TARGET, METADATA_TARGET
-from .validation import METADATA_INTS_PER_PART
 
 LOWERING_PLATFORMS = ("cpu", "cuda")
-
-
-def max_split_slots(batch: int, num_sm_parts: int) -> int:
-    """Mirror of cpp/common/tile_scheduler.h: at most batch + num_sm_parts partials."""
-    return batch + num_sm_parts
 
 
 # --- metadata -------------------------------------------------------------------------------
@@ -46,7 +44,7 @@ mla_metadata_p.def_impl(partial(xla.apply_primitive, mla_metadata_p))
 def _metadata_abstract_eval(cache_seqlens, *, num_sm_parts):
     batch = cache_seqlens.shape[0]
     return (
-        jax.core.ShapedArray((num_sm_parts, METADATA_INTS_PER_PART), jnp.int32),
+        jax.core.ShapedArray((num_sm_parts, METADATA_INTS), jnp.int32),
         jax.core.ShapedArray((batch + 1,), jnp.int32),
     )
 
@@ -72,8 +70,8 @@ mla_decode_p.def_impl(partial(xla.apply_primitive, mla_decode_p))
 
 
 @mla_decode_p.def_abstract_eval
-def _decode_abstract_eval(q, *operands, softmax_scale, causal, head_dim_v):
-    del operands, softmax_scale, causal
+def _decode_abstract_eval(q, *operands, softmax_scale, causal, head_dim_v, kernel):
+    del operands, softmax_scale, causal, kernel
     return _decode_outputs(q, head_dim_v)
 
 
@@ -84,8 +82,9 @@ mla_decode_local_p.def_impl(partial(xla.apply_primitive, mla_decode_local_p))
 
 @mla_decode_local_p.def_abstract_eval
 def _decode_local_abstract_eval(q, k_cache, block_table, cache_seqlens, tile_scheduler_metadata,
-                                num_splits, *initial_outputs, softmax_scale, causal, head_dim_v):
-    del block_table, cache_seqlens, num_splits, initial_outputs, softmax_scale, causal
+                                num_splits, *initial_outputs, softmax_scale, causal, head_dim_v,
+                                kernel):
+    del block_table, cache_seqlens, num_splits, initial_outputs, softmax_scale, causal, kernel
     batch, seqlen_q, num_heads_q, _ = q.shape
     num_heads_k = k_cache.shape[2]
     rows_per_kv = seqlen_q * (num_heads_q // num_heads_k)
@@ -102,16 +101,16 @@ def decode_on_one_device(*operands, **params):
     return out, lse
 
 
-_FIRST_INITIAL_OUTPUT = 6  # operand index of initial_out; initial_lse follows
+FIRST_INITIAL_OUTPUT = 6  # operand index of initial_out; initial_lse follows
 
 
-def _decode_local_lowering(ctx, *operands, softmax_scale, causal, head_dim_v):
+def _decode_local_lowering(ctx, *operands, softmax_scale, causal, head_dim_v, kernel):
     aliases = None
-    if len(operands) > _FIRST_INITIAL_OUTPUT:
-        aliases = {_FIRST_INITIAL_OUTPUT: 0, _FIRST_INITIAL_OUTPUT + 1: 1}
+    if len(operands) > FIRST_INITIAL_OUTPUT:
+        aliases = {FIRST_INITIAL_OUTPUT: 0, FIRST_INITIAL_OUTPUT + 1: 1}
     lower = jax.ffi.ffi_lowering(DECODE_TARGET, operand_output_aliases=aliases)
     return lower(ctx, *operands, softmax_scale=np.float32(softmax_scale), causal=bool(causal),
-                 head_dim_v=np.int32(head_dim_v))
+                 head_dim_v=np.int32(head_dim_v), kernel=np.int32(kernel))
 
 
 def _decode_jvp(primals, tangents, **params):
@@ -124,28 +123,6 @@ def _decode_jvp(primals, tangents, **params):
 
 ad.primitive_jvps[mla_decode_p] = _decode_jvp
 
-
-def _decode_lowering(ctx, *operands, softmax_scale, causal, head_dim_v):
-    # Imported here: sharding.py builds on the local primitive defined above.
-    from .sharding import partitioned_decode
-
-    params = dict(softmax_scale=softmax_scale, causal=causal, head_dim_v=head_dim_v)
-    # jax.export lowers with no device assignment, which custom_partitioning cannot take: the
-    # exported module holds the one-device decode. Poisoned outputs (tests) are one-device too.
-    no_devices = getattr(ctx.module_context.axis_context, "device_assignment", ()) is None
-    if no_devices or len(operands) > _FIRST_INITIAL_OUTPUT:
-        fun = partial(decode_on_one_device, **params)
-    else:
-        fun = partitioned_decode(**params)
-    return mlir.lower_fun(fun, multiple_results=True)(ctx, *operands)
-
-
-# The sharding rule (custom_partitioning) needs the device assignment while lowering; jit
-# provides it only to primitives that declare the need (JAX has no public API for this yet:
-# custom_partitioning's own primitive is declared the same way), and only outside the
-# lowering cache.
-dispatch.prim_requires_devices_during_lowering.add(mla_decode_p)
-mlir.register_lowering(mla_decode_p, _decode_lowering, cacheable=False)
 for _platform in LOWERING_PLATFORMS:
     mlir.register_lowering(mla_metadata_p, _metadata_lowering, platform=_platform)
     mlir.register_lowering(mla_decode_local_p, _decode_local_lowering, platform=_platform)

@@ -14,16 +14,21 @@ page, the table's columns), is not a layout of its own: those operands are repli
 
 The rule (Shardy) names the factors; the partition callback fixes the operand shardings and
 returns the per-device computation: one local decode (decode_on_one_device).
+
+This module registers the lowering of mla_decode_p (as batching.py registers its vmap rule):
+through the rule where jit gives the devices, else one local decode.
 """
 
 from __future__ import annotations
 
 import functools
 
+from jax._src import dispatch
 from jax.experimental.custom_partitioning import custom_partitioning
+from jax.interpreters import mlir
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from .primitives import decode_on_one_device, mla_metadata_p
+from .primitives import FIRST_INITIAL_OUTPUT, decode_on_one_device, mla_decode_p, mla_metadata_p
 
 # q, k_cache, block_table, cache_seqlens, tile_scheduler_metadata, num_splits -> out, lse.
 # b: requests, h: query heads, n: pool pages; every other factor stays whole.
@@ -39,9 +44,10 @@ def _spec_axis(sharding, dim):
 
 
 @functools.lru_cache(maxsize=None)
-def partitioned_decode(*, softmax_scale: float, causal: bool, head_dim_v: int):
+def partitioned_decode(*, softmax_scale: float, causal: bool, head_dim_v: int, kernel: int):
     """The decode as a custom_partitioning function, one per set of static parameters."""
-    params = dict(softmax_scale=softmax_scale, causal=causal, head_dim_v=head_dim_v)
+    params = dict(softmax_scale=softmax_scale, causal=causal, head_dim_v=head_dim_v,
+                  kernel=kernel)
 
     @custom_partitioning
     def decode(q, k_cache, block_table, cache_seqlens, tile_scheduler_metadata, num_splits):
@@ -80,3 +86,22 @@ def partitioned_decode(*, softmax_scale: float, causal: bool, head_dim_v: int):
     decode.def_partition(partition=partition, sharding_rule=SHARDING_RULE,
                          need_replication_factors=REPLICATED_FACTORS)
     return decode
+
+
+def _decode_lowering(ctx, *operands, **params):
+    # jax.export lowers with no device assignment, which custom_partitioning cannot take: the
+    # exported module holds the one-device decode. Poisoned outputs (tests) are one-device too.
+    no_devices = getattr(ctx.module_context.axis_context, "device_assignment", ()) is None
+    if no_devices or len(operands) > FIRST_INITIAL_OUTPUT:
+        fun = functools.partial(decode_on_one_device, **params)
+    else:
+        fun = partitioned_decode(**params)
+    return mlir.lower_fun(fun, multiple_results=True)(ctx, *operands)
+
+
+# The sharding rule (custom_partitioning) needs the device assignment while lowering; jit
+# provides it only to primitives that declare the need (JAX has no public API for this yet:
+# custom_partitioning's own primitive is declared the same way), and only outside the
+# lowering cache.
+dispatch.prim_requires_devices_during_lowering.add(mla_decode_p)
+mlir.register_lowering(mla_decode_p, _decode_lowering, cacheable=False)

@@ -10,10 +10,11 @@ from __future__ import annotations
 import numpy as np
 import jax.numpy as jnp
 
+from ._constants import METADATA_INTS
+
 SUPPORTED_HEAD_DIMS = (576, 512)
 SUPPORTED_HEAD_DIM_V = 512
 SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float16)
-METADATA_INTS_PER_PART = 8
 
 
 def _dtype_name(x) -> str:
@@ -49,7 +50,8 @@ def check_decode_args(q, k_cache, block_table, cache_seqlens, head_dim_v, metada
         raise TypeError(f"q: expected dtype bfloat16 or float16, got {_dtype_name(q)}")
     if np.dtype(k_cache.dtype) != np.dtype(q.dtype):
         raise TypeError(
-            f"k_cache: expected dtype {_dtype_name(q)} (the dtype of q), got {_dtype_name(k_cache)}")
+            f"k_cache: expected dtype {_dtype_name(q)} (the dtype of q), got "
+            f"{_dtype_name(k_cache)}")
     batch, _, num_heads_q, head_dim = q.shape
     _, page_block_size, num_heads_k, cache_head_dim = k_cache.shape
     if head_dim not in SUPPORTED_HEAD_DIMS:
@@ -73,11 +75,13 @@ def check_decode_args(q, k_cache, block_table, cache_seqlens, head_dim_v, metada
     check_cache_seqlens(cache_seqlens)
     if cache_seqlens.shape[0] != batch:
         raise ValueError(
-            f"cache_seqlens: expected shape ({batch},) (q.shape[0]), got {tuple(cache_seqlens.shape)}")
+            f"cache_seqlens: expected shape ({batch},) (q.shape[0]), got "
+            f"{tuple(cache_seqlens.shape)}")
     if metadata is not None:
         check_metadata(metadata, batch)
     if softmax_scale is not None and not isinstance(softmax_scale, (int, float, np.floating)):
-        raise TypeError(f"softmax_scale: expected a Python float or None, got {type(softmax_scale).__name__}")
+        raise TypeError(f"softmax_scale: expected a Python float or None, got "
+                        f"{type(softmax_scale).__name__}")
     if not isinstance(causal, (bool, np.bool_)):
         raise TypeError(f"causal: expected a Python bool, got {type(causal).__name__}")
 
@@ -87,10 +91,10 @@ def check_metadata(metadata, batch: int) -> None:
     num_splits = metadata.num_splits
     check_int32("metadata.tile_scheduler_metadata", tsm)
     check_int32("metadata.num_splits", num_splits)
-    if np.ndim(tsm) != 2 or tsm.shape[1] != METADATA_INTS_PER_PART or tsm.shape[0] < 1:
+    if np.ndim(tsm) != 2 or tsm.shape[1] != METADATA_INTS or tsm.shape[0] < 1:
         raise ValueError(
-            f"metadata.tile_scheduler_metadata: expected shape (num_sm_parts, "
-            f"{METADATA_INTS_PER_PART}), got {tuple(tsm.shape)}")
+            f"metadata.tile_scheduler_metadata: expected shape (num_sm_parts, {METADATA_INTS}), "
+            f"got {tuple(tsm.shape)}")
     if tuple(num_splits.shape) != (batch + 1,):
         raise ValueError(
             f"metadata.num_splits: expected shape ({batch + 1},) (batch + 1), got "

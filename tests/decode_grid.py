@@ -17,9 +17,9 @@ import jax.numpy as jnp
 
 import jax_flash_mla
 from jax_flash_mla import reference, testing
+from jax_flash_mla.paged_inputs import make_paged_inputs, random_seqlens
 
 from comparisons import KERNEL_LSE_ATOL, KERNEL_OUT_ROUNDINGS, assert_attention_close
-from paged_inputs import make_paged_inputs, overflow_lengths, random_seqlens
 
 HEAD_DIM_V = 512
 LENGTHS = ("fixed", "varlen", "fixed+zeros", "varlen+zeros")
@@ -58,11 +58,10 @@ class Case:
         else:
             seqlens = random_seqlens(rng, self.b, self.s_k, varlen="varlen" in self.lengths,
                                      with_zeros="zeros" in self.lengths)
-        inputs = make_paged_inputs(
+        return make_paged_inputs(
             rng, seqlens, s_q=self.s_q, h_q=self.h_q, h_kv=self.h_kv, d=self.d, page=self.page,
-            dtype=jnp.dtype(self.dtype), extra_columns=0 if self.overflow else 2,
-            invalid_pages=self.invalid_pages, q_scale=self.q_scale)
-        return overflow_lengths(rng, inputs) if self.overflow else inputs
+            dtype=jnp.dtype(self.dtype), invalid_pages=self.invalid_pages, q_scale=self.q_scale,
+            overflow=self.overflow)
 
 
 def covering_cases(axes, *, max_cost, cost, seed=0, tries=20):
@@ -180,10 +179,12 @@ def _gpu_cost(case):
 FLASHMLA_GRID = _grid(FLASHMLA_AXES, max_cost=1.0, cost=_gpu_cost)
 
 
-@functools.partial(jax.jit, static_argnames=("num_sm_parts", "softmax_scale", "causal"))
+@functools.partial(jax.jit, static_argnames=("num_sm_parts", "softmax_scale", "causal",
+                                             "kernel"))
 def poisoned_decode(q, k_cache, block_table, cache_seqlens, *, num_sm_parts, softmax_scale,
-                    causal):
-    """The kernel with NaN-filled outputs; num_sm_parts None leaves the metadata to it."""
+                    causal, kernel="dispatch"):
+    """The kernel with NaN-filled outputs; num_sm_parts None leaves the metadata to it, and
+    `kernel` names the split-KV kernel (testing.SPLIT_KV_KERNELS) a test forces."""
     metadata = None
     if num_sm_parts is not None:
         h_kv = k_cache.shape[2]
@@ -191,7 +192,7 @@ def poisoned_decode(q, k_cache, block_table, cache_seqlens, *, num_sm_parts, sof
             cache_seqlens, q.shape[1] * q.shape[2] // h_kv, h_kv, num_sm_parts=num_sm_parts)
     return testing.flash_mla_with_kvcache_poisoned(
         q, k_cache, block_table, cache_seqlens, HEAD_DIM_V, metadata=metadata,
-        softmax_scale=softmax_scale, causal=causal)
+        softmax_scale=softmax_scale, causal=causal, kernel=kernel)
 
 
 @functools.partial(jax.jit, static_argnames=("softmax_scale", "causal"))
@@ -201,11 +202,13 @@ def reference_decode(q, k_cache, block_table, cache_seqlens, *, softmax_scale=No
                                             softmax_scale=softmax_scale, causal=causal)
 
 
-def check_case(case, rng, device):
-    """The poisoned kernel on `device` against the reference, on fresh inputs of `case`."""
+def check_case(case, rng, device, kernel="dispatch"):
+    """The poisoned kernel on `device` against the reference, on fresh inputs of `case`; run by
+    the split-KV kernel named `kernel` (the dispatch's pick by default)."""
     args = jax.device_put(tuple(case.make_inputs(rng)), device)
     out, lse = poisoned_decode(*args, num_sm_parts=case.num_sm_parts,
-                               softmax_scale=case.softmax_scale, causal=case.causal)
+                               softmax_scale=case.softmax_scale, causal=case.causal,
+                               kernel=kernel)
     ref_out, ref_lse = reference_decode(*args, softmax_scale=case.softmax_scale,
                                         causal=case.causal)
     assert_attention_close(out, lse, ref_out, ref_lse, dtype=jnp.dtype(case.dtype),

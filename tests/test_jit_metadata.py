@@ -8,14 +8,16 @@ import pytest
 
 import jax_flash_mla
 from jax_flash_mla import testing
+from jax_flash_mla._constants import (FIXED_OVERHEAD_TILES, METADATA_FIELDS, METADATA_INTS,
+                                      TOKENS_PER_TILE, max_split_slots)
 
 from comparisons import KERNEL_LSE_ATOL, KERNEL_OUT_ROUNDINGS, assert_attention_close
 from decode_grid import HEAD_DIM_V, reference_decode
-from paged_inputs import make_block_table, random_layer, random_seqlens
+from jax_flash_mla.paged_inputs import make_block_table, random_layer, random_seqlens
 
-TOKENS_PER_TILE = 64
-BEGIN_REQ, BEGIN_TILE, END_REQ, END_TILE, BEGIN_SPLIT = range(5)
-FIXED_OVERHEAD_TILES = 5  # kFixedOverheadTiles, cpp/common/tile_scheduler.h
+BEGIN_REQ, BEGIN_TILE, END_REQ, END_TILE, BEGIN_SPLIT = (
+    METADATA_FIELDS[name] for name in ("begin_req", "begin_tile", "end_req", "end_tile",
+                                       "begin_split"))
 
 B, S_Q, H_Q, H_KV, D, PAGE, LAYERS = 4, 2, 16, 1, 576, 16, 3
 
@@ -77,7 +79,7 @@ def test_default_metadata_equals_explicit_metadata(rng):
 
 
 def request_tiles(cache_seqlens):
-    """Each request's 64-token tiles (none for a negative length)."""
+    """Each request's tiles of TOKENS_PER_TILE tokens (none for a negative length)."""
     return -(-np.maximum(cache_seqlens, 0).astype(np.int64) // TOKENS_PER_TILE)
 
 
@@ -99,14 +101,15 @@ def assert_valid_schedule(metadata, cache_seqlens):
     rows = np.asarray(metadata.tile_scheduler_metadata)
     num_splits = np.asarray(metadata.num_splits)
     b, parts = len(cache_seqlens), rows.shape[0]
-    assert rows.dtype == np.int32 and rows.shape == (parts, 8) and (rows[:, 5:] == 0).all()
+    assert rows.dtype == np.int32 and rows.shape == (parts, METADATA_INTS)
+    assert (rows[:, len(METADATA_FIELDS):] == 0).all()  # the padding
     assert num_splits.dtype == np.int32 and num_splits.shape == (b + 1,)
 
     tiles = request_tiles(cache_seqlens)
     splits = np.diff(num_splits)
     assert num_splits[0] == 0 and (splits >= 0).all()
     np.testing.assert_array_equal(splits > 0, tiles > 0)
-    assert num_splits[-1] <= b + parts
+    assert num_splits[-1] <= max_split_slots(b, parts)
 
     next_tile = np.zeros(b, np.int64)
     next_split = np.zeros(b, np.int64)
@@ -126,8 +129,8 @@ SEQLENS = {
     "one_token": [1],
     "empty": [0],
     "all_empty": [0, 0, 0],
-    "one_tile": [64],
-    "one_tile_and_a_token": [65],
+    "one_tile": [TOKENS_PER_TILE],
+    "one_tile_and_a_token": [TOKENS_PER_TILE + 1],
     "long": [1000],
     "very_long": [1 << 20],
     "negative_and_zero": [-5, 100, 0, -(1 << 31)],
@@ -227,5 +230,5 @@ def test_gpu_schedule_equals_cpu_schedule(seqlens):
                     "default backend's devices")
 def test_default_num_sm_parts_on_cpu():
     metadata = jax_flash_mla.get_mla_metadata(np.array([100, 0], np.int32), 16, 1)
-    assert metadata.tile_scheduler_metadata.shape == (16, 8)
+    assert metadata.tile_scheduler_metadata.shape == (16, METADATA_INTS)
     assert_valid_schedule(metadata, np.array([100, 0]))

@@ -8,8 +8,10 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import jax_flash_mla
+from jax_flash_mla import api
+from jax_flash_mla._constants import METADATA_INTS, SPLIT_KV_KERNELS
 
-from paged_inputs import make_paged_inputs, random_seqlens, stack_instances
+from jax_flash_mla.paged_inputs import make_paged_inputs, random_seqlens, stack_instances
 
 DEVICES = 8
 COLLECTIVES = ("all-gather", "all-reduce", "all-to-all", "collective-permute", "reduce-scatter")
@@ -113,6 +115,24 @@ def test_batch_and_head_parallel_together(rng):
     assert_same(sharded, unsharded(*args), same_schedule=False)
 
 
+def test_partitioning_keeps_the_split_kv_kernel(rng):
+    """The decode's static params, the split-KV kernel among them, reach every shard's custom
+    call: a kernel forced on the primitive is the kernel each device is asked to run."""
+    seqlens = random_seqlens(rng, 2, 100, varlen=False, with_zeros=False)
+    args = [jnp.asarray(x) for x in make_paged_inputs(
+        rng, seqlens, s_q=1, h_q=16, h_kv=1, d=576, page=64, dtype=jnp.bfloat16,
+        extra_columns=1, invalid_pages=0, q_scale=1.0)]
+    lockstep = SPLIT_KV_KERNELS["lockstep"]
+    step = lambda q, k, t, s: api._decode(q, k, t, s, 512, None, None, False, kernel=lockstep)
+    mesh = cpu_mesh((DEVICES,), ("tp",))
+    shardings = tuple(NamedSharding(mesh, spec) for spec in (P(None, None, "tp"), P(), P(), P()))
+    hlo = jax.jit(step, in_shardings=shardings).lower(*args).compile().as_text()
+    decode = [line for line in hlo.splitlines() if "jax_flash_mla_decode" in line
+              and "custom-call(" in line]
+    assert decode and all("bf16[2,1,2,576]" in line for line in decode), "q not split on heads"
+    assert all(f"kernel = {lockstep} : i32" in line for line in decode), decode
+
+
 def test_tensor_parallel_deepseek_step_keeps_the_cache_in_place(rng):
     """The DeepSeek-style decode step with its 128 heads split over 8 devices (head-sharded
     weights, replicated latent cache): same logits as one device, the only collective is the
@@ -144,7 +164,8 @@ def test_tensor_parallel_deepseek_step_keeps_the_cache_in_place(rng):
     decode = [line for line in hlo.splitlines() if "jax_flash_mla_decode" in line
               and "custom-call(" in line]
     assert decode and all("bf16[4,1,16,576]" in line for line in decode), "q not split on heads"
-    assert all("s32[16,8]" in line for line in decode), "schedule not sized for 16 heads"
+    assert all(f"s32[16,{METADATA_INTS}]" in line for line in decode), (
+        "schedule not sized for 16 heads")
     _, got, ok = step(*args)
     assert bool(jnp.all(ok))
     # Sharded einsums sum in another order: float32 differences that flip some bf16 roundings

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 
 import jax_flash_mla
-from jax_flash_mla.testing import flash_mla_with_kvcache_poisoned
+from jax_flash_mla.testing import SPLIT_KV_KERNELS, flash_mla_with_kvcache_poisoned
 
 from comparisons import KERNEL_LSE_ATOL, KERNEL_OUT_ROUNDINGS, assert_attention_close
-from paged_inputs import make_paged_inputs, random_seqlens, stack_instances
+from jax_flash_mla.paged_inputs import make_paged_inputs, random_seqlens, stack_instances
 
 S_Q, H_Q, D, PAGE = 2, 16, 576, 16
 
@@ -64,6 +64,18 @@ def test_vmap_with_a_shared_pool_and_vmapped_metadata(rng):
 
     out, lse = jax.jit(jax.vmap(step))(q, seqlens)
     check_against_loop(out, lse, instances, causal=False)
+
+
+def test_vmap_keeps_the_forced_split_kv_kernel(rng):
+    """The batching rule binds the folded decode with the same static params, the split-KV
+    kernel among them: the one custom call of the folded batch runs the forced kernel."""
+    q, k_cache, tables, seqlens = stacked([instance(rng) for _ in range(2)])
+    decode = jax.jit(jax.vmap(lambda q, k, t, s: flash_mla_with_kvcache_poisoned(
+        q, k, t, s, 512, kernel="seesaw_alone")))
+    hlo = decode.lower(q, k_cache, tables, seqlens).as_text()
+    (call,) = [line for line in hlo.splitlines() if "custom_call @jax_flash_mla_decode(" in line]
+    assert f"kernel = {SPLIT_KV_KERNELS['seesaw_alone']} : i32" in call
+    assert "tensor<6x2x16x576xbf16>" in call  # two instances of 3 requests, folded
 
 
 def test_vmapped_metadata_equals_per_instance_metadata(rng):

@@ -8,6 +8,9 @@ namespace jax_flash_mla {
 
 enum class ElementType : int { kBF16 = 0, kFP16 = 1 };
 
+// The value head dim every path supports: V is the first 512 columns of a latent key row.
+constexpr int kSupportedHeadDimV = 512;
+
 struct DecodeParams {
   // Sizes.
   int batch;

@@ -40,12 +40,6 @@ FMLA_HOST_DEVICE int32_t block_table_entry(const DecodeParams& p, int batch_idx,
                        token / p.page_block_size];
 }
 
-// Key tiles a request's row of the block table can hold: where the host chooses a kernel by
-// how much work a CTA gets, it has only this, since the lengths stay on the device.
-FMLA_HOST_DEVICE int64_t table_tiles_per_request(const DecodeParams& p) {
-  return num_tiles_for_length(static_cast<int64_t>(p.max_blocks_per_seq) * p.page_block_size);
-}
-
 // Whether a block-table entry names a page of the cache.
 FMLA_HOST_DEVICE bool is_valid_page(const DecodeParams& p, int32_t entry) {
   return entry >= 0 && entry < p.num_blocks;
@@ -103,6 +97,15 @@ struct Segment {
   int slot;
   bool is_only_split;
 };
+
+// Keys [0, limit) of the segment that row `row` (of its KV head) may see: the row's own limit
+// cut at the segment's end; 0 for a row past rows_per_kv (a kernel's padding rows).
+FMLA_HOST_DEVICE int segment_key_limit(const DecodeParams& p, const Segment& seg, int seqlen,
+                                       int row) {
+  if (row >= p.rows_per_kv) return 0;
+  const int limit = key_limit_for_row(p, seqlen, row);
+  return limit < seg.token_end ? limit : seg.token_end;
+}
 
 FMLA_HOST_DEVICE bool slot_in_range(const DecodeParams& p, int slot) {
   return slot >= 0 && slot < p.num_split_slots;

@@ -166,7 +166,7 @@ FMLA_HOST_DEVICE int walk_tile_schedule(const Tiles& tiles_of, int batch, int nu
 // that fits every tile and cuts no more segments than the last: the longest piece is the split
 // kernel's critical path, but each segment past one a request also writes a float32 partial
 // the combine reads back (at b = 1, h_q = 128 a budget of one tile a piece instead of two took
-// a kernel no faster and a call 2.3 us, 12%, slower: benchmarks/NOTES.md v23).
+// a kernel no faster and a call 2.3 us, 12%, slower, measured on an H200).
 FMLA_HOST_DEVICE int64_t chosen_budget(const ScheduleBudgets& budgets, const int* segments) {
   const int last = budgets.count() - 1;
   for (int i = 0; i < last; ++i)
@@ -178,7 +178,7 @@ FMLA_HOST_DEVICE int64_t chosen_budget(const ScheduleBudgets& budgets, const int
 // budget FlashMLA's scheduler tries) lets a piece stop up to an overhead short of it and cut
 // requests unevenly: 64 requests of 64 tiles over 132 pieces take 34 + 30 tiles each (longest
 // piece 39), where 37 cuts each into two halves of 32, 4.5% off the split kernel at b = 64,
-// h_q = 64 (v23). The GPU walks the candidates in parallel (tile_schedule_kernel.cu); here one
+// h_q = 64. The GPU walks the candidates in parallel (tile_schedule_kernel.cu); here one
 // after another.
 FMLA_HOST_DEVICE void build_tile_schedule(const int32_t* cache_seqlens, int batch,
                                           int num_sm_parts, int32_t* metadata,

@@ -29,8 +29,8 @@ ffi::Error FlashMlaDecodeCpuImpl(ffi::AnyBuffer q, ffi::AnyBuffer k_cache,
                                  ffi::AnyBuffer tile_scheduler_metadata, ffi::AnyBuffer num_splits,
                                  std::optional<ffi::AnyBuffer> /*initial_out*/,
                                  std::optional<ffi::AnyBuffer> /*initial_lse*/, float softmax_scale,
-                                 bool causal, int32_t head_dim_v, ffi::Result<ffi::AnyBuffer> out,
-                                 ffi::Result<ffi::AnyBuffer> lse,
+                                 bool causal, int32_t head_dim_v, int32_t kernel,
+                                 ffi::Result<ffi::AnyBuffer> out, ffi::Result<ffi::AnyBuffer> lse,
                                  ffi::Result<ffi::AnyBuffer> o_accum,
                                  ffi::Result<ffi::AnyBuffer> lse_accum) {
   DecodeParams params;
@@ -39,6 +39,9 @@ ffi::Error FlashMlaDecodeCpuImpl(ffi::AnyBuffer q, ffi::AnyBuffer k_cache,
                                        head_dim_v, out, lse, o_accum, lse_accum, &params);
       error.failure())
     return error;
+  // One CPU implementation runs every split-KV kernel's calls: a forced kernel only has to be
+  // one that exists, so that a bad value fails here as it would on the GPU.
+  if (ffi::Error error = check_kernel_attr(kernel); error.failure()) return error;
   split_kv_decode_cpu(params);
   combine_cpu(params);
   return ffi::Error::Success();

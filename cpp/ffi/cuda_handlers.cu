@@ -4,7 +4,6 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
-#include <cstdlib>
 #include <optional>
 #include <string>
 
@@ -18,50 +17,6 @@ namespace {
 ffi::Error cuda_error(const char* what, cudaError_t err) {
   return ffi::Error::Internal(std::string(what) + ": " + cudaGetErrorName(err) + ": " +
                               cudaGetErrorString(err));
-}
-
-// JAX_FLASH_MLA_KERNEL selects the split-KV kernel, for comparisons: "simple" is the first
-// (CUDA-core) kernel, "cpasync" the tensor-core kernels with their cp.async key gather and
-// query rows for every shape, "wide" the default with the 64-row tier for every head count,
-// "seesaw" the seesaw schedule (decode_seesaw_kernel.cu) wherever it applies (d = 576, TMA key
-// tiles and query rows, more than kNarrowMaxRows rows), paired where its CTAs pair,
-// "seesaw-unpaired" the same never paired (each CTA copies its own keys), "lockstep" the 64-row
-// kernel (decode_wgmma_kernel.cu) in its place everywhere. Unset, the tensor-core kernels copy
-// with TMA where they can; at most kNarrowMaxRows query rows per KV head go to the narrow
-// kernel (at 17-32 rows only with more than a few key tiles a CTA, narrow_kernel_pays, v25;
-// else to the 64-row kernel); more go to the seesaw kernel where its CTAs pair
-// (benchmarks/NOTES.md v17) or where one row block's CTAs have long shares of keys (v19), else
-// to the 64-row one. Read once per process.
-enum class KernelChoice { kSimple, kCpAsync, kWide, kSeesaw, kSeesawUnpaired, kLockstep, kTma };
-
-KernelChoice kernel_choice() {
-  static const KernelChoice choice = [] {
-    struct Named {
-      const char* name;
-      KernelChoice choice;
-    };
-    constexpr Named kChoices[] = {{"simple", KernelChoice::kSimple},
-                                  {"cpasync", KernelChoice::kCpAsync},
-                                  {"wide", KernelChoice::kWide},
-                                  {"seesaw", KernelChoice::kSeesaw},
-                                  {"seesaw-unpaired", KernelChoice::kSeesawUnpaired},
-                                  {"lockstep", KernelChoice::kLockstep}};
-    const char* name = std::getenv("JAX_FLASH_MLA_KERNEL");
-    if (name == nullptr) return KernelChoice::kTma;
-    for (const Named& named : kChoices)
-      if (std::string(name) == named.name) return named.choice;
-    return KernelChoice::kTma;
-  }();
-  return choice;
-}
-
-SeesawUse seesaw_use(KernelChoice choice) {
-  switch (choice) {
-    case KernelChoice::kSeesaw: return SeesawUse::kAlways;
-    case KernelChoice::kSeesawUnpaired: return SeesawUse::kAlwaysUnpaired;
-    case KernelChoice::kLockstep: return SeesawUse::kNever;
-    default: return SeesawUse::kWhereFaster;
-  }
 }
 
 ffi::Error GetMlaMetadataImpl(cudaStream_t stream, ffi::AnyBuffer cache_seqlens,
@@ -85,7 +40,7 @@ ffi::Error DecodeImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k_ca
                       ffi::AnyBuffer tile_scheduler_metadata, ffi::AnyBuffer num_splits,
                       std::optional<ffi::AnyBuffer> /*initial_out*/,
                       std::optional<ffi::AnyBuffer> /*initial_lse*/, float softmax_scale,
-                      bool causal, int32_t head_dim_v,
+                      bool causal, int32_t head_dim_v, int32_t kernel,
                       ffi::Result<ffi::AnyBuffer> out, ffi::Result<ffi::AnyBuffer> lse,
                       ffi::Result<ffi::AnyBuffer> o_accum, ffi::Result<ffi::AnyBuffer> lse_accum) {
   DecodeParams params;
@@ -94,16 +49,12 @@ ffi::Error DecodeImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k_ca
                                      head_dim_v, out, lse, o_accum, lse_accum, &params);
       err.failure())
     return err;
-  const KernelChoice choice = kernel_choice();
-  const bool allow_tma = choice != KernelChoice::kCpAsync;
-  cudaError_t err;
-  if (choice == KernelChoice::kSimple)
-    err = launch_split_kv_decode(params, stream);
-  else if (choice != KernelChoice::kWide && params.rows_per_kv <= kNarrowMaxRows &&
-           narrow_kernel_pays(params))
-    err = launch_split_kv_decode_narrow(params, allow_tma, stream);
-  else
-    err = launch_split_kv_decode_wgmma(params, allow_tma, seesaw_use(choice), stream);
+  if (ffi::Error err = check_kernel_attr(kernel); err.failure()) return err;
+  cudaError_t err = launch_split_kv(params, static_cast<SplitKvKernel>(kernel), stream);
+  if (err == cudaErrorNotSupported)
+    return ffi::Error::InvalidArgument(
+        "kernel: the forced split-KV kernel " + std::to_string(kernel) +
+        " cannot run this call (see split_kv_kernel_can_run in cpp/sm90/heuristics.h)");
   if (err != cudaSuccess) return cuda_error("split-KV decode kernel", err);
   err = launch_combine(params, stream);
   if (err != cudaSuccess) return cuda_error("combine kernel", err);

@@ -9,6 +9,7 @@
 
 #include "../common/params.h"
 #include "../common/tile_scheduler.h"
+#include "../sm90/heuristics.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace jax_flash_mla {
@@ -185,6 +186,19 @@ inline ffi::Error check_metadata_args(ffi::AnyBuffer cache_seqlens,
   return ffi::Error::Success();
 }
 
+// The decode target's `kernel` attribute, checked by both platforms' handlers: kDispatch (what
+// the public API passes) or the SplitKvKernel a test forces. The CPU path has one
+// implementation and ignores a valid value; the CUDA dispatch trusts it once checked here.
+inline ffi::Error check_kernel_attr(int32_t kernel) {
+  constexpr int32_t first = static_cast<int32_t>(SplitKvKernel::kDispatch);
+  constexpr int32_t last = static_cast<int32_t>(SplitKvKernel::kSeesawPaired);
+  if (kernel < first || kernel > last)
+    return ffi::Error::InvalidArgument("kernel: expected a SplitKvKernel in [" +
+                                       std::to_string(first) + ", " + std::to_string(last) +
+                                       "], got " + std::to_string(kernel));
+  return ffi::Error::Success();
+}
+
 // The operands of the two targets, in the order both platforms' handlers take them (the CUDA
 // handlers bind their stream first): one list, so the CPU and CUDA targets cannot drift apart.
 template <typename Binding>
@@ -209,6 +223,7 @@ auto bind_decode_operands(Binding binding) {
       .template Attr<float>("softmax_scale")
       .template Attr<bool>("causal")
       .template Attr<int32_t>("head_dim_v")
+      .template Attr<int32_t>("kernel")  // a SplitKvKernel (heuristics.h); 0 lets dispatch pick
       .template Ret<ffi::AnyBuffer>()   // out
       .template Ret<ffi::AnyBuffer>()   // lse
       .template Ret<ffi::AnyBuffer>()   // o_accum

@@ -12,8 +12,7 @@
 //                  row, 4 float4 columns a lane. No block barrier, and the loads of every split
 //                  are independent of its weight, so a row is about two round trips (its lse
 //                  values, then its partials). The earlier layout, a CTA per row, waited on
-//                  4 block reductions a row with 2 of its 8 warps busy at b = 64
-//                  (benchmarks/NOTES.md, v14).
+//                  4 block reductions a row with 2 of its 8 warps busy at b = 64.
 //   quarter per CTA (many splits, small batches): a CTA of 8 warps merges one 128-column
 //                  quarter of a row, warp w taking splits w, w + 8, ..., one float4 a lane; the
 //                  warps' sums meet in shared memory. At b = 1, where one request is split over

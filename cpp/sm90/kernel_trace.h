@@ -1,5 +1,5 @@
 // Timestamps of a kernel's steps inside a few CTAs: where a tile's time goes, measured on the
-// GPU itself (ncu's warp-state sampling does not work on the device machine, NOTES v3).
+// GPU itself (ncu's warp-state sampling does not work on the device machine).
 //
 // Compiled in only with -DJAX_FLASH_MLA_TRACE (CMake: -DJAX_FLASH_MLA_TRACE=ON); otherwise
 // every call below is empty and the kernels are unchanged. When on, the leader thread of each

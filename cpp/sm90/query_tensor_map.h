@@ -50,10 +50,22 @@ inline bool query_box(int heads_per_kv, int query_rows, int* box_heads, int* box
   return true;
 }
 
-// False when TMA cannot stage query_rows rows of this q (head counts that no single box
-// covers, sizes or strides cuTensorMapEncodeTiled does not accept, or no driver entry point):
-// the caller copies the rows with cp.async.
-inline bool make_query_tensor_map(const DecodeParams& p, int query_rows, CUtensorMap* map) {
+// Dimension strides of q in bytes (dims 1-4: a head, a KV head's group of heads, a token, a
+// request; dense, so each stride is the previous one times that dimension's size).
+struct QueryStrides {
+  cuuint64_t bytes[4];
+};
+
+inline QueryStrides query_strides(const DecodeParams& p) {
+  const cuuint64_t row_bytes = static_cast<cuuint64_t>(p.head_dim) * 2;
+  return {{row_bytes, row_bytes * p.heads_per_kv, row_bytes * p.num_heads_q,
+           row_bytes * p.num_heads_q * p.seqlen_q}};
+}
+
+// Whether one TMA box covers query_rows rows of this q: a head count a single box covers, and
+// sizes, strides and an address cuTensorMapEncodeTiled accepts. Otherwise the kernel copies the
+// rows with cp.async.
+inline bool query_fits_tma(const DecodeParams& p, int query_rows) {
   int box_heads = 0, box_tokens = 0;
   if (!query_box(p.heads_per_kv, query_rows, &box_heads, &box_tokens)) return false;
   // Every box dimension is at most 256 elements, the 64 columns are 128 bytes (the swizzle
@@ -65,13 +77,18 @@ inline bool make_query_tensor_map(const DecodeParams& p, int query_rows, CUtenso
     return false;
   // The global address must be 16-byte aligned, the strides multiples of 16 bytes below 2^40.
   if (reinterpret_cast<uintptr_t>(p.q) % 16 != 0) return false;
-  const cuuint64_t row_bytes = static_cast<cuuint64_t>(p.head_dim) * 2;
-  // Dims 1-4: a head, a KV head's group of heads, a token, a request (dense: each stride is
-  // the previous one times that dimension's size).
-  const cuuint64_t strides[4] = {row_bytes, row_bytes * p.heads_per_kv, row_bytes * p.num_heads_q,
-                                 row_bytes * p.num_heads_q * p.seqlen_q};
-  for (cuuint64_t stride : strides)
+  for (cuuint64_t stride : query_strides(p).bytes)
     if (stride % 16 != 0 || stride >= (cuuint64_t{1} << 40)) return false;
+  return true;
+}
+
+// False when TMA cannot stage query_rows rows of this q (query_fits_tma) or the driver refuses
+// the map: the caller copies the rows with cp.async.
+inline bool make_query_tensor_map(const DecodeParams& p, int query_rows, CUtensorMap* map) {
+  if (!query_fits_tma(p, query_rows)) return false;
+  int box_heads = 0, box_tokens = 0;
+  query_box(p.heads_per_kv, query_rows, &box_heads, &box_tokens);
+  const QueryStrides strides = query_strides(p);
   const cuuint64_t sizes[5] = {
       static_cast<cuuint64_t>(p.head_dim), static_cast<cuuint64_t>(p.heads_per_kv),
       static_cast<cuuint64_t>(p.num_heads_k), static_cast<cuuint64_t>(p.seqlen_q),
@@ -80,7 +97,7 @@ inline bool make_query_tensor_map(const DecodeParams& p, int query_rows, CUtenso
                              static_cast<cuuint32_t>(box_tokens), 1};
   // Out-of-range tokens (past seqlen_q) read as zeros: rows that no query owns stay finite, so
   // their scores are finite and masked like any other row past rows_per_kv.
-  return encode_swizzled_tensor_map(p.dtype, p.q, sizes, strides, box, map);
+  return encode_swizzled_tensor_map(p.dtype, p.q, sizes, strides.bytes, box, map);
 }
 
 }  // namespace jax_flash_mla

@@ -1,6 +1,7 @@
-// The online softmax of one query row over a segment's tiles, as both sm90 decode kernels keep
-// it: scores in the log2 domain, a running maximum shared by every thread holding the row, and
-// each thread's own share of the denominator (summed across threads at the segment's end).
+// The online softmax of one query row over a segment's tiles, as every sm90 split-KV kernel
+// keeps it: scores in the log2 domain (masked by key_masking.h), a running maximum shared by
+// every thread holding the row, and each thread's own share of the denominator (summed across
+// threads at the segment's end).
 #pragma once
 
 #include <cmath>
@@ -42,12 +43,31 @@ __device__ __forceinline__ float reference_of(float new_max) {
   return new_max == -INFINITY ? 0.f : new_max;
 }
 
+// A row's running max moved on to a tile whose largest score (over every thread of the row) is
+// tile_max.
+struct MaxStep {
+  float max;        // the new running max
+  float reference;  // what the tile's probabilities are measured from (reference_of(max))
+  float rescale;    // takes what was measured from the old max (sums, output) to reference
+};
+
+__device__ __forceinline__ MaxStep step_running_max(float running_max, float tile_max) {
+  const float new_max = fmaxf(running_max, tile_max);
+  const float reference = reference_of(new_max);
+  return {new_max, reference, exp2f(running_max - reference)};
+}
+
 // What a segment's row ends with: its weight for the output and its log-sum-exp (natural log).
 struct RowResult {
   bool saw_key;   // some key was visible to the row
   float inv_sum;  // 1 / denominator (0 when no key was seen)
   float lse;
 };
+
+// `max`: the row's final running max; `total`: its denominator, every thread's share added up.
+__device__ __forceinline__ RowResult finish_row(bool saw_key, float max, float total) {
+  return {saw_key, saw_key ? 1.f / total : 0.f, (max + log2f(total)) * kLn2};
+}
 
 struct RowSoftmax {
   float max = -INFINITY;  // the largest score seen so far
@@ -57,18 +77,16 @@ struct RowSoftmax {
   // the reference the tile's probabilities are measured from; `rescale` takes the output
   // accumulated so far to it (the running sum is rescaled here).
   __device__ __forceinline__ float advance(float tile_max, float& rescale) {
-    const float new_max = fmaxf(max, tile_max);
-    const float reference = reference_of(new_max);
-    rescale = exp2f(max - reference);
-    max = new_max;
+    const MaxStep step = step_running_max(max, tile_max);
+    rescale = step.rescale;
+    max = step.max;
     sum *= rescale;
-    return reference;
+    return step.reference;
   }
 
   // `total`: the row's denominator, every thread's `sum` added up.
   __device__ __forceinline__ RowResult finish(float total) const {
-    const bool saw_key = max != -INFINITY;
-    return {saw_key, saw_key ? 1.f / total : 0.f, (max + log2f(total)) * kLn2};
+    return finish_row(max != -INFINITY, max, total);
   }
 };
 

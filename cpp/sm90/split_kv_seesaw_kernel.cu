@@ -1,8 +1,8 @@
 // Split-KV MLA decode on Hopper tensor cores for more than 32 query rows per KV head, d = 576,
 // keys and query rows gathered by TMA: the "seesaw" schedule, in which each math warpgroup's
 // softmax runs while the other's wgmmas keep the tensor cores busy. (The 64-row kernel of
-// decode_wgmma_kernel.cu runs its two math warpgroups in lockstep, so the ~1 760 cycles of
-// score exchange and softmax a tile leave the tensor cores idle: benchmarks/NOTES.md v14.)
+// split_kv_lockstep_kernel.cu runs its two math warpgroups in lockstep, so the ~1 760 cycles of
+// score exchange and softmax a tile leave the tensor cores idle.)
 //
 // One CTA = (piece of the schedule, KV head, block of 64 query rows), 3 warpgroups: a producer
 // (key pieces and query rows by TMA, issued by two warps, one a stage; 56 registers) and math
@@ -29,19 +29,19 @@
 //
 // Where the row blocks pair (more than 64 query rows per KV head), the two CTAs of a pair run
 // as a cluster and share each key tile by TMA multicast (KeySharing): so paired, the seesaw is
-// faster than the lockstep kernel and is the default there (benchmarks/NOTES.md v17). Alone
-// (33-64 rows) it wins only where each CTA's share of keys is long, and is the default only
-// there (seesaw_alone_pays in decode_wgmma_kernel.cu, v19).
+// faster than the lockstep kernel and is the default there. Alone (33-64 rows) it wins only
+// where each CTA's share of keys is long, and is the default only there (seesaw_alone_pays,
+// heuristics.h).
 //
 // A segment's output rows (or float32 partial) leave through shared memory: staged over both
 // key stages once no key is read any more, then one bulk copy (TMA engine) a row; the producer
 // holds the next segment's copies until the rows have been read out (outputs_stored).
-// 4.7% faster at b=128 h_q=128 than each thread storing its fragments (v20).
+// 4.7% faster at b=128 h_q=128 than each thread storing its fragments (measured on an H200).
 //
-// Masking as in the 64-row kernel (which keys exist, here a 64-bit mask a tile, and a key
-// limit per row); keys past the segment inside a valid TMA box are zeroed, value columns
-// [0, 512), by the warpgroup that scored their tile, after its S and before any P V reads
-// them.
+// Masking as in the lockstep kernel (key_masking.h: which keys exist, here a 64-bit mask a
+// tile, and a key limit per row); keys past the segment inside a valid TMA box are zeroed,
+// value columns [0, 512), by the warpgroup that scored their tile, after its S and before any
+// P V reads them.
 #include <cute/tensor.hpp>
 #include <cutlass/arch/barrier.h>
 #include <cutlass/arch/reg_reconfig.h>
@@ -51,13 +51,20 @@
 #include <type_traits>
 
 #include "../common/split_kv.h"
+#include "instance_ladder.h"
 #include "kernels.h"
-#include "key_tile_pipeline.h"
+#include "key_masking.h"
+#include "key_tile_copies.h"
+#include "key_tile_lookup.h"
 #include "once_per_device.h"
 #include "paged_kv_tensor_map.h"
+#include "pipeline_sync.h"
+#include "pipeline_traits.h"
+#include "query_row_copies.h"
 #include "query_tensor_map.h"
 #include "row_softmax.h"
 #include "segment_output.h"
+#include "wgmma_ops.h"
 
 namespace jax_flash_mla {
 namespace {
@@ -74,15 +81,6 @@ constexpr int kThreads = kProducerThreads + kMathThreads;
 // looks up pages and issues copies; the math warpgroups hold O (128), S (32) and P (16).
 constexpr uint32_t kProducerRegisters = 56;
 constexpr uint32_t kMathRegisters = 224;
-// Named barriers (0 is __syncthreads): both math warpgroups; then the seesaw's handoffs, each
-// arrived at by one math warpgroup and waited at by the other.
-constexpr int kMathBarrier = 1;
-constexpr int kMax0Ready = 2;    // A -> B: m0 and scale0 in shared memory
-constexpr int kScale1Ready = 3;  // B -> A: m1 and scale1
-constexpr int kP0Ready = 4;      // A -> B: P0 scale1 over stage 0's rope
-// B -> A: P1 in its buffer (and B's zeroed value rows), and B's P V both issued, so that A's
-// P1 V1_L and next S queue behind B's P0 V0_R, whose end frees stage 0's pieces 4-8.
-constexpr int kP1Ready = 5;
 
 // A stage's column pieces: [0, kLeftPieces) hold V_L, the rest V_R and the rope.
 constexpr int kPieceColumns = 64;
@@ -143,7 +141,7 @@ struct StagePhases {
 
 // `ptr`, as a value the compiler must assume changes at each call: S's operand descriptors
 // are loop-invariant, and hoisted out of the pair loop they held 36 k-steps x 2 x 64 bits
-// live across it (v15 spilled).
+// live across it, and spilled.
 template <typename T>
 __device__ __forceinline__ T* opaque(T* ptr) {
   asm volatile("" : "+l"(ptr));
@@ -204,14 +202,6 @@ struct KeySharing {
   }
 };
 
-// Every thread of both CTAs of a pair: before the first copy (the peer's multicast and
-// arrivals must find this CTA's barriers initialized) and before exit (none may still be on
-// their way to this CTA's shared memory).
-__device__ __forceinline__ void pair_sync() {
-  asm volatile("barrier.cluster.arrive;\n" ::: "memory");
-  asm volatile("barrier.cluster.wait;\n" ::: "memory");
-}
-
 // An issuing producer warp: group `group` of a tile (its lookup made ahead) into `stage`, once
 // the group's last reader has released it; each piece completes on its own barrier. With
 // `publish`, the tile's key mask first (released by the first piece's arrival).
@@ -245,7 +235,7 @@ __device__ __forceinline__ void load_group(const DecodeParams& p, const CUtensor
 // stage 0 goes before the query rows (warp 0), whose buffer frees only after the previous
 // segment's last scores. (Issuing the copies from the math warpgroups themselves, at each
 // release, cost the issuing warpgroup 1 300-1 500 cycles a refill: a TMA issue waits while
-// earlier boxes drain. benchmarks/NOTES.md v16.)
+// earlier boxes drain.)
 template <typename Element, bool kPaired>
 __device__ void produce_segment(const DecodeParams& p, const CUtensorMap& k_map,
                                 const CUtensorMap& q_map, const Segment& seg, int kv_head,
@@ -311,23 +301,10 @@ __device__ __forceinline__ void issue_score_pieces(SharedStorage<Element>& smem,
   }
 }
 
-// k-steps [kFirst, kEnd) of a wgmma chain, issued and committed as one batch (not waited for).
-template <int kFirst, int kEnd, typename TiledMma, typename FragA, typename FragB, typename FragC>
-__device__ __forceinline__ void issue_steps(TiledMma& mma, const FragA& a, const FragB& b,
-                                            FragC& c) {
-  warpgroup_arrive();
-  CUTE_UNROLL
-  for (int k = kFirst; k < kEnd; ++k) {
-    cute::gemm(mma, a(_, _, k), b(_, _, k), c);
-    mma.accumulate_ = GMMA::ScaleOut::One;
-  }
-  warpgroup_commit_batch();
-}
-
 // Masks S (to -inf where a key is absent or out of the row's reach), scales it into the log2
 // domain and returns the row maxima of this thread's two rows over the quad (the whole row).
 // A tile both rows see whole skips the per-key tests: this step is on the pair's critical path
-// (A's max gates B's softmax), and skipping them took 4-8% off the h_q = 128 rows (v18).
+// (A's max gates B's softmax), and skipping them took 4-8% off the h_q = 128 rows.
 template <typename FragS>
 __device__ __forceinline__ void mask_and_max(FragS& acc_s, uint64_t key_mask, int tile_begin,
                                              const int (&key_limit)[2], float scale_log2,
@@ -348,8 +325,8 @@ __device__ __forceinline__ void mask_and_max(FragS& acc_s, uint64_t key_mask, in
     for (int i = 0; i < size(acc_s); ++i) {
       const int half = row_half(i);
       const int key = first_key + key_offset(i);
-      const bool visible = (mine >> key_offset(i) & 1) && tile_begin + key < key_limit[half];
-      const float s = visible ? acc_s(i) * scale_log2 : -INFINITY;
+      const float s = masked_log2_score(acc_s(i), mine >> key_offset(i) & 1, tile_begin + key,
+                                        key_limit[half], scale_log2);
       acc_s(i) = s;
       tile_max[half] = fmaxf(tile_max[half], s);
     }
@@ -410,7 +387,7 @@ __device__ __forceinline__ void attend_segment(const DecodeParams& p, const Segm
   const auto release = [&](int s, int group) { sharing.release(&smem.k_empty[s][group]); };
 
   // The previous segment's row sums may still be read by the other warpgroup.
-  named_barrier_sync(kMathBarrier, kMathThreads);
+  named_barrier_sync(NamedBarrier::kSeesawMath, kMathThreads);
   trace.mark(kTraceSegmentBegin, num_tiles);
 
   typename L::MmaS mma_s;
@@ -514,16 +491,16 @@ __device__ __forceinline__ void attend_segment(const DecodeParams& p, const Segm
       float reference[2], scale0[2];
       for (int h = 0; h < 2; ++h) {
         const float previous = first == 0 ? -INFINITY : smem.row_max[my_row[h]];
-        const float m0 = fmaxf(previous, tile_max[h]);
-        reference[h] = reference_of(m0);
-        scale0[h] = exp2f(previous - reference[h]);
+        const MaxStep m0 = step_running_max(previous, tile_max[h]);
+        reference[h] = m0.reference;
+        scale0[h] = m0.rescale;
         __syncwarp();  // every lane of the quad has read row_max
         if (wg_thread % 4 == 0) {
-          smem.row_max[my_row[h]] = m0;
+          smem.row_max[my_row[h]] = m0.max;
           smem.scale0[my_row[h]] = scale0[h];
         }
       }
-      named_barrier_arrive(kMax0Ready, kMathThreads);
+      named_barrier_arrive(NamedBarrier::kMax0Ready, kMathThreads);
       trace.mark(kTraceMaxShared, first);
       float tile_sum[2];
       exponentiate(acc_s, reference, tile_sum);
@@ -545,19 +522,19 @@ __device__ __forceinline__ void attend_segment(const DecodeParams& p, const Segm
       release(0, 0);
       trace.mark(kTraceValuesDone, first);
       // P0 scale1 for B over stage 0's rope.
-      named_barrier_sync(kScale1Ready, kMathThreads);
+      named_barrier_sync(NamedBarrier::kScale1Ready, kMathThreads);
       trace.mark(kTraceHandoffIn, first);
       float scale1[2];
       for (int h = 0; h < 2; ++h) scale1[h] = smem.scale1[my_row[h]];
       Tensor p0_out = thr_s.partition_C(p_buffer(0));
       store_probs<Element>(acc_s, scale1, p0_out);
       cutlass::arch::fence_view_async_shared();
-      named_barrier_arrive(kP0Ready, kMathThreads);
+      named_barrier_arrive(NamedBarrier::kP0Ready, kMathThreads);
       trace.mark(kTraceProbsShared, first);
       for (int h = 0; h < 2; ++h) row_sum[h] *= scale1[h];
       rescale_output(acc_o, scale1);
       if constexpr (kHasSecond) {  // O_L += P1 V1_L, P1 from B's buffer
-        named_barrier_sync(kP1Ready, kMathThreads);
+        named_barrier_sync(NamedBarrier::kP1Ready, kMathThreads);
         trace.mark(kTraceHandoffIn, first + 1);
         issue_values_shared_p(1);
       }
@@ -596,24 +573,24 @@ __device__ __forceinline__ void attend_segment(const DecodeParams& p, const Segm
         mask_and_max(acc_s, smem.key_mask[1][key_mask_slot(first + 1)], tile_begin, key_limit,
                      scale_log2, tile_max);
       }
-      named_barrier_sync(kMax0Ready, kMathThreads);
+      named_barrier_sync(NamedBarrier::kMax0Ready, kMathThreads);
       trace.mark(kTraceHandoffIn, first);
       float reference[2], output_scale[2];
       for (int h = 0; h < 2; ++h) {
         const float m0 = smem.row_max[my_row[h]];
         const float scale0 = smem.scale0[my_row[h]];
-        const float m1 = fmaxf(m0, tile_max[h]);
-        reference[h] = reference_of(m1);
-        const float scale1 = exp2f(m0 - reference[h]);
-        running_max[h] = m1;
+        const MaxStep m1 = step_running_max(m0, tile_max[h]);
+        reference[h] = m1.reference;
+        const float scale1 = m1.rescale;
+        running_max[h] = m1.max;
         output_scale[h] = scale0 * scale1;
         __syncwarp();  // every lane of the quad has read row_max
         if (wg_thread % 4 == 0) {
-          smem.row_max[my_row[h]] = m1;
+          smem.row_max[my_row[h]] = m1.max;
           smem.scale1[my_row[h]] = scale1;
         }
       }
-      named_barrier_arrive(kScale1Ready, kMathThreads);
+      named_barrier_arrive(NamedBarrier::kScale1Ready, kMathThreads);
       trace.mark(kTraceMaxShared, first + 1);
       for (int h = 0; h < 2; ++h) row_sum[h] *= output_scale[h];
       rescale_output(acc_o, output_scale);
@@ -635,10 +612,10 @@ __device__ __forceinline__ void attend_segment(const DecodeParams& p, const Segm
         issue_steps<0, kBlockN / 16>(mma_own, p_regs, frag_v1, acc_o);
       }
       // O_R += (P0 scale1) V0_R, P0 from A.
-      named_barrier_sync(kP0Ready, kMathThreads);
+      named_barrier_sync(NamedBarrier::kP0Ready, kMathThreads);
       trace.mark(kTraceHandoffIn, first);
       issue_values_shared_p(0);
-      if constexpr (kHasSecond) named_barrier_arrive(kP1Ready, kMathThreads);
+      if constexpr (kHasSecond) named_barrier_arrive(NamedBarrier::kP1Ready, kMathThreads);
       if constexpr (kHasNext) {
         // P1 V1_R done: stage 1's pieces 4-8 are free; P0 V0_R done: stage 0's pieces 4-8
         // (P0's buffer included).
@@ -675,14 +652,13 @@ __device__ __forceinline__ void attend_segment(const DecodeParams& p, const Segm
     const float quad_total = quad_sum(row_sum[h]);
     if (wg_thread % 4 == 0) smem.row_sum[wg][my_row[h]] = quad_total;
   }
-  named_barrier_sync(kMathBarrier, kMathThreads);
+  named_barrier_sync(NamedBarrier::kSeesawMath, kMathThreads);
   RowResult result[2];
   for (int h = 0; h < 2; ++h) {
     const float total = smem.row_sum[0][my_row[h]] + smem.row_sum[1][my_row[h]];
-    // A row that saw a key has a denominator of at least 1 (its max's own term).
-    const bool saw_key = total > 0.f;
-    result[h] = {saw_key, saw_key ? 1.f / total : 0.f,
-                 (running_max[h] + log2f(total)) * kLn2};
+    // A row that saw a key has a denominator of at least 1 (its max's own term); A keeps no
+    // running max, so the denominator says it.
+    result[h] = finish_row(total > 0.f, running_max[h], total);
   }
   trace.mark(kTraceRowsReady, num_tiles);
   const SegmentOutput output(p, seg, kv_head);
@@ -693,13 +669,13 @@ __device__ __forceinline__ void attend_segment(const DecodeParams& p, const Segm
   // over both key stages (no key is read any more, and the producer holds the next segment's
   // copies), then the first kStoringWarps warps store one row each by a bulk copy (the TMA
   // engine, asynchronous), in place of 32 16-byte stores a thread, 8 rows each (the
-  // mid-kernel epilogue took 11 400-14 700 cycles that way, NOTES v19). FlashMLA stages its
-  // output over its key buffers too.
+  // mid-kernel epilogue took 11 400-14 700 cycles that way). FlashMLA stages its output over
+  // its key buffers too.
   void* staging = smem.k[0];
   stage_output_rows<Element>(acc_o, result, my_row, seg.is_only_split, wg * kSplitColumn,
                              staging);
   cutlass::arch::fence_view_async_shared();  // the staged rows, for the bulk copies
-  named_barrier_sync(kMathBarrier, kMathThreads);
+  named_barrier_sync(NamedBarrier::kSeesawMath, kMathThreads);
   if (threadIdx.x < kProducerThreads + kStoringWarps * 32) {
     store_staged_row<Element>(p, output, row_base, threadIdx.x - kProducerThreads,
                               seg.is_only_split, staging);
@@ -727,13 +703,15 @@ __device__ __forceinline__ void init_barriers(SharedStorage<Element>& smem) {
 
 template <typename Element, bool kPaired>
 __global__ void __launch_bounds__(kThreads, 1)
-    split_kv_decode_seesaw_kernel(const __grid_constant__ DecodeParams params,
+    split_kv_seesaw_kernel(const __grid_constant__ DecodeParams params,
                                   const __grid_constant__ CUtensorMap k_map,
                                   const __grid_constant__ CUtensorMap q_map) {
   extern __shared__ __align__(1024) unsigned char smem_bytes[];
   auto& smem = *reinterpret_cast<SharedStorage<Element>*>(smem_bytes);
   start_pipeline(k_map, true, q_map, true, [&] { init_barriers<Element, kPaired>(smem); });
-  if constexpr (kPaired) pair_sync();
+  // Both CTAs of a pair, before the first copy: the peer's multicast and arrivals must find
+  // this CTA's barriers initialized.
+  if constexpr (kPaired) cluster_arrive_and_wait();
 
   const int32_t* piece =
       params.tile_scheduler_metadata + static_cast<int64_t>(blockIdx.x) * kMetadataInts;
@@ -765,64 +743,38 @@ __global__ void __launch_bounds__(kThreads, 1)
     });
   }
   trace.publish();
-  if constexpr (kPaired) pair_sync();
+  // And before exit: no copy or arrival of the peer's may still be on its way to this CTA's
+  // shared memory.
+  if constexpr (kPaired) cluster_arrive_and_wait();
 }
 
 template <typename Element, bool kPaired>
-constexpr auto kSeesawKernel = split_kv_decode_seesaw_kernel<Element, kPaired>;
-
-template <typename Element>
-cudaError_t launch_instance(const DecodeParams& params, const CUtensorMap& k_map,
-                            const CUtensorMap& q_map, dim3 grid, bool paired,
-                            cudaStream_t stream) {
-  constexpr size_t kSmemBytes = sizeof(SharedStorage<Element>);
-  if (paired)
-    return launch_decode_kernel_in_clusters<kSeesawKernel<Element, true>, kSmemBytes>(
-        grid, dim3(1, 1, 2), kThreads, stream, params, k_map, q_map);
-  return launch_decode_kernel<kSeesawKernel<Element, false>, kSmemBytes>(
-      grid, kThreads, stream, params, k_map, q_map);
-}
+constexpr auto kSeesawKernel = split_kv_seesaw_kernel<Element, kPaired>;
 
 }  // namespace
 
-// A pair needs two free SMs of one GPC (a cluster), so a GPU whose GPCs have odd SM counts
-// holds fewer pairs than SMs / 2; then the pairs must still fit in as few waves as single CTAs
-// (one an SM). The bf16 kernel stands for both element types: same shared memory, same
-// threads.
-bool seesaw_pairs_fit(dim3 grid) {
-  if (grid.z % 2 != 0) return false;
-  struct Capacity {
-    int max_pairs = 0;  // pairs resident at once
-    int sms = 0;
-  };
-  const Capacity capacity = once_per_device([] {
-    Capacity c;
-    c.max_pairs = max_active_clusters<kSeesawKernel<cutlass::bfloat16_t, true>,
-                                      sizeof(SharedStorage<cutlass::bfloat16_t>)>(
-        kThreads, dim3(1, 1, 2));
-    int device = 0;
-    if (cudaGetDevice(&device) != cudaSuccess ||
-        cudaDeviceGetAttribute(&c.sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
-      (void)cudaGetLastError();
-      c.sms = 0;
-    }
-    return c;
+int seesaw_resident_pairs() {
+  // The bf16 kernel stands for both element types: same shared memory, same threads.
+  return once_per_device([] {
+    return max_active_clusters<kSeesawKernel<cutlass::bfloat16_t, true>,
+                               sizeof(SharedStorage<cutlass::bfloat16_t>)>(kThreads,
+                                                                           dim3(1, 1, 2));
   });
-  if (capacity.max_pairs <= 0 || capacity.sms <= 0) return false;
-  const int64_t ctas = static_cast<int64_t>(grid.x) * grid.y * grid.z;
-  return (ctas / 2 + capacity.max_pairs - 1) / capacity.max_pairs <=
-         (ctas + capacity.sms - 1) / capacity.sms;
 }
 
-cudaError_t launch_split_kv_decode_seesaw(const DecodeParams& params, const CUtensorMap& k_map,
-                                          const CUtensorMap& q_map, dim3 grid, bool paired,
-                                          cudaStream_t stream) {
-  if (params.head_dim != kHeadDim || params.head_dim_v != kHeadDimV ||
-      (paired && grid.z % 2 != 0))
-    return cudaErrorInvalidValue;
-  return params.dtype == ElementType::kBF16
-             ? launch_instance<cutlass::bfloat16_t>(params, k_map, q_map, grid, paired, stream)
-             : launch_instance<cutlass::half_t>(params, k_map, q_map, grid, paired, stream);
+cudaError_t launch_split_kv_seesaw(const DecodeParams& params, const SplitKvMaps& maps,
+                                   bool paired, cudaStream_t stream) {
+  const dim3 grid(params.num_sm_parts, params.num_heads_k,
+                  static_cast<unsigned>(row_blocks_per_kv_head(params.rows_per_kv)));
+  return with_element_type(params.dtype, [&](auto element) {
+    using Element = decltype(element);
+    constexpr size_t kSmemBytes = sizeof(SharedStorage<Element>);
+    if (paired)
+      return launch_decode_kernel_in_clusters<kSeesawKernel<Element, true>, kSmemBytes>(
+          grid, dim3(1, 1, 2), kThreads, stream, params, maps.keys, maps.query);
+    return launch_decode_kernel<kSeesawKernel<Element, false>, kSmemBytes>(
+        grid, kThreads, stream, params, maps.keys, maps.query);
+  });
 }
 
 }  // namespace jax_flash_mla

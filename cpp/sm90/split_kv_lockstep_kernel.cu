@@ -1,12 +1,12 @@
 // Split-KV MLA decode on Hopper tensor cores (wgmma through CuTe), warp-specialized, for more
-// than 32 query rows per KV head (fewer go to decode_narrow_kernel.cu).
+// than 32 query rows per KV head (fewer go to split_kv_transposed_kernel.cu).
 //
 // One CTA = (piece of the schedule, KV head, block of kBlockM = 64 query rows), 3 warpgroups:
 //   producer      warpgroup 0 stages the segment's 64 query rows (by TMA where one box per 64
 //                 columns covers them, query_tensor_map.h) and gathers the keys of every
-//                 tile into the 2-stage ring (key_tile_pipeline.h) in key groups, one TMA box
+//                 tile into the 2-stage ring (key_tile_producer.h) in key groups, one TMA box
 //                 per 8 keys with all their columns: 8 boxes a tile at every page size (column
-//                 blocks took 36 at page 16, 12% slower than page 64 at h_q = 64, NOTES v22).
+//                 blocks took 36 at page 16, 12% slower than page 64 at h_q = 64).
 //                 It gives up registers (setmaxnreg) to the math warpgroups.
 //   math 0 and 1  warpgroups 1 and 2 compute, per tile:
 //     S = Q K^T     math warpgroup w: all 64 keys over half of the head dimension (m64n64k16,
@@ -22,21 +22,21 @@
 // Why S is split along the head dimension rather than by keys: split by keys, both warpgroups
 // read all of Q (216 KiB of shared-memory operands a tile instead of 144), and S is bound by
 // those reads (~80 bytes a cycle measured either way): 2670 cycles a tile split by keys, 1840
-// split by head dimension, plus ~450 for the exchange (benchmarks/NOTES.md, v11-v12).
+// split by head dimension, plus ~450 for the exchange (cycles measured on an H200).
 // Loads never wait on the math warpgroups' barriers: the next stage's copies are in flight the
 // moment a stage frees, and the math warpgroups sync only with each other (named barrier).
-// Schedules tried here and measured no faster (benchmarks/NOTES.md, v7): the seesaw (alternate
-// tiles per warpgroup), whole scores per warpgroup with P in registers, and two narrow-kernel
-// warpgroups of 32 rows each. The seesaw kernel of decode_seesaw_kernel.cu, with per-piece
-// barriers and its CTAs in pairs that share the keys, is faster where row blocks pair (more
-// than 64 rows a KV head) and takes those grids (v17); unpaired, it takes one row block's grids
-// where each CTA's share of keys is long (seesaw_alone_pays, v19).
+// Schedules tried here and measured no faster: the seesaw (alternate tiles per warpgroup),
+// whole scores per warpgroup with P in registers, and two transposed-kernel warpgroups of 32
+// rows each. The seesaw kernel of split_kv_seesaw_kernel.cu, with per-piece barriers and its
+// CTAs in pairs that share the keys, is faster where row blocks pair (more than 64 rows a KV
+// head) and takes those grids; unpaired, it takes one row block's grids where each CTA's share
+// of keys is long (seesaw_alone_pays, heuristics.h).
 //
 // Masking: a key past the segment, past the length or on an invalid page scores -inf. Its
 // value row must still be finite (P = 0 times NaN is NaN): TMA boxes of invalid pages are
 // fetched out of range (TMA writes zeros), keys past the end inside a valid box are zeroed by
-// the math warpgroups, and the cp.async gather zero-fills them (a zero source size: their
-// memory is never touched).
+// the math warpgroups (key_masking.h), and the cp.async gather zero-fills them (a zero source
+// size: their memory is never touched).
 #include <cute/tensor.hpp>
 #include <cutlass/arch/barrier.h>
 #include <cutlass/arch/reg_reconfig.h>
@@ -49,13 +49,18 @@
 #include <type_traits>
 
 #include "../common/split_kv.h"
+#include "instance_ladder.h"
 #include "kernels.h"
-#include "key_tile_pipeline.h"
+#include "key_masking.h"
+#include "key_tile_producer.h"
 #include "once_per_device.h"
 #include "paged_kv_tensor_map.h"
+#include "pipeline_sync.h"
+#include "pipeline_traits.h"
 #include "query_tensor_map.h"
 #include "row_softmax.h"
 #include "segment_output.h"
+#include "wgmma_ops.h"
 
 namespace jax_flash_mla {
 namespace {
@@ -74,8 +79,6 @@ constexpr int kThreads = kProducerThreads + kMathThreads;
 // the math warpgroups would wait forever for registers).
 constexpr uint32_t kProducerRegisters = 72;
 constexpr uint32_t kMathRegisters = 216;
-// Named barrier among the math threads (after the producer's, key_tile_pipeline.h).
-constexpr int kMathBarrier = kProducerBarrier + 1;
 
 constexpr KeyTileOrder kKeyOrder = KeyTileOrder::kKeyGroups;
 
@@ -204,7 +207,7 @@ __device__ void attend_segment(const DecodeParams& p, bool use_tma, const Segmen
 
   const int num_tiles = num_tiles_of(seg);
   // The previous segment's row_sum may still be read by the other warpgroup.
-  named_barrier_sync(kMathBarrier, kMathThreads);
+  named_barrier_sync(NamedBarrier::kMath, kMathThreads);
   trace.mark(kTraceSegmentBegin, num_tiles);
   wait_query_rows(smem, num_tiles, q_phase, trace);
 
@@ -236,7 +239,7 @@ __device__ void attend_segment(const DecodeParams& p, bool use_tma, const Segmen
         *partial_slot(wg, stage, (j / 4) * 128 + wg_thread) =
             make_float4(acc_partial(send_first + j), acc_partial(send_first + j + 1),
                         acc_partial(send_first + j + 2), acc_partial(send_first + j + 3));
-      named_barrier_sync(kMathBarrier, kMathThreads);
+      named_barrier_sync(NamedBarrier::kMath, kMathThreads);
       CUTE_UNROLL
       for (int j = 0; j < kOwnScores; j += 4) {
         const float4 other = *partial_slot(1 - wg, stage, (j / 4) * 128 + wg_thread);
@@ -264,14 +267,14 @@ __device__ void attend_segment(const DecodeParams& p, bool use_tma, const Segmen
 
     // Mask, scale into the log2 domain, and take this warpgroup's row maxima. (Skipping the
     // per-key tests on tiles every row sees whole measured no faster: this step is bound by
-    // the exchange's barrier, benchmarks/NOTES.md v14.)
+    // the exchange's barrier.)
     float tile_max[2] = {-INFINITY, -INFINITY};
     CUTE_UNROLL
     for (int i = 0; i < size(acc_s); ++i) {
       const int half = row_half(i);
       const int key = wg * kKeysPerWg + get<1>(coord_s(i));
-      const bool visible = key_valid[key] && tile_begin + key < key_limit[half];
-      const float s = visible ? acc_s(i) * scale_log2 : -INFINITY;
+      const float s = masked_log2_score(acc_s(i), key_valid[key], tile_begin + key,
+                                        key_limit[half], scale_log2);
       acc_s(i) = s;
       tile_max[half] = fmaxf(tile_max[half], s);
     }
@@ -279,7 +282,7 @@ __device__ void attend_segment(const DecodeParams& p, bool use_tma, const Segmen
       tile_max[h] = quad_max(tile_max[h]);
       if (wg_thread % 4 == 0) smem.row_max[wg][my_row[h]] = tile_max[h];
     }
-    named_barrier_sync(kMathBarrier, kMathThreads);
+    named_barrier_sync(NamedBarrier::kMath, kMathThreads);
     trace.mark(kTraceMaxShared, tile);
     float rescale[2];
     float reference[2];
@@ -300,7 +303,7 @@ __device__ void attend_segment(const DecodeParams& p, bool use_tma, const Segmen
     // P (and any zeroed keys) were written through the generic proxy; wgmma reads them
     // through the async proxy.
     cutlass::arch::fence_view_async_shared();
-    named_barrier_sync(kMathBarrier, kMathThreads);
+    named_barrier_sync(NamedBarrier::kMath, kMathThreads);
     trace.mark(kTraceProbsShared, tile);
 
     // Once the running maxima settle, most tiles move none of a warp's rows: the 128
@@ -326,7 +329,7 @@ __device__ void attend_segment(const DecodeParams& p, bool use_tma, const Segmen
     const float quad_total = quad_sum(softmax[h].sum);
     if (wg_thread % 4 == 0) smem.row_sum[wg][my_row[h]] = quad_total;
   }
-  named_barrier_sync(kMathBarrier, kMathThreads);
+  named_barrier_sync(NamedBarrier::kMath, kMathThreads);
   RowResult result[2];
   for (int h = 0; h < 2; ++h)
     result[h] = softmax[h].finish(smem.row_sum[0][my_row[h]] + smem.row_sum[1][my_row[h]]);
@@ -344,7 +347,7 @@ __device__ void attend_segment(const DecodeParams& p, bool use_tma, const Segmen
 
 template <typename Element, int kHeadDim>
 __global__ void __launch_bounds__(kThreads, 1)
-    split_kv_decode_wgmma_kernel(const __grid_constant__ DecodeParams params,
+    split_kv_lockstep_kernel(const __grid_constant__ DecodeParams params,
                                  const __grid_constant__ CUtensorMap k_map, bool use_tma,
                                  const __grid_constant__ CUtensorMap q_map, bool query_tma) {
   extern __shared__ __align__(1024) unsigned char smem_bytes[];
@@ -377,75 +380,25 @@ __global__ void __launch_bounds__(kThreads, 1)
   trace.publish();
 }
 
-template <typename Element, int kHeadDim>
-cudaError_t launch_instance(const DecodeParams& params, const CUtensorMap& k_map, bool use_tma,
-                            const CUtensorMap& q_map, bool query_tma, dim3 grid,
-                            cudaStream_t stream) {
-  static_assert(cosize_v<typename Layouts<Element, kHeadDim>::P> * sizeof(Element) ==
-                    kPartialFloats * sizeof(float),
-                "P and one warpgroup's partial scores share a buffer");
-  return launch_decode_kernel<split_kv_decode_wgmma_kernel<Element, kHeadDim>,
-                              sizeof(SharedStorage<Element, kHeadDim>)>(
-      grid, kThreads, stream, params, k_map, use_tma, q_map, query_tma);
-}
-
-template <typename Element>
-cudaError_t launch_for_element(const DecodeParams& params, const CUtensorMap& k_map,
-                               bool use_tma, const CUtensorMap& q_map, bool query_tma, dim3 grid,
-                               cudaStream_t stream) {
-  return params.head_dim == 576
-             ? launch_instance<Element, 576>(params, k_map, use_tma, q_map, query_tma, grid,
-                                             stream)
-             : launch_instance<Element, 512>(params, k_map, use_tma, q_map, query_tma, grid,
-                                             stream);
-}
-
-// One row block a KV head (33-64 rows): the seesaw kernel unpaired against this one, kernel
-// time at h_q = 64 (benchmarks/NOTES.md v23, after v22's key groups made this one faster):
-// s_k = 4096, b = 128 (~62 tiles a CTA) 2.3% slower; s_k = 8192, b = 128 and s_k = 16384,
-// b = 64 (~124 tiles a CTA) 4.4% and 3-7% faster. It loses its segment start and end (its
-// pipeline fills and drains per segment) and wins per tile, so it pays where each CTA's share
-// of keys is long. The host knows no lengths (they stay on the device): the bound is the
-// block table's capacity per CTA, with at least one request for every four CTAs of a KV head
-// so that a table sized far past the lengths does not send a small batch there.
-bool seesaw_alone_pays(const DecodeParams& params) {
-  constexpr int64_t kMinTilesPerCta = 96;
-  return 4 * static_cast<int64_t>(params.batch) >= params.num_sm_parts &&
-         static_cast<int64_t>(params.batch) * table_tiles_per_request(params) >=
-             kMinTilesPerCta * params.num_sm_parts;
-}
-
 }  // namespace
 
-cudaError_t launch_split_kv_decode_wgmma(const DecodeParams& params, bool allow_tma,
-                                         SeesawUse seesaw, cudaStream_t stream) {
-  if ((params.head_dim != 576 && params.head_dim != 512) ||
-      params.head_dim_v != kHeadDimV || params.num_sm_parts <= 0 || params.num_heads_k <= 0)
-    return cudaErrorInvalidValue;
-  if (params.batch <= 0 || params.rows_per_kv <= 0) return cudaSuccess;
-  const int64_t row_blocks = (static_cast<int64_t>(params.rows_per_kv) + kBlockM - 1) / kBlockM;
-  if (params.num_heads_k > 65535 || row_blocks > 65535) return cudaErrorInvalidConfiguration;
-  const dim3 grid(params.num_sm_parts, params.num_heads_k, static_cast<unsigned>(row_blocks));
-  // Without allow_tma (JAX_FLASH_MLA_KERNEL=cpasync) the query rows go by cp.async too, so
-  // that choice still runs the whole fallback.
-  CUtensorMap q_map = {};
-  const bool query_tma = allow_tma && make_query_tensor_map(params, kBlockM, &q_map);
-  // The seesaw gathers column blocks (its refills free a tile by column pieces), this kernel
-  // key groups: each builds its own map of the cache.
-  CUtensorMap k_map = {};
-  if (allow_tma && query_tma && params.head_dim == 576 && seesaw != SeesawUse::kNever) {
-    const bool paired = seesaw != SeesawUse::kAlwaysUnpaired && seesaw_pairs_fit(grid);
-    if ((seesaw != SeesawUse::kWhereFaster || paired ||
-         (row_blocks == 1 && seesaw_alone_pays(params))) &&
-        make_paged_kv_tensor_map(params, &k_map))
-      return launch_split_kv_decode_seesaw(params, k_map, q_map, grid, paired, stream);
-  }
-  const bool use_tma = allow_tma && make_paged_kv_key_group_tensor_map(params, &k_map);
-  return params.dtype == ElementType::kBF16
-             ? launch_for_element<cutlass::bfloat16_t>(params, k_map, use_tma, q_map, query_tma,
-                                                       grid, stream)
-             : launch_for_element<cutlass::half_t>(params, k_map, use_tma, q_map, query_tma,
-                                                   grid, stream);
+cudaError_t launch_split_kv_lockstep(const DecodeParams& params, const SplitKvMaps& maps,
+                                     cudaStream_t stream) {
+  const dim3 grid(params.num_sm_parts, params.num_heads_k,
+                  static_cast<unsigned>(row_blocks_per_kv_head(params.rows_per_kv)));
+  return with_element_type(params.dtype, [&](auto element) {
+    using Element = decltype(element);
+    return with_head_dim(params.head_dim, [&](auto head_dim) {
+      constexpr int kHeadDim = decltype(head_dim)::value;
+      static_assert(cosize_v<typename Layouts<Element, kHeadDim>::P> * sizeof(Element) ==
+                        kPartialFloats * sizeof(float),
+                    "P and one warpgroup's partial scores share a buffer");
+      return launch_decode_kernel<split_kv_lockstep_kernel<Element, kHeadDim>,
+                                  sizeof(SharedStorage<Element, kHeadDim>)>(
+          grid, kThreads, stream, params, maps.keys, maps.keys_by_tma, maps.query,
+          maps.query_by_tma);
+    });
+  });
 }
 
 }  // namespace jax_flash_mla

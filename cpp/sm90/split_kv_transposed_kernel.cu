@@ -1,9 +1,9 @@
 // Split-KV MLA decode on Hopper tensor cores for at most 32 query rows per KV head (h_q s_q
 // <= 32: the tensor-parallel shards of DeepSeek-V3's 128 heads over 4-8 GPUs).
 //
-// Why a second kernel: wgmma's M is 64. With the query rows as M (decode_wgmma_kernel.cu), 16
-// rows pay for 64, and a 64-key tile costs ~3 us of tensor work on every row, more than the
-// 2.4 us its 72 KiB take to arrive at the chip's copy rate (benchmarks/NOTES.md, v7). Here the
+// Why a second kernel: wgmma's M is 64. With the query rows as M (split_kv_lockstep_kernel.cu),
+// 16 rows pay for 64, and a 64-key tile costs ~3 us of tensor work on every row, more than the
+// 2.4 us its 72 KiB take to arrive at the chip's copy rate (measured on an H200). Here the
 // products are transposed so that the keys and the value columns fill M and the query rows are
 // N (16 or 32):
 //     S^T = K Q^T     m64 x kRows, K = 576: the tile's keys are A, the query rows B
@@ -14,10 +14,10 @@
 //
 // One CTA = (piece of the schedule, KV head, block of kRows query rows), 2 warpgroups:
 //   producer  warpgroup 0: query rows (by TMA where one box per 64 columns covers them,
-//             query_tensor_map.h) and key tiles (key_tile_pipeline.h) in key groups: one TMA
+//             query_tensor_map.h) and key tiles (key_tile_producer.h) in key groups: one TMA
 //             box per 8 keys with all their columns, 8 a tile at every page size, where column
 //             blocks took 36 boxes at page 16 (their issue, ~120 cycles a box, outlasted the
-//             tile's math: page 16 was 20% slower than page 64, NOTES v21)
+//             tile's math: page 16 was 20% slower than page 64)
 //   math      warpgroup 1: the online softmax. In S^T's C layout a query row is a column: its
 //             64 keys are spread over 8 lanes of each warp and the 4 warps, so a tile's row
 //             maxima are reduced by shuffles, then across warps through shared memory (one
@@ -32,13 +32,18 @@
 #include <cstdint>
 
 #include "../common/split_kv.h"
+#include "instance_ladder.h"
 #include "kernels.h"
-#include "key_tile_pipeline.h"
+#include "key_masking.h"
+#include "key_tile_producer.h"
 #include "once_per_device.h"
 #include "paged_kv_tensor_map.h"
+#include "pipeline_sync.h"
+#include "pipeline_traits.h"
 #include "query_tensor_map.h"
 #include "row_softmax.h"
 #include "segment_output.h"
+#include "wgmma_ops.h"
 
 namespace jax_flash_mla {
 namespace {
@@ -49,8 +54,6 @@ using namespace sm90;
 constexpr int kMathThreads = 128;
 constexpr int kMathWarps = kMathThreads / 32;
 constexpr int kThreads = kProducerThreads + kMathThreads;
-// Named barrier among the math threads (after the producer's, key_tile_pipeline.h).
-constexpr int kMathBarrier = kProducerBarrier + 1;
 
 constexpr KeyTileOrder kKeyOrder = KeyTileOrder::kKeyGroups;
 
@@ -80,10 +83,6 @@ struct NarrowStorage : PipelineStorage<Element, kHeadDim, kRows> {
   float warp_max[kMathWarps][kRows];  // each warp's tile maxima of every query row
   float warp_sum[kMathWarps][kRows];  // each warp's softmax denominators, at a segment's end
 };
-
-__device__ __forceinline__ void math_barrier() {
-  asm volatile("bar.sync %0, %1;\n" ::"r"(kMathBarrier), "r"(kMathThreads) : "memory");
-}
 
 // The reduction over the 8 lanes of a warp that share lane % 4 (the lanes holding one query
 // row's keys in a wgmma C fragment whose N is the query rows).
@@ -154,7 +153,7 @@ __device__ void attend_segment_narrow(const DecodeParams& p, bool use_tma, const
 
   const int num_tiles = num_tiles_of(seg);
   // The previous segment's warp_sum may still be being read.
-  math_barrier();
+  named_barrier_sync(NamedBarrier::kMath, kMathThreads);
   trace.mark(kTraceSegmentBegin, num_tiles);
   wait_query_rows(smem, num_tiles, q_phase, trace);
 
@@ -181,8 +180,8 @@ __device__ void attend_segment_narrow(const DecodeParams& p, bool use_tma, const
     for (int i = 0; i < size(acc_s); ++i) {
       const int j = row_slot(i);
       const int key = get<0>(coord_s(i));
-      const bool visible = key_valid[key] && tile_begin + key < key_limit[j];
-      const float s = visible ? acc_s(i) * scale_log2 : -INFINITY;
+      const float s =
+          masked_log2_score(acc_s(i), key_valid[key], tile_begin + key, key_limit[j], scale_log2);
       acc_s(i) = s;
       tile_max[j] = fmaxf(tile_max[j], s);
     }
@@ -191,7 +190,7 @@ __device__ void attend_segment_narrow(const DecodeParams& p, bool use_tma, const
       tile_max[j] = column_max(tile_max[j]);
       if (threadIdx.x % 32 < 4) smem.warp_max[warp][row_of_slot(j)] = tile_max[j];
     }
-    math_barrier();
+    named_barrier_sync(NamedBarrier::kMath, kMathThreads);
     trace.mark(kTraceMaxShared, tile);
     float rescale[kRowSlots];
     float reference[kRowSlots];
@@ -213,7 +212,7 @@ __device__ void attend_segment_narrow(const DecodeParams& p, bool use_tma, const
     // P^T (and any zeroed keys) were written through the generic proxy; wgmma reads them
     // through the async proxy, after every math thread's writes (and reads of warp_max).
     cutlass::arch::fence_view_async_shared();
-    math_barrier();
+    named_barrier_sync(NamedBarrier::kMath, kMathThreads);
     trace.mark(kTraceProbsShared, tile);
 
     CUTE_UNROLL
@@ -233,7 +232,7 @@ __device__ void attend_segment_narrow(const DecodeParams& p, bool use_tma, const
     const float warp_total = column_sum(softmax[j].sum);
     if (threadIdx.x % 32 < 4) smem.warp_sum[warp][row_of_slot(j)] = warp_total;
   }
-  math_barrier();
+  named_barrier_sync(NamedBarrier::kMath, kMathThreads);
   RowResult result[kRowSlots];
   CUTE_UNROLL
   for (int j = 0; j < kRowSlots; ++j) {
@@ -270,7 +269,7 @@ __device__ void attend_segment_narrow(const DecodeParams& p, bool use_tma, const
 
 template <typename Element, int kHeadDim, int kRows>
 __global__ void __launch_bounds__(kThreads, 1)
-    split_kv_decode_narrow_kernel(const __grid_constant__ DecodeParams params,
+    split_kv_transposed_kernel(const __grid_constant__ DecodeParams params,
                                   const __grid_constant__ CUtensorMap k_map, bool use_tma,
                                   const __grid_constant__ CUtensorMap q_map, bool query_tma) {
   extern __shared__ __align__(1024) unsigned char smem_bytes[];
@@ -302,80 +301,26 @@ __global__ void __launch_bounds__(kThreads, 1)
   trace.publish();
 }
 
-template <typename Element, int kHeadDim, int kRows>
-cudaError_t launch_instance(const DecodeParams& params, const CUtensorMap& k_map, bool use_tma,
-                            const CUtensorMap& q_map, bool query_tma, dim3 grid,
-                            cudaStream_t stream) {
-  return launch_decode_kernel<split_kv_decode_narrow_kernel<Element, kHeadDim, kRows>,
-                              sizeof(NarrowStorage<Element, kHeadDim, kRows>)>(
-      grid, kThreads, stream, params, k_map, use_tma, q_map, query_tma);
-}
-
-template <typename Element, int kRows>
-cudaError_t launch_for_rows(const DecodeParams& params, const CUtensorMap& k_map, bool use_tma,
-                            const CUtensorMap& q_map, bool query_tma, dim3 grid,
-                            cudaStream_t stream) {
-  return params.head_dim == 576
-             ? launch_instance<Element, 576, kRows>(params, k_map, use_tma, q_map, query_tma,
-                                                    grid, stream)
-             : launch_instance<Element, 512, kRows>(params, k_map, use_tma, q_map, query_tma,
-                                                    grid, stream);
-}
-
-// Query rows a CTA stages (kRows): the query map's box is built for the same count.
-int rows_per_block(const DecodeParams& params) { return params.rows_per_kv <= 16 ? 16 : 32; }
-
-template <typename Element>
-cudaError_t launch_for_element(const DecodeParams& params, const CUtensorMap& k_map,
-                               bool use_tma, const CUtensorMap& q_map, bool query_tma, dim3 grid,
-                               cudaStream_t stream) {
-  return rows_per_block(params) == 16
-             ? launch_for_rows<Element, 16>(params, k_map, use_tma, q_map, query_tma, grid,
-                                            stream)
-             : launch_for_rows<Element, 32>(params, k_map, use_tma, q_map, query_tma, grid,
-                                            stream);
-}
-
 }  // namespace
 
-// Split kernel time at h_q = 32, s_k = 4096, narrow / 64-row kernel (benchmarks/NOTES.md v25):
-// b=1 13.1 / 10.8 us, b=2 14.8 / 13.3, b=4 17.3 / 15.8, b=8 21.5 / 21.2, b=16 and b=32 even;
-// b=1 s_k=16384 16.2 / 14.7. With a tile or two a CTA a call is about one tile's latency, and
-// here one math warpgroup runs S^T and all 8 column blocks of O^T where the 64-row kernel's
-// two warpgroups share the work; from ~4 tiles a CTA the narrow kernel's smaller tensor work
-// (no padded rows) evens it out or wins. At 16 rows, whose products are half as wide, the narrow
-// kernel wins even at b=1 (8.5 against 10.1 us). The host knows no lengths (they stay on the
-// device): the block table's capacity stands for them, so a table sized far past the lengths
-// keeps the narrow kernel, the choice before this rule.
-bool narrow_kernel_pays(const DecodeParams& params) {
-  constexpr int kRowsAlwaysNarrow = 16;
-  constexpr int64_t kMaxTilesPerCtaForRowBlock = 3;
-  if (params.rows_per_kv <= kRowsAlwaysNarrow) return true;
-  return static_cast<int64_t>(params.batch) * table_tiles_per_request(params) >
-         kMaxTilesPerCtaForRowBlock * params.num_sm_parts;
-}
-
-cudaError_t launch_split_kv_decode_narrow(const DecodeParams& params, bool allow_tma,
-                                          cudaStream_t stream) {
-  if ((params.head_dim != 576 && params.head_dim != 512) ||
-      params.head_dim_v != kHeadDimV || params.num_sm_parts <= 0 || params.num_heads_k <= 0 ||
-      params.rows_per_kv > kNarrowMaxRows)
-    return cudaErrorInvalidValue;
-  if (params.batch <= 0 || params.rows_per_kv <= 0) return cudaSuccess;
-  if (params.num_heads_k > 65535) return cudaErrorInvalidConfiguration;
+cudaError_t launch_split_kv_transposed(const DecodeParams& params, const SplitKvMaps& maps,
+                                       cudaStream_t stream) {
   const dim3 grid(params.num_sm_parts, params.num_heads_k, 1);
-  CUtensorMap k_map = {};
-  const bool use_tma = allow_tma && make_paged_kv_key_group_tensor_map(params, &k_map);
-  // Without allow_tma (JAX_FLASH_MLA_KERNEL=cpasync) the query rows go by cp.async too, so
-  // that choice still runs the whole fallback.
-  CUtensorMap q_map = {};
-  const bool query_tma =
-      allow_tma && make_query_tensor_map(params, rows_per_block(params), &q_map);
-  return params.dtype == ElementType::kBF16
-             ? launch_for_element<cutlass::bfloat16_t>(params, k_map, use_tma, q_map, query_tma,
-                                                       grid, stream)
-             : launch_for_element<cutlass::half_t>(params, k_map, use_tma, q_map, query_tma,
-                                                   grid, stream);
+  return with_element_type(params.dtype, [&](auto element) {
+    using Element = decltype(element);
+    return with_head_dim(params.head_dim, [&](auto head_dim) {
+      constexpr int kHeadDim = decltype(head_dim)::value;
+      auto launch = [&](auto rows) {
+        constexpr int kRows = decltype(rows)::value;
+        return launch_decode_kernel<split_kv_transposed_kernel<Element, kHeadDim, kRows>,
+                                    sizeof(NarrowStorage<Element, kHeadDim, kRows>)>(
+            grid, kThreads, stream, params, maps.keys, maps.keys_by_tma, maps.query,
+            maps.query_by_tma);
+      };
+      return transposed_rows_per_cta(params.rows_per_kv) == 16 ? launch(IntConstant<16>{})
+                                                                : launch(IntConstant<32>{});
+    });
+  });
 }
 
 }  // namespace jax_flash_mla

@@ -1,15 +1,27 @@
-"""Random paged MLA decode inputs, built on the host with NumPy.
+"""Random paged MLA decode inputs: the one generator of the tests, `check`, `bench` and the
+scripts in benchmarks/.
 
-The layout is hostile on purpose, so that a kernel reading what it must not shows it:
-- a request's pages are taken from a shuffled permutation of a pool larger than needed;
-- every cache slot that holds no live token is NaN: pages no request uses, tokens past a
-  request's length inside its last page, and pages behind masked (invalid) table entries;
-- block_table entries past a request's last page are garbage int32: negative, huge, just
-  past the pool, or ids of other pages (NaN ones and other requests' live ones).
+Two layouts, built from the same helpers (lengths, pages laid out into a block table):
+
+- hostile (`make_paged_inputs`, on the host with NumPy), so that a kernel reading what it must
+  not shows it: a request's pages are taken from a shuffled permutation of a pool larger than
+  needed; every cache slot that holds no live token is NaN (pages no request uses, tokens past
+  a request's length inside its last page, pages behind masked table entries); block_table
+  entries past a request's last page are garbage int32 (negative, huge, just past the pool, or
+  ids of other pages, NaN ones and other requests' live ones).
+- the benchmark's (`rotated_case`): every request's pages permuted within one copy of the page
+  pool, and as many copies, each with its own block table, as make the cache that consecutive
+  calls read exceed 4x the L2, so that each call reads from HBM. The pool and q are drawn on
+  the device (a pool of gigabytes would take the host minutes).
 """
 
+from __future__ import annotations
+
+import math
 from typing import NamedTuple
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 INT32_MIN = np.iinfo(np.int32).min
@@ -21,6 +33,14 @@ class PagedInputs(NamedTuple):
     k_cache: np.ndarray  # [num_blocks, page, h_kv, d]
     block_table: np.ndarray  # int32 [b, max_blocks]
     cache_seqlens: np.ndarray  # int32 [b]
+
+
+class RotatedCase(NamedTuple):
+    """The benchmark's inputs: call i reads the pool through tables[i % len(tables)]."""
+    q: jax.Array  # [b, s_q, h_q, d] bfloat16
+    pool: jax.Array  # [copies * pages a copy, page, 1, d] bfloat16
+    tables: tuple[np.ndarray, ...]  # int32 [b, max_blocks], one per copy of the pool
+    lengths: np.ndarray  # int32 [b]
 
 
 def random_seqlens(rng, b, s_k, *, varlen=False, with_zeros=False):
@@ -36,11 +56,24 @@ def random_seqlens(rng, b, s_k, *, varlen=False, with_zeros=False):
     return lengths.astype(np.int32)
 
 
-def _pages_needed(seqlens, page):
-    return -(-np.maximum(seqlens, 0) // page)
+def pages_needed(seqlens, page):
+    """int [b]: the pages that hold each request's tokens (none for a length <= 0)."""
+    return -(-np.maximum(np.asarray(seqlens), 0) // page)
 
 
-def _garbage_page_ids(rng, size, num_blocks):
+def lay_out_pages(page_ids, needed, columns, padding):
+    """int32 [b, columns]: request i's pages are the next needed[i] ids of `page_ids`, in
+    order; padding(count) fills the rest of its row."""
+    block_table = np.empty((len(needed), columns), np.int32)
+    used = 0
+    for i, n in enumerate(needed):
+        block_table[i, :n] = page_ids[used : used + n]
+        block_table[i, n:] = padding(columns - n)
+        used += n
+    return block_table
+
+
+def garbage_page_ids(rng, size, num_blocks):
     """int32 table entries that must never be followed: a mix of every kind of bad id."""
     kinds = [
         rng.integers(INT32_MIN, INT32_MAX, size=size, endpoint=True),
@@ -59,19 +92,14 @@ def make_block_table(rng, seqlens, page, *, extra_columns=2, invalid_pages=0):
     `extra_columns` garbage columns follow the longest request's last page. `invalid_pages`
     in-length entries are replaced by out-of-pool ids: the contract masks their tokens.
     """
-    pages_needed = _pages_needed(seqlens, page)
-    total = int(pages_needed.sum())
+    needed = pages_needed(seqlens, page)
+    total = int(needed.sum())
     num_blocks = total + max(2, total // 4)
-    max_blocks = max(1, int(pages_needed.max(initial=0)) + extra_columns)
-    pool = rng.permutation(num_blocks).astype(np.int32)
-    block_table = np.empty((len(seqlens), max_blocks), np.int32)
-    used = 0
-    for i, n in enumerate(pages_needed):
-        block_table[i, :n] = pool[used : used + n]
-        block_table[i, n:] = _garbage_page_ids(rng, max_blocks - n, num_blocks)
-        used += n
-    in_length = np.argwhere(np.arange(max_blocks) < pages_needed[:, None])
+    max_blocks = max(1, int(needed.max(initial=0)) + extra_columns)
+    block_table = lay_out_pages(rng.permutation(num_blocks).astype(np.int32), needed,
+                                max_blocks, lambda n: garbage_page_ids(rng, n, num_blocks))
     if invalid_pages:
+        in_length = np.argwhere(np.arange(max_blocks) < needed[:, None])
         chosen = in_length[rng.choice(len(in_length), size=invalid_pages, replace=False)]
         bad = rng.choice([-1, INT32_MIN, num_blocks, INT32_MAX], size=invalid_pages)
         block_table[chosen[:, 0], chosen[:, 1]] = bad
@@ -100,14 +128,21 @@ def random_layer(rng, block_table, seqlens, num_blocks, page, *, s_q, h_q, h_kv,
     return q.astype(dtype), k_cache.astype(dtype)
 
 
-def make_paged_inputs(rng, seqlens, *, s_q, h_q, h_kv, d, page, dtype, extra_columns=2,
-                      invalid_pages=0, q_scale=1.0):
+def make_paged_inputs(rng, seqlens, *, s_q, h_q, h_kv, d, page, dtype, extra_columns=None,
+                      invalid_pages=0, q_scale=1.0, overflow=False):
+    """The hostile layout (module docstring) for requests of lengths `seqlens`, with
+    `extra_columns` garbage columns (default 2, or 0 with overflow: the longest requests then
+    fill the table), `invalid_pages` masked in-length entries and, with overflow, the lengths
+    made out-of-contract by overflow_lengths."""
+    if extra_columns is None:
+        extra_columns = 0 if overflow else 2
     seqlens = np.asarray(seqlens, np.int32)
     block_table, num_blocks = make_block_table(
         rng, seqlens, page, extra_columns=extra_columns, invalid_pages=invalid_pages)
     q, k_cache = random_layer(rng, block_table, seqlens, num_blocks, page, s_q=s_q, h_q=h_q,
                               h_kv=h_kv, d=d, dtype=dtype, q_scale=q_scale)
-    return PagedInputs(q, k_cache, block_table, seqlens)
+    inputs = PagedInputs(q, k_cache, block_table, seqlens)
+    return overflow_lengths(rng, inputs) if overflow else inputs
 
 
 def overflow_lengths(rng, inputs):
@@ -136,3 +171,25 @@ def stack_instances(instances):
             np.stack([pad_pool(x[1]) for x in instances]),
             np.stack([pad_table(x[2]) for x in instances]),
             np.stack([np.asarray(x[3]) for x in instances]))
+
+
+def rotated_case(rng, b, h_q, s_k, s_q, varlen, page, l2_bytes, d=576):
+    """The benchmark's inputs for one row (lengths random_seqlens'): enough copies of the pool
+    that one pass over them reads more than 4x `l2_bytes` (one copy for l2_bytes = 0). Each copy
+    holds exactly the pages its table names, permuted; columns past a short request's last page
+    name that copy's first page, a valid id that no call reads (FlashMLA's API, timed on the
+    same inputs, has no masking contract for garbage ids)."""
+    lengths = random_seqlens(rng, b, s_k, varlen=varlen)
+    needed = pages_needed(lengths, page)
+    per_copy = int(needed.sum())
+    copy_bytes = per_copy * page * d * 2
+    copies = max(1, math.ceil(4 * l2_bytes / copy_bytes))
+    columns = int(needed.max())
+    tables = tuple(
+        lay_out_pages(c * per_copy + rng.permutation(per_copy).astype(np.int32), needed,
+                      columns, lambda n, first=c * per_copy: np.full(n, first, np.int32))
+        for c in range(copies))
+    pool_key, q_key = jax.random.split(jax.random.key(int(rng.integers(1 << 30))))
+    pool = jax.random.normal(pool_key, (copies * per_copy, page, 1, d), jnp.bfloat16)
+    q = jax.random.normal(q_key, (b, s_q, h_q, d), jnp.bfloat16)
+    return RotatedCase(q, pool, tables, lengths)

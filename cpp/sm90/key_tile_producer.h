@@ -1,0 +1,87 @@
+// The producer warpgroup of the lockstep and transposed kernels (split_kv_lockstep_kernel.cu,
+// split_kv_transposed_kernel.cu): it stages a segment's query rows (query_row_copies.h) and
+// gathers its 64-key tiles into the 2-stage shared-memory ring (72 KiB a stage at d = 576),
+// with TMA boxes through the block table (its first warp; see paged_kv_tensor_map.h) or, for
+// page sizes TMA cannot box, with cp.async one token row at a time (key_tile_copies.h). A
+// stage's "full" mbarrier completes when its bytes have landed; the stage is refilled as soon
+// as every math warp has arrived on its "empty" mbarrier.
+//
+// Masking contract with the math warpgroups: key_valid[stage][key] says whether a key exists
+// (in the segment, on a valid page). TMA boxes of invalid pages are fetched out of range (TMA
+// writes zeros); keys past the segment inside a valid box are read and must be zeroed by the
+// math side before P V (zero_value_rows, key_masking.h); the cp.async gather zero-fills every
+// missing key.
+#pragma once
+
+#include <cute/tensor.hpp>
+
+#include <cstdint>
+
+#include "../common/split_kv.h"
+#include "kernel_trace.h"
+#include "key_tile_copies.h"
+#include "key_tile_lookup.h"
+#include "pipeline_sync.h"
+#include "pipeline_traits.h"
+#include "query_row_copies.h"
+
+namespace jax_flash_mla {
+namespace sm90 {
+
+// The producer warpgroup: for each segment, its query rows (once the math warpgroups are done
+// with the previous ones), then its key tiles, each as soon as a stage frees, in kOrder (with
+// TMA, k_map is the map that order's boxes need).
+template <typename Element, int kHeadDim, int kQueryRows,
+          KeyTileOrder kOrder = KeyTileOrder::kColumnBlocks>
+__device__ void produce_segment(const DecodeParams& p, const CUtensorMap& k_map, bool use_tma,
+                                const CUtensorMap& q_map, bool query_tma,
+                                const Segment& seg, int kv_head, int row_base,
+                                PipelineStorage<Element, kHeadDim, kQueryRows>& smem,
+                                RingPosition& ring, uint32_t& q_phase, WarpgroupTrace& trace) {
+  using L = TileLayouts<Element, kHeadDim, kQueryRows, kOrder>;
+  const int thread = threadIdx.x;  // 0..127
+  const int num_tiles = num_tiles_of(seg);
+  if (num_tiles == 0) return;
+  // With TMA one warp drives the copy engine for the keys; with cp.async all producer threads
+  // gather them. The query rows: thread 0 (in the TMA warp) alone with TMA, every producer
+  // thread with cp.async.
+  const bool loads_keys = !use_tma || thread < 32;
+  const bool loads_query = !query_tma || thread == 0;
+  const auto load_keys = [&](int tile) {
+    const int tile_begin = tile_begin_of(seg, tile);
+    TmaTileLookup lookup{};
+    if (use_tma) lookup = lookup_tile_tma<kOrder>(p, seg, tile_begin);
+    Barrier::wait(&smem.k_empty[ring.stage], ring.phase ^ 1);
+    trace.mark(kTraceStageFree, tile);
+    Tensor s_k = make_tensor(make_smem_ptr(smem.k[ring.stage]), typename L::K{});
+    if (use_tma) {
+      load_tile_tma<Element, kHeadDim, kOrder>(p, k_map, lookup, kv_head,
+                                               smem.key_valid[ring.stage],
+                                               &smem.k_full[ring.stage], s_k);
+    } else {
+      int64_t* offsets = smem.token_offset[ring.stage];
+      plan_tile(p, seg, kv_head, tile_begin, offsets, smem.key_valid[ring.stage], thread);
+      named_barrier_sync(NamedBarrier::kProducer, kProducerThreads);
+      load_tile_cp_async<kHeadDim>(p, offsets, s_k, thread);
+      arrive_when_copies_land(&smem.k_full[ring.stage]);
+      // The offsets were written with plain stores: one plain (release) arrival publishes
+      // them to the math warpgroups, after the barrier above ordered every writer before it.
+      if (thread == 0) Barrier::arrive(&smem.k_full[ring.stage]);
+    }
+    trace.mark(kTraceKeysIssued, tile);
+    ring.advance();
+  };
+  // The first tile's keys go before the query rows: their stage frees once the previous
+  // segment's next-to-last tile is done, the query buffer only after its last tile's scores,
+  // so the new segment's first keys are in flight while the previous one finishes.
+  if (loads_keys) load_keys(0);
+  if (loads_query)
+    stage_query_rows<Element, kHeadDim, kQueryRows>(p, q_map, query_tma, seg, kv_head, row_base,
+                                                    smem, q_phase, trace);
+  q_phase ^= 1;  // by every producer thread, so that the phases agree whichever path stages
+  if (!loads_keys) return;
+  for (int tile = 1; tile < num_tiles; ++tile) load_keys(tile);
+}
+
+}  // namespace sm90
+}  // namespace jax_flash_mla
