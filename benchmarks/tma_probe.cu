@@ -1,8 +1,8 @@
 // How fast can one SM's copy paths fill shared memory with the decode's key tiles?
 //
-// The paired seesaw's refills spend ~400-500 cycles issuing each multicast TMA box
-// (benchmarks/NOTES.md v18), more than L2 or DRAM throughput explain. This probe streams key
-// tiles (64 tokens x 576 bf16 = 72 KiB, the kernels' page-64 tiles, through the same tensor
+// The paired seesaw's refills spend ~400-500 cycles issuing each multicast TMA box (the
+// kernels' trace build, on an H200), more than L2 or DRAM throughput explain. This probe streams
+// key tiles (64 tokens x 576 bf16 = 72 KiB, the kernels' page-64 tiles, through the same tensor
 // map make_paged_kv_tensor_map builds) into a 2-stage ring, as the decode kernels do, with no
 // compute: a consumer warp releases each stage the moment it lands. So the figures are the
 // copy path's own ceiling at the kernels' buffer depth. Paths:

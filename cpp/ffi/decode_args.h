@@ -180,7 +180,8 @@ inline ffi::Error check_metadata_args(ffi::AnyBuffer cache_seqlens,
   const int64_t batch = cache_seqlens.dimensions()[0];
   const auto md = tile_scheduler_metadata->dimensions();
   if (md.size() != 2 || md[0] <= 0 || md[1] != kMetadataInts)
-    return shape_error("tile_scheduler_metadata", "[num_sm_parts, 8]", md);
+    return shape_error("tile_scheduler_metadata",
+                       "[num_sm_parts, " + std::to_string(kMetadataInts) + "]", md);
   if (!has_shape(num_splits->dimensions(), {batch + 1}))
     return shape_error("num_splits", shape_string({batch + 1}), num_splits->dimensions());
   return ffi::Error::Success();

@@ -6,7 +6,7 @@
 // already in the 128-byte swizzled layout wgmma reads. A box never crosses a page (it starts
 // on a multiple of tokens_per_box, which divides the page), so a 64-key tile is gathered
 // through the block table with 64 / tokens_per_box boxes per 64 columns (the seesaw kernel's
-// map). The narrow and 64-row kernels use a second view of the same bytes
+// map). The transposed and lockstep kernels use a second view of the same bytes
 // (make_paged_kv_key_group_tensor_map): one box per 8 keys with all their columns, 8 boxes a
 // tile whatever the page size.
 #pragma once
@@ -125,7 +125,7 @@ inline bool make_paged_kv_tensor_map(const DecodeParams& p, CUtensorMap* map) {
   return encode_swizzled_tensor_map(p.dtype, p.k_cache, sizes, strides, box, map);
 }
 
-// The same cache for key-group tiles (KeyTileOrder::kKeyGroups, key_tile_pipeline.h): seen as
+// The same cache for key-group tiles (KeyTileOrder::kKeyGroups, pipeline_traits.h): seen as
 // (64 columns, token slots, head_dim / 64 column blocks, num_heads_k), the column blocks a
 // dimension of their own (stride 128 bytes) after the tokens, so that a box of (64, kKeyGroup
 // tokens, every column block, 1 head) lands as its column blocks one after another, each 8

@@ -11,7 +11,7 @@
 // box_heads, 1, box_tokens, 1) lands as box_heads x box_tokens = query_rows consecutive
 // 128-byte rows, heads fastest, which is the order of the rows in shared memory; with the
 // 128-byte swizzle they are exactly the layout the cp.async path writes (TileLayouts::Q in
-// key_tile_pipeline.h, whose 64-column blocks each hold the query_rows rows contiguously).
+// pipeline_traits.h, whose 64-column blocks each hold the query_rows rows contiguously).
 //
 // A CTA stages rows [row_base, row_base + query_rows), row_base a multiple of query_rows. A
 // box is one rectangle of that (heads, tokens) slice, so TMA can express the rows only when

@@ -58,7 +58,7 @@ constexpr int kThreads = kProducerThreads + kMathThreads;
 constexpr KeyTileOrder kKeyOrder = KeyTileOrder::kKeyGroups;
 
 template <typename Element, int kHeadDim, int kRows>
-struct NarrowLayouts : TileLayouts<Element, kHeadDim, kRows, kKeyOrder> {
+struct TransposedLayouts : TileLayouts<Element, kHeadDim, kRows, kKeyOrder> {
   // P^T as wgmma's B operand (N = query rows, K = keys), K-major: a row's 64 probabilities
   // are one 128-byte swizzled line.
   using Pt = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<Element>{},
@@ -77,8 +77,8 @@ struct NarrowLayouts : TileLayouts<Element, kHeadDim, kRows, kKeyOrder> {
 };
 
 template <typename Element, int kHeadDim, int kRows>
-struct NarrowStorage : PipelineStorage<Element, kHeadDim, kRows> {
-  using L = NarrowLayouts<Element, kHeadDim, kRows>;
+struct TransposedStorage : PipelineStorage<Element, kHeadDim, kRows> {
+  using L = TransposedLayouts<Element, kHeadDim, kRows>;
   alignas(1024) Element pt[cosize_v<typename L::Pt>];
   float warp_max[kMathWarps][kRows];  // each warp's tile maxima of every query row
   float warp_sum[kMathWarps][kRows];  // each warp's softmax denominators, at a segment's end
@@ -108,12 +108,12 @@ __device__ __forceinline__ int row_of_slot(int slot) {
 }
 
 template <typename Element, int kHeadDim, int kRows>
-__device__ void attend_segment_narrow(const DecodeParams& p, bool use_tma, const Segment& seg,
+__device__ void attend_segment_transposed(const DecodeParams& p, bool use_tma, const Segment& seg,
                                       int kv_head, int row_base,
-                                      NarrowStorage<Element, kHeadDim, kRows>& smem,
+                                      TransposedStorage<Element, kHeadDim, kRows>& smem,
                                       RingPosition& ring, uint32_t& q_phase,
                                       WarpgroupTrace& trace) {
-  using L = NarrowLayouts<Element, kHeadDim, kRows>;
+  using L = TransposedLayouts<Element, kHeadDim, kRows>;
   constexpr int kRowSlots = kRows / 4;
   const int math_thread = threadIdx.x - kProducerThreads;
   const int warp = math_thread / 32;
@@ -273,7 +273,7 @@ __global__ void __launch_bounds__(kThreads, 1)
                                   const __grid_constant__ CUtensorMap k_map, bool use_tma,
                                   const __grid_constant__ CUtensorMap q_map, bool query_tma) {
   extern __shared__ __align__(1024) unsigned char smem_bytes[];
-  auto& smem = *reinterpret_cast<NarrowStorage<Element, kHeadDim, kRows>*>(smem_bytes);
+  auto& smem = *reinterpret_cast<TransposedStorage<Element, kHeadDim, kRows>*>(smem_bytes);
   start_pipeline(smem, k_map, use_tma, q_map, query_tma, kMathWarps);
 
   const int32_t* piece =
@@ -294,7 +294,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     cp_async_wait<0>();
   } else {
     for_each_segment(params, piece, [&](const Segment& seg) {
-      attend_segment_narrow<Element, kHeadDim, kRows>(params, use_tma, seg, kv_head, row_base,
+      attend_segment_transposed<Element, kHeadDim, kRows>(params, use_tma, seg, kv_head, row_base,
                                                       smem, ring, q_phase, trace);
     });
   }
@@ -313,7 +313,7 @@ cudaError_t launch_split_kv_transposed(const DecodeParams& params, const SplitKv
       auto launch = [&](auto rows) {
         constexpr int kRows = decltype(rows)::value;
         return launch_decode_kernel<split_kv_transposed_kernel<Element, kHeadDim, kRows>,
-                                    sizeof(NarrowStorage<Element, kHeadDim, kRows>)>(
+                                    sizeof(TransposedStorage<Element, kHeadDim, kRows>)>(
             grid, kThreads, stream, params, maps.keys, maps.keys_by_tma, maps.query,
             maps.query_by_tma);
       };
