@@ -159,12 +159,14 @@ step_quickbench() {
 
 # A same-run A/B of a change too wide for a patch (`ab` takes patches): an earlier tree, unpacked
 # into the ignored .before/ (`git archive REV | tar -x -C .before`, carried), built into its own
-# folder and timed by its own `bench --quick` (profiler span, as `us_span` here) on this machine,
-# from outside the checkout so that Python imports that build. Compare with quickbench's us_span.
+# folder and timed by its own `bench --quick` (profiler span, as `us_span` here) on this machine.
+# The editable install's import hook outranks PYTHONPATH, so this step uninstalls it: run
+# `build quickbench before build quickbench` to see the machine's drift beside the change.
 step_before() {
   [ -d .before ] || { echo "no .before/ tree"; return 1; }
   python3 -m pip install --no-build-isolation --no-deps --target /tmp/before_site ./.before \
     >"$OUT/build_before.log" 2>&1 || { tail -30 "$OUT/build_before.log"; return 1; }
+  python3 -m pip uninstall -y -q jax-flash-mla
   (cd /tmp && PYTHONPATH="/tmp/before_site:${PYTHONPATH:-}" XLA_PYTHON_CLIENT_PREALLOCATE=false \
     timeout "${BENCH_TIMEOUT:-400}" python3 -m jax_flash_mla bench --quick --out "$OUT/before") \
     2>&1 | tee "$OUT/bench_before.log" | tail -30
