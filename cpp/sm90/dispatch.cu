@@ -49,10 +49,8 @@ DispatchInputs dispatch_inputs(const DecodeParams& p) {
 // their columns); the transposed kernel stages 16 or 32 query rows, the others kRowsPerCta.
 SplitKvMaps tensor_maps(const DecodeParams& p, SplitKvKernel kernel) {
   SplitKvMaps maps;
-  const bool seesaw =
-      kernel == SplitKvKernel::kSeesawAlone || kernel == SplitKvKernel::kSeesawPaired;
-  maps.keys_by_tma = seesaw ? make_paged_kv_tensor_map(p, &maps.keys)
-                            : make_paged_kv_key_group_tensor_map(p, &maps.keys);
+  maps.keys_by_tma = is_seesaw(kernel) ? make_paged_kv_tensor_map(p, &maps.keys)
+                                       : make_paged_kv_key_group_tensor_map(p, &maps.keys);
   const int query_rows = kernel == SplitKvKernel::kTransposed
                              ? transposed_rows_per_cta(p.rows_per_kv)
                              : kRowsPerCta;
@@ -87,9 +85,7 @@ cudaError_t launch_split_kv(const DecodeParams& p, SplitKvKernel kernel, cudaStr
   if (!forced) kernel = choose_split_kv_kernel(in);
   if (!split_kv_kernel_can_run(in, kernel)) return cudaErrorNotSupported;
   SplitKvMaps maps = tensor_maps(p, kernel);
-  const bool seesaw =
-      kernel == SplitKvKernel::kSeesawAlone || kernel == SplitKvKernel::kSeesawPaired;
-  if (seesaw && !(maps.keys_by_tma && maps.query_by_tma)) {
+  if (is_seesaw(kernel) && !(maps.keys_by_tma && maps.query_by_tma)) {
     // The driver refused a map the shape allows (paged_kv_tensor_map.h reports it): the
     // lockstep kernel runs the call instead, unless a test forced the seesaw.
     if (forced) return cudaErrorNotSupported;

@@ -31,6 +31,11 @@ enum class SplitKvKernel : int32_t {
   kSeesawPaired = 4,
 };
 
+// Either seesaw instance: both read column-block key tiles and need every map by TMA.
+inline bool is_seesaw(SplitKvKernel kernel) {
+  return kernel == SplitKvKernel::kSeesawAlone || kernel == SplitKvKernel::kSeesawPaired;
+}
+
 // Query rows a CTA of the lockstep and seesaw kernels takes per KV head; more rows per KV head
 // take more CTAs (row blocks, the grid's z).
 constexpr int kRowsPerCta = 64;
