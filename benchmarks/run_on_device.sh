@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
-# The whole GPU round trip in one device-tool call: build the package with its sm_90a kernels,
-# run the GPU tests, the main job and a compute-sanitizer pass. The GPU machine has no network:
+# The whole GPU round trip in one device-tool call: by default the README's GPU block verbatim
+# (build the package with its sm_90a kernels, the GPU tests, the smoke command), then a
+# compute-sanitizer pass. The GPU machine has no network:
 # the build uses its preinstalled scikit-build-core, nanobind and jax (no build isolation).
 # Editable, so that python run from the repository root imports the built package.
 #
-#   bash benchmarks/run_on_device.sh [build] [flashmla] [test] [quicktest] [main] [sanitize]
+#   bash benchmarks/run_on_device.sh [readme] [wheel] [build] [flashmla] [test] [quicktest] [main] [sanitize]
 #                                    [profile] [devicetest] [detail] [timeline] [calls]
 #                                    [graphbench] [multigpu] [graphs] [demo] [bench] [quickbench]
 #                                    [flashmla] [before] [probe] [ab] [smem] [pages] [trace] (last: it leaves the diagnostic build)
 #                                    [pack] (last: one archive of every log)
-#   (default: build test main sanitize)
+#   (default: readme sanitize)
 # Logs go under $OUT (the device tool brings that folder back). bench and quickbench time
 # FlashMLA beside ours: they need its sources in the git-ignored .flashmla/ (a copy of
 # shared/flashmla, carried with the tree) and build it first if `build` did not start it.
@@ -27,7 +28,7 @@ if ls .whl/nvidia_cutlass-*.whl >/dev/null 2>&1; then
     --target /tmp/site .whl/nvidia_cutlass-*.whl && export PYTHONPATH=/tmp/site
 fi
 steps=("$@")
-[ ${#steps[@]} -eq 0 ] && steps=(build test main sanitize)
+[ ${#steps[@]} -eq 0 ] && steps=(readme sanitize)
 status=0
 
 step_build() {
@@ -70,6 +71,46 @@ run_pytest() {
 
 step_test() {
   run_pytest pytest_gpu.log "${TEST_TIMEOUT:-500}" 40 -m gpu
+}
+
+# The README's GPU block, verbatim: the first ```bash block under "## Building and testing on a
+# GPU machine", run line by line as a user would paste it (bash -e: the first failing command
+# fails the step), so that the README and this script cannot drift apart.
+step_readme() {
+  awk '/^## Building and testing on a GPU machine/ {section = 1; next}
+       section && /^## / {exit}
+       section && /^```bash/ {inside = 1; next}
+       inside && /^```/ {exit}
+       inside {print}' README.md >"$OUT/readme_gpu_block.sh"
+  [ -s "$OUT/readme_gpu_block.sh" ] || { echo "README.md has no GPU block"; return 1; }
+  cat "$OUT/readme_gpu_block.sh"
+  timeout "${TEST_TIMEOUT:-900}" bash -e -x "$OUT/readme_gpu_block.sh" 2>&1 | \
+    tee "$OUT/readme_gpu.log" | grep -v -e PytestBenchmarkWarning -e "warner(" | tail -30
+  return "${PIPESTATUS[0]}"
+}
+
+# The wheel a user ships (README: "Building a wheel to ship"), built elsewhere by the isolated
+# `pip wheel` against the oldest admitted jaxlib and carried in the ignored .wheelhouse/: installed
+# alone (the editable build uninstalled, its import hook outranks PYTHONPATH) beside this
+# machine's JAX, then the smoke command and the GPU tests (WHEEL_TESTS, a -k filter) run against
+# it from outside the tree. `build` again after it.
+step_wheel() {
+  local wheel
+  wheel="$(ls .wheelhouse/jax_flash_mla-*.whl 2>/dev/null | head -1)"
+  [ -n "$wheel" ] || { echo "no wheel in .wheelhouse/"; return 1; }
+  python3 -m pip uninstall -y -q jax-flash-mla
+  rm -rf /tmp/wheel_site
+  python3 -m pip install -q --no-deps --no-compile --target /tmp/wheel_site "$wheel" || return 1
+  local tests="$PWD/tests"
+  (cd /tmp && export PYTHONPATH="/tmp/wheel_site:${PYTHONPATH:-}" &&
+    python3 -c "import jax, jaxlib.version, jax_flash_mla as m; print('jax', jax.__version__, \
+'jaxlib', jaxlib.version.__version__, '| wheel built against jaxlib', m._registration.BUILT_WITH_JAXLIB, \
+'| CUDA handlers', m.BUILT_WITH_CUDA)" &&
+    python3 -m jax_flash_mla &&
+    checked timeout "${TEST_TIMEOUT:-300}" python3 -m pytest -q -p no:cacheprovider -n "${TEST_WORKERS:-8}" \
+      -m gpu -k "${WHEEL_TESTS:-flashmla_grid}" "$tests") 2>&1 | tee "$OUT/wheel.log" | \
+    grep -v -e PytestBenchmarkWarning -e "warner(" | tail -25
+  return "${PIPESTATUS[0]}"
 }
 
 step_main() {
@@ -158,19 +199,34 @@ step_quickbench() {
 }
 
 # A same-run A/B of a change too wide for a patch (`ab` takes patches): an earlier tree, unpacked
-# into the ignored .before/ (`git archive REV | tar -x -C .before`, carried), built into its own
-# folder and timed by its own `bench --quick` (profiler span, as `us_span` here) on this machine.
-# The editable install's import hook outranks PYTHONPATH, so this step uninstalls it: run
-# `build quickbench before build quickbench` to see the machine's drift beside the change.
+# into the ignored .before/ (`git archive REV | tar -x -C .before`, carried), and this tree, each
+# built into a folder of its own, timed by benchmarks/before_after.py on identical inputs, after,
+# before, after, before (the clock's drift falls on both). BEFORE_ROWS: the rows (default: the
+# benchmark's target rows). The editable install's import hook outranks PYTHONPATH, so this step
+# uninstalls it: `build` again after it.
 step_before() {
   [ -d .before ] || { echo "no .before/ tree"; return 1; }
+  python3 -m pip uninstall -y -q jax-flash-mla
+  rm -rf /tmp/before_site /tmp/after_site
+  python3 -m pip install --no-build-isolation --no-deps --target /tmp/after_site . \
+    >"$OUT/build_after.log" 2>&1 &
+  local after_build=$!
   python3 -m pip install --no-build-isolation --no-deps --target /tmp/before_site ./.before \
     >"$OUT/build_before.log" 2>&1 || { tail -30 "$OUT/build_before.log"; return 1; }
-  python3 -m pip uninstall -y -q jax-flash-mla
-  (cd /tmp && PYTHONPATH="/tmp/before_site:${PYTHONPATH:-}" XLA_PYTHON_CLIENT_PREALLOCATE=false \
-    timeout "${BENCH_TIMEOUT:-400}" python3 -m jax_flash_mla bench --quick --out "$OUT/before") \
-    2>&1 | tee "$OUT/bench_before.log" | tail -30
-  return "${PIPESTATUS[0]}"
+  wait "$after_build" || { tail -30 "$OUT/build_after.log"; return 1; }
+  local rows="${BEFORE_ROWS:-$(PYTHONPATH="/tmp/after_site:${PYTHONPATH:-}" python3 -P -c \
+    "from jax_flash_mla.benchmark import TARGET_ROWS as R; print(' '.join(','.join(str(int(x)) for x in r) for r in R))")}"
+  local script="$PWD/benchmarks/before_after.py" rc=0 round side
+  for round in 1 2; do
+    for side in after before; do
+      echo "--- $side ($round)"
+      (cd /tmp && PYTHONPATH="/tmp/${side}_site:${PYTHONPATH:-}" XLA_PYTHON_CLIENT_PREALLOCATE=false \
+        timeout "${BENCH_TIMEOUT:-400}" python3 "$script" "$side" $rows) 2>&1 | \
+        grep -v -e "^W0000" -e "^I0000" -e "^E0000" >>"$OUT/before_after.log" || rc=1
+    done
+  done
+  python3 benchmarks/before_after.py --summary "$OUT/before_after.log" | tee "$OUT/before_after.txt"
+  return $rc
 }
 
 step_bench() {

@@ -114,6 +114,10 @@ NB_MODULE(_jax_flash_mla, m) {
 #endif
     return platforms;
   });
+  // The jaxlib and XLA FFI API version of the headers the handlers were built against (see
+  // CMakeLists.txt): a runtime older than these rejects the handlers.
+  m.attr("BUILT_WITH_JAXLIB") = JAX_FLASH_MLA_BUILT_WITH_JAXLIB;
+  m.attr("XLA_FFI_API_VERSION") = nb::make_tuple(XLA_FFI_API_MAJOR, XLA_FFI_API_MINOR);
   m.def("built_with_cuda", []() {
 #ifdef JAX_FLASH_MLA_WITH_CUDA
     return true;

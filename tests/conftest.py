@@ -1,7 +1,11 @@
 """Shared fixtures: a per-test random generator, and skipping `gpu` tests without a GPU.
 
-Eight host (CPU) devices for the sharding tests, set before JAX starts; every other test
-runs on the default device as before.
+Set before JAX starts, in every process that runs tests (each pytest-xdist worker imports this
+file before any test module):
+- eight host (CPU) devices for the sharding tests; every other test runs on the default device;
+- GPU memory allocated on demand: by default each process's JAX preallocates 75% of the GPU, so
+  a second worker on the same GPU would fail every case with RESOURCE_EXHAUSTED. A value the
+  caller set is kept.
 """
 
 import os
@@ -9,6 +13,7 @@ import zlib
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8").strip()
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import jax  # noqa: E402  (after XLA_FLAGS)
 import numpy as np  # noqa: E402
