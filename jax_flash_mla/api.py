@@ -91,7 +91,7 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v: i
       cache_seqlens: int32 [batch]: cached tokens per request.
       head_dim_v: 512.
       metadata: from get_mla_metadata for these cache_seqlens; computed here when None.
-      softmax_scale: defaults to head_dim ** -0.5.
+      softmax_scale: a finite float; defaults to head_dim ** -0.5.
       causal: for seqlen_q > 1, query j sees keys [0, L - seqlen_q + j].
 
     Returns:

@@ -1,6 +1,7 @@
 """`jax-flash-mla bench`: the benchmark grid (GPU). DESIGN.md's target rows, a page-size sweep and a
 s_k sweep, through the public JAX API inside jax.jit; with --flashmla, DeepSeek's FlashMLA on the
-same rows, the same inputs, in the same run, by the same method (flashmla_baseline.py).
+same rows, the same inputs, in the same run, by the same method (flashmla_baseline.py). Without a
+GPU it says so in one line on stderr and exits with status 2.
 
 Timing (device_timing.py): the timed unit is a block of `calls` back-to-back decode calls,
 metadata precomputed: for ours one jitted function (make_many_calls), for FlashMLA one CUDA
@@ -31,6 +32,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import jax_flash_mla
 from jax_flash_mla import flashmla_baseline, paged_inputs
 from jax_flash_mla.device_timing import device_time_per_call, wall_time_per_call
+from jax_flash_mla.validation import positive_int
 
 D, DV = 576, 512
 
@@ -227,12 +229,13 @@ def plot(results, copy_gbps, mm_tflops, path):
 
 def add_arguments(parser) -> None:
     parser.add_argument("--out", default=".", help="folder for bench.json and roofline.png")
-    parser.add_argument("--calls", type=int, default=20, help="back-to-back calls in a block")
-    parser.add_argument("--blocks", type=int, default=10,
+    parser.add_argument("--calls", type=positive_int, default=20,
+                        help="back-to-back calls in a block")
+    parser.add_argument("--blocks", type=positive_int, default=10,
                         help="blocks issued without host sync per timing")
-    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--repeats", type=positive_int, default=10)
     parser.add_argument("--quick", action="store_true", help="target rows only, no reference")
-    parser.add_argument("--batch", type=int, default=None,
+    parser.add_argument("--batch", type=positive_int, default=None,
                         help="only the target rows of this batch size (with --quick)")
     parser.add_argument("--tp", action="store_true",
                         help="also the h_q = 128 rows with heads split over every local device, "
@@ -287,6 +290,13 @@ def method(args):
 def run(args) -> int:
     flashmla = load_flashmla() if args.flashmla else None
     if args.flashmla and flashmla is None:
+        return 2
+    if not on_gpu():
+        # On a CPU the ceilings (a 4 GiB copy, an 8192^3 matmul) and the rows take many minutes
+        # with nothing printed: one line instead of a silence that looks like a hang.
+        print(f"jax-flash-mla bench: needs a GPU visible to JAX (this one sees "
+              f"{jax.devices()[0].platform}); `jax-flash-mla check` times one decode on any "
+              f"device", file=sys.stderr)
         return 2
     os.makedirs(args.out, exist_ok=True)
     device = jax.devices()[0]

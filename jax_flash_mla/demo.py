@@ -20,17 +20,20 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jax_flash_mla import cache as paged
 from jax_flash_mla.models import deepseek, parallel
+from jax_flash_mla.validation import non_negative_int, positive_int
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--batch", type=int, default=8, help="requests decoded together")
-    parser.add_argument("--tokens", type=int, default=32, help="tokens to generate per request")
-    parser.add_argument("--max-prompt", type=int, default=64, help="longest prompt (ragged)")
-    parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--heads", type=int, default=16)
-    parser.add_argument("--hidden", type=int, default=512)
-    parser.add_argument("--page-size", type=int, default=16)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch", type=positive_int, default=8, help="requests decoded together")
+    parser.add_argument("--tokens", type=positive_int, default=32,
+                        help="tokens to generate per request")
+    parser.add_argument("--max-prompt", type=positive_int, default=64,
+                        help="longest prompt (ragged)")
+    parser.add_argument("--layers", type=positive_int, default=2)
+    parser.add_argument("--heads", type=positive_int, default=16)
+    parser.add_argument("--hidden", type=positive_int, default=512)
+    parser.add_argument("--page-size", type=positive_int, default=16)
+    parser.add_argument("--seed", type=non_negative_int, default=0)
     parser.add_argument("--parallel", choices=("none", "tp", "dp"), default="none",
                         help="over every local device: tp splits heads, dp splits requests")
     parser.add_argument("--check", action="store_true",
@@ -65,27 +68,43 @@ def _prefill(params, prompts, config, args, engines):
             jnp.concatenate([logits for _, logits in caches]))
 
 
-def _placed_step(args, config, params, cache):
-    """(step, params, cache, place, what) for the chosen layout: step(params, cache, tokens,
-    active) returns (cache, logits, ok) with the cache donated; place() puts per-request arrays
-    where the step's own outputs will be (so the second step does not compile again)."""
+def _placed_step(args, config, params, cache, tokens, active):
+    """(step, (params, cache, tokens, active), what) for the chosen layout: step(params, cache,
+    tokens, active) returns (cache, logits, ok), and the inputs are placed where the step puts
+    its own cache and per-request outputs, so that one compile serves every step."""
     devices = jax.devices()
     if args.parallel == "none":
         step = jax.jit(lambda p, c, t, a: deepseek.decode_step(p, c, t, a, config),
                        donate_argnums=1)
-        return step, params, cache, lambda x: x, "one device"
+        return (step, jax.device_put((params, cache, tokens, active), devices[0]),
+                "one device")
     mesh = Mesh(np.array(devices), (args.parallel,))
     if args.parallel == "tp":
         return (parallel.tensor_parallel_step(config, len(devices)),
-                parallel.head_sharded_params(params, mesh, "tp"), parallel.replicated(cache, mesh),
-                lambda x: parallel.replicated(x, mesh),
+                (parallel.head_sharded_params(params, mesh, "tp"),
+                 *parallel.replicated((cache, tokens, active), mesh)),
                 f"tensor parallel over {len(devices)} devices, "
                 f"{config.num_heads // len(devices)} heads each")
     by_request = NamedSharding(mesh, PartitionSpec("dp"))
-    return (parallel.data_parallel_step(config, mesh, "dp"), params, cache,
-            lambda x: jax.device_put(x, by_request),
+    return (parallel.data_parallel_step(config, mesh, "dp"),
+            (parallel.replicated(params, mesh), parallel.engine_sharded(cache, mesh, "dp"),
+             *jax.device_put((tokens, active), by_request)),
             f"data parallel over {len(devices)} devices, "
             f"{args.batch // len(devices)} requests and their pages each")
+
+
+def _compiled_decode(step, params, cache, tokens, active):
+    """The loop's step compiled ahead of the timed steps: step, then the greedy pick of the
+    next tokens, the cache donated. The cache and the tokens come out placed as they went in:
+    a compiled step takes only inputs placed as the ones it was compiled for, so its own
+    outputs must be."""
+    def decode(params, cache, tokens, active):
+        cache, logits, ok = step(params, cache, tokens, active)
+        return cache, jnp.argmax(logits, axis=-1).astype(jnp.int32), logits, ok
+
+    out_shardings = (jax.tree.map(lambda x: x.sharding, cache), tokens.sharding, None, None)
+    return jax.jit(decode, donate_argnums=1, out_shardings=out_shardings).lower(
+        params, cache, tokens, active).compile()
 
 
 def _check_against_one_device(args, config, params, cache, tokens, active, logits):
@@ -129,30 +148,30 @@ def run(args) -> int:
 
     active = jnp.ones((args.batch,), bool)
     tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    step, placed_params, cache, place, layout = _placed_step(args, config, params, cache)
-    print(f"decode: {layout}")
+    step, (params, cache, tokens, active), layout = _placed_step(args, config, params, cache,
+                                                                 tokens, active)
     # The one-device reference reads the cache before the first (donating) step does.
     reference = (jax.tree_util.tree_map(lambda x: jnp.array(x, copy=True),
                                         (params, cache, tokens, active)) if args.check else None)
-    tokens, active = place(tokens), place(active)
-    next_tokens = jax.jit(lambda logits: jnp.argmax(logits, axis=-1).astype(jnp.int32))
+    start = time.perf_counter()
+    decode = _compiled_decode(step, params, cache, tokens, active)
+    print(f"decode: {layout}; step compiled in {time.perf_counter() - start:.2f} s, before the "
+          f"timed steps")
     latencies, generated = [], []
     for i in range(args.tokens):
-        t0 = time.perf_counter()
-        cache, logits, ok = step(placed_params, cache, tokens, active)
+        start = time.perf_counter()
+        cache, tokens, logits, ok = decode(params, cache, tokens, active)
+        tokens.block_until_ready()
+        latencies.append(time.perf_counter() - start)
         if i == 0 and reference is not None:
             if not _check_against_one_device(args, config, *reference, logits):
                 return 1
-        tokens = next_tokens(logits)
-        tokens.block_until_ready()
-        latencies.append(time.perf_counter() - t0)
+        paged.check(ok, f"decode step {i + 1}")
         generated.append(np.asarray(tokens))
         _progress(i + 1, args.tokens, latencies[-1] * 1e3)
-    paged.check(ok, "decode")
-    steady = latencies[1:] or latencies  # the first step compiles
-    median = statistics.median(steady)
-    print(f"first step (compiles): {latencies[0] * 1e3:.1f} ms; steady per-step latency: "
-          f"median {median * 1e3:.2f} ms, max {max(steady) * 1e3:.2f} ms")
+    median = statistics.median(latencies)
+    print(f"per-step latency (compilation excluded): median {median * 1e3:.2f} ms, "
+          f"max {max(latencies) * 1e3:.2f} ms over {len(latencies)} steps")
     print(f"throughput: {args.batch / median:.1f} tokens/s ({args.batch} requests x "
           f"{1 / median:.1f} steps/s)")
     print(f"request 0 generated: {[int(t[0]) for t in generated[:16]]}...")

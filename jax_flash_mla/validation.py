@@ -2,10 +2,14 @@
 
 Every message names the argument, what was expected and what was given, so a user can fix
 the call without reading this file. Shapes and dtypes are known at trace time, so these run
-under `jax.jit` before anything is compiled.
+under `jax.jit` before anything is compiled. The command line's integer options are checked
+here too, in the same words, through argparse.
 """
 
 from __future__ import annotations
+
+import argparse
+import math
 
 import numpy as np
 import jax.numpy as jnp
@@ -79,11 +83,21 @@ def check_decode_args(q, k_cache, block_table, cache_seqlens, head_dim_v, metada
             f"{tuple(cache_seqlens.shape)}")
     if metadata is not None:
         check_metadata(metadata, batch)
-    if softmax_scale is not None and not isinstance(softmax_scale, (int, float, np.floating)):
-        raise TypeError(f"softmax_scale: expected a Python float or None, got "
-                        f"{type(softmax_scale).__name__}")
+    check_softmax_scale(softmax_scale)
     if not isinstance(causal, (bool, np.bool_)):
         raise TypeError(f"causal: expected a Python bool, got {type(causal).__name__}")
+
+
+def check_softmax_scale(softmax_scale) -> None:
+    """None or a finite number: NaN or an infinity would make every output NaN."""
+    if softmax_scale is None:
+        return
+    if isinstance(softmax_scale, (bool, np.bool_)) or not isinstance(
+            softmax_scale, (int, float, np.integer, np.floating)):
+        raise TypeError(f"softmax_scale: expected a Python float or None, got "
+                        f"{type(softmax_scale).__name__}")
+    if not math.isfinite(softmax_scale):
+        raise ValueError(f"softmax_scale: expected a finite float, got {softmax_scale!r}")
 
 
 def check_metadata(metadata, batch: int) -> None:
@@ -99,3 +113,24 @@ def check_metadata(metadata, batch: int) -> None:
         raise ValueError(
             f"metadata.num_splits: expected shape ({batch + 1},) (batch + 1), got "
             f"{tuple(num_splits.shape)}; was the metadata computed for another batch?")
+
+
+def _int_at_least(text: str, minimum: int, what: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or value < minimum:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """An argparse `type` for the command line's counts and sizes: argparse reports a bad value
+    as "argument --tokens: expected a positive integer, got '0'" and exits with status 2."""
+    return _int_at_least(text, 1, "a positive integer")
+
+
+def non_negative_int(text: str) -> int:
+    """An argparse `type` for seeds (NumPy's generators take no negative seed)."""
+    return _int_at_least(text, 0, "a non-negative integer")

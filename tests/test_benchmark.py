@@ -138,10 +138,24 @@ def test_flashmla_option_fails_clearly_without_flashmla(missing, monkeypatch, tm
     assert benchmark.os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] == "false"
 
 
+def test_bench_without_a_gpu_says_so_in_one_line(monkeypatch, tmp_path, capsys):
+    """Not minutes of silence measuring a CPU's ceilings and rows, then nothing written."""
+    def measured(*args):
+        raise AssertionError("bench measured on a CPU")
+
+    monkeypatch.setattr(benchmark, "measure_ceilings", measured)
+    monkeypatch.setattr(benchmark, "measure", measured)
+    out = tmp_path / "results"
+    assert cli.main(["bench", "--quick", "--out", str(out)]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.count("\n") == 1 and "needs a GPU visible to JAX" in captured.err
+    assert not captured.out and not out.exists()
+
+
 # --- FlashMLA beside ours, with fake timings --------------------------------------------------
 
 TINY_ROWS = [(2, 16, 64, 1, False, False), (1, 16, 100, 2, False, True)]
-OURS_S, FLASHMLA_S = 10e-6, 25e-6
+OURS_S, SPAN_S, FLASHMLA_S = 10e-6, 8e-6, 25e-6
 
 
 class FakeFlashMLA:
@@ -164,8 +178,11 @@ class FakeFlashMLA:
 
 @pytest.fixture
 def tiny_bench(monkeypatch, tmp_path):
-    """`bench --quick` on TINY_ROWS with ours timed at OURS_S a call; returns run(extra args)
-    -> (exit code, bench.json, stdout lines) and the inputs ours was timed on."""
+    """`bench --quick` on TINY_ROWS as on a GPU, with ours timed at OURS_S a call (SPAN_S by
+    the profiler); returns run(extra args) -> (exit code, bench.json, stdout lines) and the
+    inputs ours was timed on."""
+    monkeypatch.setattr(benchmark, "on_gpu", lambda: True)
+    monkeypatch.setattr(benchmark, "device_time_per_call", lambda *args: SPAN_S)
     monkeypatch.setattr(benchmark, "TARGET_ROWS", TINY_ROWS)
     monkeypatch.setattr(benchmark, "L2_BYTES", 1 << 20)
     monkeypatch.setattr(benchmark, "measure_ceilings", lambda blocks: (1000.0, 100.0))
@@ -204,9 +221,9 @@ def test_table_and_json_carry_flashmla_and_the_ratio(tiny_bench, monkeypatch, ca
         assert r["us"] == pytest.approx(OURS_S * 1e6)
         assert r["flashmla_us"] == pytest.approx(FLASHMLA_S * 1e6)
         assert r["ratio"] == pytest.approx(FLASHMLA_S / OURS_S)
-        assert r["flashmla_agrees"] is True and r["us_span"] is None  # no span on the CPU
+        assert r["flashmla_agrees"] is True and r["us_span"] == pytest.approx(SPAN_S * 1e6)
         ours, flashmla, _ = table_cells(lines, row)
-        assert ours[0] == f"{OURS_S * 1e6:.1f}" and ours[1] == "-"
+        assert ours[:2] == [f"{OURS_S * 1e6:.1f}", f"{SPAN_S * 1e6:.1f}"]
         assert flashmla == [f"{FLASHMLA_S * 1e6:.1f}", f"{FLASHMLA_S / OURS_S:.2f}"]
     assert (tmp_path / "roofline.png").exists()
 

@@ -28,7 +28,9 @@ def append(cache, rng, counts):
         cache, ok = paged.write_latents(cache, layer, latents, counts)
         paged.check(ok, "write_latents")
         written.append(latents)
-    return paged.advance(cache, counts), written
+    cache, ok = paged.advance(cache, counts)
+    paged.check(ok, "advance")
+    return cache, written
 
 
 def dense_tokens(cache, layer, request):
@@ -60,21 +62,109 @@ def test_appends_land_in_order_and_pages_are_exclusive(rng):
         assert (owner[pages[r][pages[r] >= 0]] == r).all()
 
 
+def assert_unchanged(before, after):
+    """Every array of the cache bit-for-bit as it was."""
+    for name, x, y in zip(paged.PagedLatentCache._fields, before, after):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=name, strict=True)
+
+
 def test_exhausted_pool_changes_nothing(rng):
     cache, _ = append(small_cache(num_blocks=3, page=4), rng, [4, 4, 0])
-    before = jax.tree.map(np.asarray, cache)
     after, ok = paged.reserve(cache, jnp.asarray([0, 0, 8], jnp.int32))  # needs 2, 1 free
     assert not bool(ok[2])
-    for x, y in zip(jax.tree.leaves(before), jax.tree.leaves(after)):
-        np.testing.assert_array_equal(x, np.asarray(y))
+    assert_unchanged(cache, after)
     with pytest.raises(ValueError, match=r"reserve: failed for requests \[0, 1, 2\]"):
         paged.check(ok, "reserve")
 
 
-def test_past_capacity_is_refused(rng):
+def test_one_request_past_capacity_refuses_every_request(rng):
+    """All-or-nothing: the requests that fit get no page either."""
     cache = small_cache(max_blocks=2, page=4)
-    _, ok = paged.reserve(cache, jnp.asarray([9, 8, 0], jnp.int32))
+    after, ok = paged.reserve(cache, jnp.asarray([9, 8, 0], jnp.int32))
+    np.testing.assert_array_equal(np.asarray(ok), [False, False, False])
+    assert_unchanged(cache, after)
+
+
+@pytest.mark.parametrize("count", [-1, np.iinfo(np.int32).max], ids=["negative", "int32_max"])
+def test_counts_no_request_can_take_are_refused(rng, count):
+    """A negative count, and one whose sum with the cached length wraps around int32."""
+    cache, _ = append(small_cache(), rng, [4, 4, 0])
+    counts = jnp.asarray([0, count, 1], jnp.int32)
+    after, ok = paged.reserve(cache, counts)
+    assert not np.asarray(ok).any()
+    assert_unchanged(cache, after)
+    after, ok = paged.write_latents(cache, 0, jnp.ones((3, 2, D), jnp.float32), counts)
+    np.testing.assert_array_equal(np.asarray(ok), [True, False, False])  # 2: no page yet
+    assert_unchanged(cache, after)
+    after, ok = paged.advance(cache, counts)
+    np.testing.assert_array_equal(np.asarray(ok), [True, False, False])
+    assert_unchanged(cache, after)
+
+
+def test_write_is_all_or_nothing_per_request(rng):
+    """Request 0 has a page for its 4th token, none for its 5th: neither is written. Request 1
+    writes its one token."""
+    cache, _ = append(small_cache(page=4), rng, [3, 3, 3])
+    latents = jnp.full((3, 2, D), 7.0, jnp.float32)
+    after, ok = paged.write_latents(cache, 1, latents, jnp.asarray([2, 1, 0], jnp.int32))
     np.testing.assert_array_equal(np.asarray(ok), [False, True, True])
+    pool, table = np.array(cache.pool), np.asarray(cache.block_table)
+    pool[1, table[1, 0], 3] = 7.0
+    np.testing.assert_array_equal(np.asarray(after.pool), pool)
+
+
+def test_write_of_more_tokens_than_latents_given_is_refused(rng):
+    cache, _ = append(small_cache(page=4), rng, [1, 1, 1])
+    after, ok = paged.write_latents(cache, 0, jnp.ones((3, 1, D), jnp.float32),
+                                    jnp.asarray([2, 1, 0], jnp.int32))
+    np.testing.assert_array_equal(np.asarray(ok), [False, True, True])
+    pool = np.array(cache.pool)
+    pool[0, int(cache.block_table[1, 0]), 1] = 1.0
+    np.testing.assert_array_equal(np.asarray(after.pool), pool)
+
+
+@pytest.mark.parametrize("layer", [-1, 2])
+def test_traced_layer_out_of_range_writes_nothing(rng, layer):
+    """A layer index traced under jit (no trace-time check) outside [0, num_layers): a negative
+    one must not wrap around to the last layer."""
+    cache, _ = append(small_cache(), rng, [1, 1, 1])
+    cache, _ = paged.reserve(cache, jnp.ones((3,), jnp.int32))
+    write = jax.jit(paged.write_latents)
+    after, ok = write(cache, jnp.int32(layer), jnp.ones((3, 1, D), jnp.float32),
+                      jnp.ones((3,), jnp.int32))
+    assert not np.asarray(ok).any()
+    assert_unchanged(cache, after)
+
+
+def test_advance_past_the_pages_held_is_refused(rng):
+    cache, _ = append(small_cache(page=4), rng, [3, 0, 4])
+    after, ok = paged.advance(cache, jnp.asarray([1, 1, 1], jnp.int32))
+    np.testing.assert_array_equal(np.asarray(ok), [True, False, False])
+    np.testing.assert_array_equal(np.asarray(after.seqlens), [4, 0, 4])
+
+
+def test_free_rejects_a_mask_of_another_length(rng):
+    """A one-element mask is not broadcast over the three requests (it would free them all)."""
+    cache, _ = append(small_cache(), rng, [4, 4, 4])
+    with pytest.raises(ValueError, match=r"finished: expected shape \(3,\).*got \(1,\)"):
+        paged.free(cache, jnp.array([True]))
+    with pytest.raises(TypeError, match=r"finished: expected dtype bool.*got int32"):
+        paged.free(cache, jnp.array([0, 1, 0]))  # ids or a mask? neither is guessed
+
+
+@pytest.mark.parametrize("flags", ["update_result", "int_flags", "scalar", "traced"])
+def test_check_accepts_only_the_flags_an_update_returns(rng, flags):
+    cache = small_cache()
+    result = paged.reserve(cache, jnp.zeros((3,), jnp.int32))
+    with pytest.raises(TypeError, match=r"^ok: expected"):
+        if flags == "update_result":
+            paged.check(result, "reserve")  # (cache, ok), not unpacked
+        elif flags == "int_flags":
+            paged.check(jnp.array([1, 0, 1]), "reserve")
+        elif flags == "scalar":
+            paged.check(jnp.array(True), "reserve")
+        else:
+            jax.jit(lambda ok: paged.check(ok, "reserve"))(result[1])
 
 
 def test_write_without_pages_is_dropped_not_misplaced(rng):
@@ -121,7 +211,7 @@ def test_donated_step_updates_the_pool_in_place(rng):
         counts = jnp.full((4,), 1, jnp.int32)
         cache, _ = paged.reserve(cache, counts)
         cache, _ = paged.write_latents(cache, 0, latents, counts)
-        return paged.advance(cache, counts)
+        return paged.advance(cache, counts)[0]
 
     latents = jnp.ones((4, 1, D), jnp.float32)
     stepper = jax.jit(step, donate_argnums=0)

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import pytest
 
 import jax_flash_mla
+from jax_flash_mla import cache as paged
 
 
 def zeros(shape, dtype=jnp.bfloat16):
@@ -95,3 +96,102 @@ def test_get_mla_metadata_rejects(cache_seqlens, exception, given, jit):
     with pytest.raises(exception) as error:
         (jax.jit(metadata) if jit else metadata)(cache_seqlens)
     assert_names(error.value, "cache_seqlens", given)
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+@pytest.mark.parametrize("scale", [float("nan"), float("inf"), -float("inf")], ids=str)
+def test_softmax_scale_must_be_finite(scale, jit):
+    """NaN or an infinity as the scale would turn every output into NaN."""
+    args = {**VALID}
+    decode = functools.partial(jax_flash_mla.flash_mla_with_kvcache,
+                               head_dim_v=args.pop("head_dim_v"), softmax_scale=scale)
+    with pytest.raises(ValueError) as error:
+        (jax.jit(decode) if jit else decode)(**args)
+    assert_names(error.value, "softmax_scale", re.escape(repr(scale)))
+
+
+# --- the paged cache ---------------------------------------------------------------------------
+
+def small_cache():
+    """2 layers, 6 pages of 4 tokens, 3 requests of at most 2 pages, 8-wide latents."""
+    return paged.init_cache(2, 6, 4, 3, 2, head_dim=8, dtype=jnp.float32)
+
+
+COUNTS = jnp.ones((3,), jnp.int32)
+LATENTS = jnp.ones((3, 1, 8), jnp.float32)
+
+BAD_CACHE_CALLS = {
+    # id: (call on a valid cache, exception, argument named, given value as a regex)
+    "reserve_counts_for_2_requests": (
+        lambda c: paged.reserve(c, jnp.ones((2,), jnp.int32)), ValueError, "num_new_tokens",
+        shape_or_number((2,), 2)),
+    "reserve_one_count_for_all": (
+        lambda c: paged.reserve(c, jnp.int32(1)), ValueError, "num_new_tokens", r"\(\)"),
+    "reserve_float_counts": (
+        lambda c: paged.reserve(c, jnp.ones((3,), jnp.float32)), TypeError, "num_new_tokens",
+        "float32"),
+    "reserve_bool_counts": (
+        lambda c: paged.reserve(c, jnp.ones((3,), bool)), TypeError, "num_new_tokens", "bool"),
+    "reserve_unpacked_result": (
+        lambda c: paged.reserve(paged.reserve(c, COUNTS), COUNTS), TypeError, "cache", "tuple"),
+    "reserve_seqlens_float": (
+        lambda c: paged.reserve(c._replace(seqlens=c.seqlens.astype(jnp.float32)), COUNTS),
+        TypeError, r"cache\.seqlens", "float32"),
+    "reserve_owner_of_other_pool": (
+        lambda c: paged.reserve(c._replace(page_owner=c.page_owner[:5]), COUNTS), ValueError,
+        r"cache\.page_owner", shape_or_number((5,), 5)),
+    "write_layer_past_the_last": (
+        lambda c: paged.write_latents(c, 2, LATENTS, COUNTS), ValueError, "layer", r"\b2\b"),
+    "write_negative_layer": (
+        lambda c: paged.write_latents(c, -1, LATENTS, COUNTS), ValueError, "layer", "-1"),
+    "write_float_layer": (
+        lambda c: paged.write_latents(c, 1.0, LATENTS, COUNTS), TypeError, "layer", "float"),
+    "write_latents_rank_2": (
+        lambda c: paged.write_latents(c, 0, jnp.ones((3, 8)), COUNTS), ValueError, "latents",
+        shape_or_number((3, 8), 2)),
+    "write_latents_head_dim": (
+        lambda c: paged.write_latents(c, 0, jnp.ones((3, 1, 576)), COUNTS), ValueError,
+        "latents", shape_or_number((3, 1, 576), 576)),
+    "write_latents_for_4_requests": (
+        lambda c: paged.write_latents(c, 0, jnp.ones((4, 1, 8)), COUNTS), ValueError,
+        "latents", shape_or_number((4, 1, 8), 4)),
+    "write_int_latents": (
+        lambda c: paged.write_latents(c, 0, jnp.ones((3, 1, 8), jnp.int32), COUNTS), TypeError,
+        "latents", "int32"),
+    "write_counts_for_2_requests": (
+        lambda c: paged.write_latents(c, 0, LATENTS, COUNTS[:2]), ValueError, "num_new_tokens",
+        shape_or_number((2,), 2)),
+    "advance_counts_rank_2": (
+        lambda c: paged.advance(c, jnp.ones((3, 1), jnp.int32)), ValueError, "num_new_tokens",
+        shape_or_number((3, 1), 2)),
+    "free_mask_of_1": (
+        lambda c: paged.free(c, jnp.array([True])), ValueError, "finished",
+        shape_or_number((1,), 1)),
+    "free_request_ids": (
+        lambda c: paged.free(c, jnp.array([0, 1, 2])), TypeError, "finished", "int32"),
+}
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+@pytest.mark.parametrize("bad", BAD_CACHE_CALLS, ids=str)
+def test_cache_updates_reject(bad, jit):
+    call, exception, argument, given = BAD_CACHE_CALLS[bad]
+    with pytest.raises(exception) as error:
+        (jax.jit(call) if jit else call)(small_cache())
+    assert_names(error.value, argument, given)
+
+
+@pytest.mark.parametrize("overrides, exception, argument, given", [
+    (dict(num_blocks=0), ValueError, "num_blocks", r"\b0\b"),
+    (dict(page_block_size=True), ValueError, "page_block_size", "True"),
+    (dict(max_requests=2.0), ValueError, "max_requests", r"2\.0"),
+    (dict(max_blocks_per_seq=1 << 20, page_block_size=1 << 12), ValueError,
+     "max_blocks_per_seq", str(1 << 20)),
+    (dict(dtype=jnp.int32), TypeError, "dtype", "int32"),
+], ids=["no_blocks", "bool_page", "float_requests", "int32_length_overflow", "int_pool"])
+def test_init_cache_rejects(overrides, exception, argument, given):
+    args = dict(num_layers=1, num_blocks=4, page_block_size=4, max_requests=2,
+                max_blocks_per_seq=2, head_dim=8, dtype=jnp.float32)
+    with pytest.raises(exception) as error:
+        paged.init_cache(**{**args, **overrides})
+    assert_names(error.value, argument, given)

@@ -22,6 +22,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 import jax_flash_mla
 from jax_flash_mla import cache as paged
@@ -148,14 +149,61 @@ def naive_logits(params, tokens, c: Config):
     return rms_norm(h, params["final_norm"], c.rms_eps) @ params["head"]
 
 
+def _check_cache_matches(params, cache: paged.PagedLatentCache, c: Config) -> None:
+    """The cache has one pool per layer of params, each token's latent 576 (latent_dim) wide."""
+    paged.check_cache_layout(cache)
+    layers = len(params["layers"])
+    if cache.pool.shape[0] != layers:
+        raise ValueError(f"cache: expected {layers} layers (one per layer of params), got "
+                         f"{cache.pool.shape[0]} (pool shape {tuple(cache.pool.shape)})")
+    if cache.pool.shape[4] != c.latent_dim:
+        raise ValueError(f"cache: expected head_dim {c.latent_dim} (kv_lora_rank + "
+                         f"qk_rope_head_dim of the config), got {cache.pool.shape[4]}")
+
+
+def _check_prompts(cache: paged.PagedLatentCache, prompts, c: Config) -> None:
+    """One prompt per request, of token ids in the vocabulary, each on an empty request with
+    room for it, all together within the free pages; on the host (prefill syncs anyway)."""
+    requests = cache.seqlens.shape[0]
+    if len(prompts) != requests:
+        raise ValueError(f"prompts: expected {requests} prompts (one per request of the cache, "
+                         f"empty for an idle one), got {len(prompts)}")
+    seqlens = np.asarray(cache.seqlens)
+    page = cache.page_block_size
+    pages_needed = 0
+    for r, prompt in enumerate(prompts):
+        tokens = np.asarray(prompt)
+        if tokens.size and (tokens.ndim != 1 or not np.issubdtype(tokens.dtype, np.integer)):
+            raise TypeError(f"prompts[{r}]: expected a sequence of int token ids, got "
+                            f"{tokens.dtype} of shape {tokens.shape}")
+        if tokens.size and (tokens.min() < 0 or tokens.max() >= c.vocab_size):
+            raise ValueError(f"prompts[{r}]: expected token ids in [0, {c.vocab_size}) (the "
+                             f"config's vocab_size), got {tokens.min()}..{tokens.max()}")
+        if tokens.size and seqlens[r]:
+            raise ValueError(f"prompts[{r}]: expected an empty request (prefill starts one; free "
+                             f"it first), got request {r} holding {seqlens[r]} tokens")
+        if tokens.size > cache.capacity_per_request:
+            raise ValueError(f"prompts[{r}]: expected at most {cache.capacity_per_request} "
+                             f"tokens (the cache's max_blocks_per_seq * page_block_size), got "
+                             f"{tokens.size}")
+        pages_needed += -(-tokens.size // page)
+    pages_free = int(np.sum(np.asarray(cache.page_owner) == paged.NO_PAGE))
+    if pages_needed > pages_free:
+        raise ValueError(f"prompts: expected at most {pages_free} pages of {page} tokens in all "
+                         f"(the cache's free pages), got prompts needing {pages_needed}")
+
+
 def prefill(params, cache: paged.PagedLatentCache, prompts, c: Config):
-    """Runs each prompt (a list of token arrays, one per request; empty for idle requests)
-    through the naive path and writes its latents into the cache. Returns the cache and the
-    last logits of each request."""
+    """Runs each prompt (a list of token ids, one per request; empty for idle requests, which
+    must be empty in the cache otherwise) through the naive path and writes its latents into
+    the cache. Returns the cache and the last logits of each request (of token 0 for an idle
+    one). Not jittable: it checks the prompts against the cache on the host first."""
+    _check_cache_matches(params, cache, c)
+    _check_prompts(cache, prompts, c)
     lengths = jnp.asarray([len(p) for p in prompts], jnp.int32)
     cache, ok = paged.reserve(cache, lengths)
     paged.check(ok, "prefill: reserve")
-    longest = max(len(p) for p in prompts)
+    longest = max(1, max(len(p) for p in prompts))
     last_logits = []
     layer_latents = [[] for _ in params["layers"]]
     for prompt in prompts:
@@ -173,26 +221,59 @@ def prefill(params, cache: paged.PagedLatentCache, prompts, c: Config):
     for i, per_request in enumerate(layer_latents):
         cache, ok = paged.write_latents(cache, i, jnp.stack(per_request), lengths)
         paged.check(ok, "prefill: write_latents")
-    return paged.advance(cache, lengths), jnp.stack(last_logits)
+    cache, ok = paged.advance(cache, lengths)
+    paged.check(ok, "prefill: advance")
+    return cache, jnp.stack(last_logits)
+
+
+def _check_step_inputs(params, cache: paged.PagedLatentCache, tokens, active, c: Config,
+                       head_shards) -> None:
+    _check_cache_matches(params, cache, c)
+    requests = cache.seqlens.shape[0]
+    for name, x, kind in (("tokens", tokens, "int32"), ("active", active, "bool")):
+        if not hasattr(x, "dtype"):
+            raise TypeError(f"{name}: expected a {kind} array [{requests}], got "
+                            f"{type(x).__name__}")
+        if np.dtype(x.dtype) != np.dtype(kind):
+            raise TypeError(f"{name}: expected dtype {kind}, got {np.dtype(x.dtype).name}")
+        if tuple(x.shape) != (requests,):
+            raise ValueError(f"{name}: expected shape ({requests},) (one per request of the "
+                             f"cache), got {tuple(x.shape)}")
+    if (isinstance(head_shards, bool) or not isinstance(head_shards, int) or head_shards < 1
+            or c.num_heads % head_shards):
+        raise ValueError(f"head_shards: expected a positive int dividing the config's "
+                         f"num_heads {c.num_heads}, got {head_shards!r}")
 
 
 def decode_step(params, cache: paged.PagedLatentCache, tokens, active, c: Config,
                 head_shards: int = 1):
     """One token for every active request: tokens [R] int32, active [R] bool.
 
-    Returns (cache, logits [R, vocab], ok): the new tokens' latents are written (in place when
-    the cache is donated), attention runs through the kernel over the paged cache with one
+    Returns (cache, logits [R, vocab], ok [R]): the new tokens' latents are written (in place
+    when the cache is donated), attention runs through the kernel over the paged cache with one
     schedule shared by every layer. `head_shards`: devices the heads are split over (tensor
     parallel); the schedule is sized for the heads one device computes (sized for all of them,
-    128 heads over 8 GPUs would fill half of each GPU's SMs)."""
-    counts = active.astype(jnp.int32)
-    cache, ok = paged.reserve(cache, counts)
+    128 heads over 8 GPUs would fill half of each GPU's SMs).
+
+    All-or-nothing, like `paged.reserve`: when an active request's token is outside the
+    vocabulary or the cache cannot take a token for every active request, every ok flag is
+    False, every logit NaN, and the cache comes back unchanged (nothing reserved, written or
+    advanced)."""
+    _check_step_inputs(params, cache, tokens, active, c, head_shards)
+    in_vocabulary = (tokens >= 0) & (tokens < c.vocab_size)
+    tokens_ok = jnp.all(in_vocabulary | ~active)
+    counts = (active & tokens_ok).astype(jnp.int32)
+    cache, reserved = paged.reserve(cache, counts)
+    ok = reserved & tokens_ok
+    counts = jnp.where(ok, counts, 0)
     positions = cache.seqlens  # the new token's position
     seqlens_after = cache.seqlens + counts
     metadata = jax_flash_mla.get_mla_metadata(seqlens_after, c.num_heads // head_shards, 1)
-    h = params["embed"][tokens]
+    h = params["embed"][jnp.where(in_vocabulary, tokens, 0)]
     for i, layer in enumerate(params["layers"]):
         x = rms_norm(h, layer["attn_norm"], c.rms_eps)
+        # After a reserve that succeeded every write does; and since whether one does depends
+        # on the positions, not on the layer, no request is ever written in some layers only.
         cache, written = paged.write_latents(cache, i, latents(layer, x, positions, c)[:, None],
                                              counts)
         ok = ok & written
@@ -206,4 +287,6 @@ def decode_step(params, cache: paged.PagedLatentCache, tokens, active, c: Config
         h = h + jnp.einsum("bhd,hdo->bo", o, layer["w_o"])
         h = h + _mlp(layer, h, c)
     logits = rms_norm(h, params["final_norm"], c.rms_eps) @ params["head"]
-    return paged.advance(cache, counts), logits, ok
+    cache, advanced = paged.advance(cache, jnp.where(ok, counts, 0))
+    ok = ok & advanced
+    return cache, jnp.where(ok[:, None], logits, jnp.nan), ok

@@ -64,11 +64,20 @@ def engine_cache_specs(axis: str = "dp") -> paged.PagedLatentCache:
                                   page_owner=P(axis))
 
 
+def engine_sharded(stacked: paged.PagedLatentCache, mesh: Mesh, axis: str = "dp"
+                   ) -> paged.PagedLatentCache:
+    """A stacked engine cache placed as data_parallel_step puts its cache out (each device its
+    engine's part): placed so before the first step, the step compiled for it takes every
+    later step's cache too."""
+    return jax.device_put(stacked, paged.PagedLatentCache(
+        *(NamedSharding(mesh, spec) for spec in engine_cache_specs(axis))))
+
+
 def data_parallel_step(config: deepseek.Config, mesh: Mesh, axis: str = "dp"):
     """The decode step with one engine per device of `mesh`: step(params, cache, tokens, active)
-    with params replicated, a stacked engine cache (stack_engine_caches), tokens and active
-    [requests] split on `axis`; jitted, cache donated. Returns (cache, logits, ok) like
-    decode_step."""
+    with params replicated, a stacked engine cache (stack_engine_caches, placed by
+    engine_sharded), tokens and active [requests] split on `axis`; jitted, cache donated.
+    Returns (cache, logits, ok) like decode_step, each engine all-or-nothing on its own."""
     def engine(params, cache, tokens, active):
         return deepseek.decode_step(params, cache, tokens, active, config)
 
