@@ -7,6 +7,11 @@ State (a pytree, so it passes through jit, donation and sharding like any array 
   seqlens      [max_requests] int32                                    cached tokens
   page_owner   [num_blocks] int32                                      owning request, -1 free
 
+The pool's dtype says how a token is stored: a floating pool holds latents as they are; a uint8
+pool (init_cache(..., dtype=jnp.uint8)) holds each 576-wide latent in the 656-byte FP8 layout
+of DeepSeek-V3.2 (see fp8_cache), pool [..., 1, 656], the k_cache FlashMLA's sparse decode
+reads. write_latents takes latents [..., 576] either way and quantizes them for a uint8 pool.
+
 Every update is a pure function of the state. Jit the step that uses them with the cache
 donated (`jax.jit(step, donate_argnums=...)`) and XLA updates the pool in place: the scatter
 writes only the new tokens' rows (see tests/test_cache.py, which checks the aliasing).
@@ -32,6 +37,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from . import fp8_cache
+
 NO_PAGE = -1
 INT32_MAX = int(np.iinfo(np.int32).max)
 
@@ -50,6 +57,16 @@ class PagedLatentCache(NamedTuple):
     def capacity_per_request(self) -> int:
         return self.block_table.shape[1] * self.page_block_size
 
+    @property
+    def is_fp8(self) -> bool:
+        """Whether the pool holds tokens in the 656-byte FP8 layout."""
+        return _is_fp8_pool(self.pool)
+
+    @property
+    def head_dim(self) -> int:
+        """Width of a latent as write_latents takes it (576 for an FP8 pool)."""
+        return fp8_cache.LATENT_DIM if self.is_fp8 else self.pool.shape[4]
+
 
 def _dtype_name(x) -> str:
     return np.dtype(x.dtype).name
@@ -59,10 +76,20 @@ def _is_int(value) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
 
 
+def _is_fp8_pool(pool) -> bool:
+    return np.dtype(pool.dtype) == np.uint8
+
+
 def init_cache(num_layers: int, num_blocks: int, page_block_size: int, max_requests: int,
                max_blocks_per_seq: int, head_dim: int = 576, dtype=jnp.bfloat16
                ) -> PagedLatentCache:
-    """An empty cache: every page free, every request empty."""
+    """An empty cache: every page free, every request empty.
+
+    dtype: a floating dtype of 16 bits or more stores latents [head_dim] as they are; uint8
+    stores each latent (head_dim 576) in the 656-byte FP8 layout, a pool of
+    [num_layers, num_blocks, page_block_size, 1, 656] bytes (zeros, which read back as zero
+    latents).
+    """
     for name, value in (("num_layers", num_layers), ("num_blocks", num_blocks),
                         ("page_block_size", page_block_size), ("max_requests", max_requests),
                         ("max_blocks_per_seq", max_blocks_per_seq), ("head_dim", head_dim)):
@@ -79,10 +106,18 @@ def init_cache(num_layers: int, num_blocks: int, page_block_size: int, max_reque
     if max_requests * max_blocks_per_seq > INT32_MAX:
         raise ValueError(f"max_requests: expected at most {INT32_MAX // max_blocks_per_seq} (the "
                          f"pages of all requests are counted in int32), got {max_requests}")
-    if not jnp.issubdtype(dtype, jnp.floating):
-        raise TypeError(f"dtype: expected a floating dtype, got {np.dtype(dtype).name}")
+    fp8 = np.dtype(dtype) == np.uint8
+    # An 8-bit float pool would cast latents to e4m3 without scales: point to the FP8 layout.
+    if not fp8 and (not jnp.issubdtype(dtype, jnp.floating) or np.dtype(dtype).itemsize < 2):
+        raise TypeError(f"dtype: expected a floating dtype of 16 bits or more, or uint8 (the "
+                        f"{fp8_cache.FP8_BYTES_PER_TOKEN}-byte FP8 layout), got "
+                        f"{np.dtype(dtype).name}")
+    if fp8 and head_dim != fp8_cache.LATENT_DIM:
+        raise ValueError(f"head_dim: expected {fp8_cache.LATENT_DIM} with dtype uint8 (the FP8 "
+                         f"layout packs {fp8_cache.LATENT_DIM}-wide latents), got {head_dim}")
+    token_width = fp8_cache.FP8_BYTES_PER_TOKEN if fp8 else head_dim
     return PagedLatentCache(
-        pool=jnp.zeros((num_layers, num_blocks, page_block_size, 1, head_dim), dtype),
+        pool=jnp.zeros((num_layers, num_blocks, page_block_size, 1, token_width), dtype),
         block_table=jnp.full((max_requests, max_blocks_per_seq), NO_PAGE, jnp.int32),
         seqlens=jnp.zeros((max_requests,), jnp.int32),
         page_owner=jnp.full((num_blocks,), NO_PAGE, jnp.int32),
@@ -106,8 +141,13 @@ def check_cache_layout(cache) -> None:
     if np.ndim(pool) != 5 or pool.shape[3] != 1:
         raise ValueError(f"cache.pool: expected shape [num_layers, num_blocks, page_block_size, "
                          f"1, head_dim], got {tuple(np.shape(pool))}")
-    if not jnp.issubdtype(pool.dtype, jnp.floating):
-        raise TypeError(f"cache.pool: expected a floating dtype, got {_dtype_name(pool)}")
+    if not jnp.issubdtype(pool.dtype, jnp.floating) and not _is_fp8_pool(pool):
+        raise TypeError(f"cache.pool: expected a floating dtype or uint8 (the FP8 layout), got "
+                        f"{_dtype_name(pool)}")
+    if _is_fp8_pool(pool) and pool.shape[4] != fp8_cache.FP8_BYTES_PER_TOKEN:
+        raise ValueError(f"cache.pool: expected {fp8_cache.FP8_BYTES_PER_TOKEN} bytes per token "
+                         f"(last axis) in a uint8 pool (the FP8 layout), got shape "
+                         f"{tuple(pool.shape)}")
     for name, x in (("block_table", table), ("seqlens", seqlens), ("page_owner", owner)):
         if np.dtype(x.dtype) != np.int32:
             raise TypeError(f"cache.{name}: expected dtype int32, got {_dtype_name(x)}")
@@ -229,13 +269,15 @@ def write_latents(cache: PagedLatentCache, layer, latents, num_new_tokens
     """Writes latents [max_requests, n, head_dim] of layer `layer` at each request's next
     positions (seqlens .. seqlens + num_new_tokens - 1): request r's first num_new_tokens[r]
     rows, the rest ignored. seqlens does not move: call `advance` once all layers are written.
+    A uint8 (FP8) pool stores fp8_cache.quantize_fp8_kvcache of each row (head_dim 576).
 
     Returns ok [max_requests], per request: False where num_new_tokens[r] is negative or more
     than n, a position has no page of that request (reserve first), or a traced layer is out
     of range; nothing of that request is written then (never elsewhere either).
     """
     check_cache_layout(cache)
-    num_layers, _, page_size, _, head_dim = cache.pool.shape
+    num_layers, _, page_size, _, _ = cache.pool.shape
+    head_dim = cache.head_dim
     layer_ok = _layer_in_range(layer, num_layers)
     requests = cache.seqlens.shape[0]
     if not hasattr(latents, "dtype") or np.ndim(latents) != 3:
@@ -263,8 +305,9 @@ def write_latents(cache: PagedLatentCache, layer, latents, num_new_tokens
     dropped = cache.pool.shape[1]  # an out-of-range page index: the scatter drops it
     target_page = jnp.where(wanted & ok[:, None], page, dropped)
     layer_index = layer if layer_ok is True else jnp.where(layer_ok, layer, 0)
-    pool = cache.pool.at[layer_index, target_page, position % page_size, 0].set(
-        latents.astype(cache.pool.dtype), mode="drop")
+    rows = (fp8_cache.quantize_fp8_kvcache(latents) if cache.is_fp8
+            else latents.astype(cache.pool.dtype))
+    pool = cache.pool.at[layer_index, target_page, position % page_size, 0].set(rows, mode="drop")
     return cache._replace(pool=pool), ok
 
 

@@ -1,24 +1,46 @@
 """Pure-jnp paged MLA decode: the oracle the kernels are tested against.
 
-Same signature and the same rules as `jax_flash_mla.flash_mla_with_kvcache` (lengths clamped
-to the table's capacity, invalid pages masked, out = 0 and lse = +inf for a query that sees no
-key), computed in float32 with full-precision matmuls. It gathers every request's pages into
-a dense [batch, capacity, ...] array, so it is also the plain-JAX baseline of the benchmark.
+Dense decode: the signature and the rules of `jax_flash_mla.flash_mla_with_kvcache` (lengths
+clamped to the table's capacity, invalid pages masked, out = 0 and lse = +inf for a query that
+sees no key), computed in float32 with full-precision matmuls. It gathers every request's pages
+into a dense [batch, capacity, ...] array, so it is also the plain-JAX baseline of the
+benchmark.
+
+Sparse decode (DeepSeek-V3.2, `indices` given): FlashMLA's keywords and contract (DESIGN.md),
+also in float32; it gathers the selected tokens, dequantizes them and attends to them.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from . import validation
+from . import fp8_cache, validation
 
 _HIGHEST = jax.lax.Precision.HIGHEST
+_INT32_MAX = int(np.iinfo(np.int32).max)
 
 
-def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v=512, metadata=None,
-                           softmax_scale=None, causal=False):
+def flash_mla_with_kvcache(q, k_cache, block_table=None, cache_seqlens=None, head_dim_v=512,
+                           metadata=None, softmax_scale=None, causal=False, is_fp8_kvcache=False,
+                           indices=None, topk_length=None, attn_sink=None):
+    """Dense decode without `indices` (block_table and cache_seqlens then required), sparse
+    decode with them (block_table and cache_seqlens unused, as in FlashMLA: the block table is
+    folded into the indices). See _sparse_decode for the sparse arguments."""
     del metadata  # the reference needs no schedule
+    if indices is None:
+        validation.check_dense_decode_only(block_table, cache_seqlens, is_fp8_kvcache,
+                                           topk_length, attn_sink)
+        return _dense_decode(q, k_cache, block_table, cache_seqlens, head_dim_v, softmax_scale,
+                             causal)
+    validation.check_sparse_decode_args(q, k_cache, head_dim_v, softmax_scale, causal,
+                                        is_fp8_kvcache, indices, topk_length, attn_sink)
+    return _sparse_decode(q, k_cache, head_dim_v, softmax_scale, is_fp8_kvcache, indices,
+                          topk_length, attn_sink)
+
+
+def _dense_decode(q, k_cache, block_table, cache_seqlens, head_dim_v, softmax_scale, causal):
     validation.check_decode_args(q, k_cache, block_table, cache_seqlens, head_dim_v, None,
                                  softmax_scale, causal)
     batch, seqlen_q, num_heads_q, head_dim = q.shape
@@ -58,3 +80,67 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v=51
     out = out.transpose(0, 3, 1, 2, 4).reshape(batch, seqlen_q, num_heads_q, head_dim_v)
     lse = lse.reshape(batch, num_heads_q, seqlen_q)
     return out.astype(q.dtype), lse
+
+
+def _selected_slots(indices, topk_length, pool_tokens: int):
+    """bool [b, s_q, topk]: the slots that count. An index counts when it is in
+    [0, pool_tokens) and its slot is among the request's first topk_length[b]."""
+    selected = indices >= 0
+    if pool_tokens <= _INT32_MAX:  # otherwise every non-negative int32 is inside the pool
+        selected &= indices < pool_tokens
+    if topk_length is not None:
+        slot = jnp.arange(indices.shape[2], dtype=jnp.int32)
+        selected &= slot[None, None, :] < topk_length[:, None, None]
+    return selected
+
+
+def _sparse_decode(q, k_cache, head_dim_v, softmax_scale, is_fp8_kvcache, indices, topk_length,
+                   attn_sink):
+    """Sparse decode of DeepSeek-V3.2, as FlashMLA's flash_mla_with_kvcache with indices.
+
+    q: bfloat16 [b, s_q, h_q, 576]. k_cache: [num_blocks, page, 1, 656] uint8 or float8_e4m3fn
+    (is_fp8_kvcache=True, the layout of fp8_cache) or bfloat16 [num_blocks, page, 1, 576].
+    indices: int32 [b, s_q, topk], each page_id * page + offset into the pool. A slot counts
+    when its index is in [0, num_blocks * page) and, given topk_length (int32 [b]), the slot is
+    among the first topk_length[b]; every other slot contributes nothing and its token is never
+    used (NaN there does not reach the result). A token selected twice counts twice; NaN in a
+    counted token makes its query's out and lse NaN.
+    attn_sink: float32 [h_q] or None: one more logit per head that joins the softmax's
+    denominator only: out *= 1 / (1 + exp(attn_sink - lse)) = exp(lse) / (exp(lse) +
+    exp(attn_sink)); lse is unchanged. -inf changes nothing, +inf makes out 0.
+
+    Returns out [b, s_q, h_q, 512] in q's dtype and lse float32 [b, h_q, s_q], natural log of
+    the sum of exp(scores) over the counted slots. A query with no counted slot gets out = 0
+    and lse = +inf, with or without a sink (as FlashMLA's reference, tests/ref.py).
+    """
+    head_dim = q.shape[3]
+    num_blocks, page_block_size, _, token_width = k_cache.shape
+    pool_tokens = num_blocks * page_block_size
+    if softmax_scale is None:
+        softmax_scale = head_dim ** -0.5
+
+    selected = _selected_slots(indices, topk_length, pool_tokens)
+    rows = k_cache.reshape(pool_tokens, token_width)
+    # Unselected slots read token 0 (in bounds) and are zeroed: a masked token may hold NaN.
+    gathered = rows[jnp.where(selected, indices, 0)]  # [b, s_q, topk, width]
+    keys = (fp8_cache.dequantize_fp8_kvcache(gathered, jnp.float32) if is_fp8_kvcache
+            else gathered.astype(jnp.float32))
+    keys = jnp.where(selected[..., None], keys, 0.0)
+
+    qf = q.astype(jnp.float32)
+    scores = jnp.einsum("bqhd,bqtd->bqht", qf, keys, precision=_HIGHEST) * softmax_scale
+    counted = selected[:, :, None, :]
+    scores = jnp.where(counted, scores, -jnp.inf)
+    row_max = jnp.max(scores, axis=-1, keepdims=True)
+    # From the selection, not from row_max: NaN in a counted token must reach the result.
+    saw_key = jnp.any(counted, axis=-1, keepdims=True)
+    weights = jnp.where(counted, jnp.exp(scores - jnp.where(saw_key, row_max, 0.0)), 0.0)
+    total = jnp.where(saw_key, jnp.sum(weights, axis=-1, keepdims=True), 1.0)
+    out = jnp.einsum("bqht,bqtv->bqhv", weights, keys[..., :head_dim_v], precision=_HIGHEST)
+    out = out / total
+    lse = jnp.where(saw_key, row_max + jnp.log(total), jnp.inf)  # [b, s_q, h_q, 1]
+    if attn_sink is not None:
+        sink = attn_sink.astype(jnp.float32)[None, None, :, None]
+        out = out / (1.0 + jnp.exp(sink - jnp.where(saw_key, lse, 0.0)))
+    out = jnp.where(saw_key, out, 0.0)
+    return out.astype(q.dtype), lse[..., 0].transpose(0, 2, 1)

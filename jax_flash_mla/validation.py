@@ -14,15 +14,25 @@ import math
 import numpy as np
 import jax.numpy as jnp
 
+from . import fp8_cache
 from ._constants import METADATA_INTS
 
 SUPPORTED_HEAD_DIMS = (576, 512)
 SUPPORTED_HEAD_DIM_V = 512
 SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float16)
+# Sparse decode serves DeepSeek-V3.2: bfloat16 queries over 576-wide latents, as FlashMLA's.
+SPARSE_DTYPE = jnp.bfloat16
+SPARSE_HEAD_DIM = fp8_cache.LATENT_DIM
 
 
 def _dtype_name(x) -> str:
     return np.dtype(x.dtype).name
+
+
+def _described(x) -> str:
+    if hasattr(x, "dtype") and hasattr(x, "shape"):
+        return f"{_dtype_name(x)} of shape {tuple(x.shape)}"
+    return type(x).__name__
 
 
 def check_rank(name: str, x, rank: int, layout: str) -> None:
@@ -39,6 +49,11 @@ def check_int32(name: str, x) -> None:
 def check_cache_seqlens(cache_seqlens) -> None:
     check_int32("cache_seqlens", cache_seqlens)
     check_rank("cache_seqlens", cache_seqlens, 1, "[batch]")
+
+
+def check_bool(name: str, value) -> None:
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name}: expected a Python bool, got {type(value).__name__}")
 
 
 def check_positive_int(name: str, value) -> None:
@@ -86,6 +101,86 @@ def check_decode_args(q, k_cache, block_table, cache_seqlens, head_dim_v, metada
     check_softmax_scale(softmax_scale)
     if not isinstance(causal, (bool, np.bool_)):
         raise TypeError(f"causal: expected a Python bool, got {type(causal).__name__}")
+
+
+def check_dense_decode_only(block_table, cache_seqlens, is_fp8_kvcache, topk_length,
+                            attn_sink) -> None:
+    """Without indices the decode is dense: it reads pages through block_table, and the
+    arguments of sparse decode must be left unset rather than silently ignored."""
+    check_bool("is_fp8_kvcache", is_fp8_kvcache)
+    if is_fp8_kvcache:
+        raise ValueError("is_fp8_kvcache: expected False without indices (only sparse decode "
+                         "reads the FP8 cache), got True")
+    for name, value in (("topk_length", topk_length), ("attn_sink", attn_sink)):
+        if value is not None:
+            raise ValueError(f"{name}: expected None without indices (it belongs to sparse "
+                             f"decode), got {_described(value)}")
+    for name, value in (("block_table", block_table), ("cache_seqlens", cache_seqlens)):
+        if value is None:
+            raise TypeError(f"{name}: expected an int32 array (dense decode reads pages through "
+                            f"it; pass indices for sparse decode), got None")
+
+
+def check_sparse_decode_args(q, k_cache, head_dim_v, softmax_scale, causal, is_fp8_kvcache,
+                             indices, topk_length, attn_sink) -> None:
+    """Sparse (top-k) decode, DeepSeek-V3.2: FlashMLA's contract (DESIGN.md) without its limits
+    on num_heads_q and topk."""
+    check_bool("is_fp8_kvcache", is_fp8_kvcache)
+    check_bool("causal", causal)
+    if causal:
+        raise ValueError("causal: expected False with indices (sparse decode has no mask: the "
+                         "indices say which tokens each query sees), got True")
+    check_rank("q", q, 4, f"[batch, seqlen_q, num_heads_q, {SPARSE_HEAD_DIM}]")
+    check_rank("k_cache", k_cache, 4, "[num_blocks, page_block_size, 1, bytes or head_dim]")
+    if np.dtype(q.dtype) != np.dtype(SPARSE_DTYPE):
+        raise TypeError(f"q: expected dtype bfloat16 (sparse decode), got {_dtype_name(q)}")
+    batch, seqlen_q, num_heads_q, head_dim = q.shape
+    if head_dim != SPARSE_HEAD_DIM:
+        raise ValueError(f"q: expected head_dim {SPARSE_HEAD_DIM} (last axis; sparse decode "
+                         f"takes DeepSeek-V3.2's latents), got {head_dim}")
+    num_blocks, page_block_size, num_heads_k, token_width = k_cache.shape
+    if num_heads_k != 1:
+        raise ValueError(f"k_cache: expected num_heads_k 1 (axis 2; sparse decode attends to "
+                         f"one latent per token), got {num_heads_k}")
+    if num_blocks < 1 or page_block_size < 1:
+        raise ValueError(f"k_cache: expected num_blocks >= 1 and page_block_size >= 1 (axes 0 "
+                         f"and 1), got shape {tuple(k_cache.shape)}")
+    if is_fp8_kvcache:
+        if np.dtype(k_cache.dtype) not in fp8_cache.PACKED_DTYPES:
+            raise TypeError(f"k_cache: expected dtype uint8 or float8_e4m3fn with "
+                            f"is_fp8_kvcache=True, got {_dtype_name(k_cache)}")
+        if token_width != fp8_cache.FP8_BYTES_PER_TOKEN:
+            raise ValueError(f"k_cache: expected {fp8_cache.FP8_BYTES_PER_TOKEN} bytes per token "
+                             f"(last axis, the FP8 layout) with is_fp8_kvcache=True, got "
+                             f"{token_width}")
+    else:
+        if np.dtype(k_cache.dtype) != np.dtype(q.dtype):
+            hint = (" (an FP8 cache needs is_fp8_kvcache=True)"
+                    if np.dtype(k_cache.dtype) in fp8_cache.PACKED_DTYPES else "")
+            raise TypeError(f"k_cache: expected dtype {_dtype_name(q)} (the dtype of q) with "
+                            f"is_fp8_kvcache=False, got {_dtype_name(k_cache)}{hint}")
+        if token_width != head_dim:
+            raise ValueError(f"k_cache: expected head_dim {head_dim} (as q) with "
+                             f"is_fp8_kvcache=False, got {token_width}")
+    if isinstance(head_dim_v, bool) or head_dim_v != SUPPORTED_HEAD_DIM_V:
+        raise ValueError(f"head_dim_v: expected {SUPPORTED_HEAD_DIM_V}, got {head_dim_v!r}")
+    check_int32("indices", indices)
+    check_rank("indices", indices, 3, "[batch, seqlen_q, topk]")
+    if tuple(indices.shape[:2]) != (batch, seqlen_q) or indices.shape[2] < 1:
+        raise ValueError(f"indices: expected shape ({batch}, {seqlen_q}, topk) with topk >= 1 "
+                         f"(batch and seqlen_q of q), got {tuple(indices.shape)}")
+    if topk_length is not None:
+        check_int32("topk_length", topk_length)
+        if tuple(np.shape(topk_length)) != (batch,):
+            raise ValueError(f"topk_length: expected shape ({batch},) (q.shape[0]), got "
+                             f"{tuple(np.shape(topk_length))}")
+    if attn_sink is not None:
+        if not hasattr(attn_sink, "dtype") or np.dtype(attn_sink.dtype) != np.float32:
+            raise TypeError(f"attn_sink: expected dtype float32, got {_described(attn_sink)}")
+        if tuple(np.shape(attn_sink)) != (num_heads_q,):
+            raise ValueError(f"attn_sink: expected shape ({num_heads_q},) (num_heads_q, "
+                             f"q.shape[2]), got {tuple(np.shape(attn_sink))}")
+    check_softmax_scale(softmax_scale)
 
 
 def check_softmax_scale(softmax_scale) -> None:

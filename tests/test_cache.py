@@ -204,8 +204,10 @@ def test_decode_reads_what_was_written(rng):
                                atol=2e-2)
 
 
-def test_donated_step_updates_the_pool_in_place(rng):
-    cache = small_cache(num_blocks=64, page=16, requests=4, max_blocks=16)
+@pytest.mark.parametrize("pool_dtype, pool_shape", [(jnp.float32, "f32[2,64,16,1,576]"),
+                                                     (jnp.uint8, "u8[2,64,16,1,656]")])
+def test_donated_step_updates_the_pool_in_place(rng, pool_dtype, pool_shape):
+    cache = paged.init_cache(2, 64, 16, 4, 16, D, pool_dtype)
 
     def step(cache, latents):
         counts = jnp.full((4,), 1, jnp.int32)
@@ -213,10 +215,9 @@ def test_donated_step_updates_the_pool_in_place(rng):
         cache, _ = paged.write_latents(cache, 0, latents, counts)
         return paged.advance(cache, counts)[0]
 
-    latents = jnp.ones((4, 1, D), jnp.float32)
+    latents = jnp.asarray(rng.standard_normal((4, 1, D)), jnp.bfloat16)
     stepper = jax.jit(step, donate_argnums=0)
     hlo = stepper.lower(cache, latents).compile().as_text()
-    pool_shape = "f32[2,64,16,1,576]"
     # The pool parameter is aliased to the output, and no instruction copies it.
     assert "input_output_alias" in hlo
     assert not any(" copy(" in line and pool_shape in line for line in hlo.splitlines())
@@ -224,3 +225,9 @@ def test_donated_step_updates_the_pool_in_place(rng):
     cache = stepper(cache, latents)
     assert pool_before.is_deleted()
     assert int(cache.seqlens[0]) == 1
+    # What landed is the latent, quantized on write for an FP8 pool (test_fp8_cache.py checks
+    # the quantizer's bytes against an independent one).
+    page = int(cache.block_table[2, 0])
+    want = (jax_flash_mla.quantize_fp8_kvcache(latents[2, 0]) if pool_dtype == jnp.uint8
+            else latents[2, 0].astype(pool_dtype))
+    np.testing.assert_array_equal(np.asarray(cache.pool[0, page, 0, 0]), np.asarray(want))
