@@ -21,12 +21,8 @@ import jax.numpy as jnp
 
 import jax_flash_mla
 from jax_flash_mla import paged_inputs
-from jax_flash_mla.device_timing import device_time_per_call
+from jax_flash_mla.device_timing import device_time_per_call, on_gpu
 from jax_flash_mla.validation import non_negative_int, positive_int
-
-
-def on_gpu() -> bool:
-    return jax.devices()[0].platform == "gpu"
 
 
 def time_per_call(decode, args, iters: int) -> tuple[float, str]:

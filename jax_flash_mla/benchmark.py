@@ -31,7 +31,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import jax_flash_mla
 from jax_flash_mla import flashmla_baseline, paged_inputs
-from jax_flash_mla.device_timing import device_time_per_call, wall_time_per_call
+from jax_flash_mla.device_timing import device_time_per_call, on_gpu, wall_time_per_call
 from jax_flash_mla.validation import positive_int
 
 D, DV = 576, 512
@@ -76,10 +76,6 @@ def traffic(lengths, b, h_q, s_q, h_kv=1):
     total = float(np.sum(lengths))
     return (total * h_kv * D * 2 + b * s_q * h_q * (D + DV) * 2,
             2.0 * s_q * h_q * (D + DV) * total)
-
-
-def on_gpu() -> bool:
-    return jax.devices()[0].platform == "gpu"
 
 
 def time_per_call(fn, args, calls, repeats, blocks):

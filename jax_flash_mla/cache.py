@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import fp8_cache
+from .validation import _dtype_name
 
 NO_PAGE = -1
 INT32_MAX = int(np.iinfo(np.int32).max)
@@ -66,10 +67,6 @@ class PagedLatentCache(NamedTuple):
     def head_dim(self) -> int:
         """Width of a latent as write_latents takes it (576 for an FP8 pool)."""
         return fp8_cache.LATENT_DIM if self.is_fp8 else self.pool.shape[4]
-
-
-def _dtype_name(x) -> str:
-    return np.dtype(x.dtype).name
 
 
 def _is_int(value) -> bool:

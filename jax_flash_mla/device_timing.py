@@ -23,6 +23,11 @@ import time
 import jax
 
 
+def on_gpu() -> bool:
+    """Whether JAX's default device is a GPU: only there do the kernels' profiler spans exist."""
+    return jax.devices()[0].platform == "gpu"
+
+
 def kernel_events(data) -> list[tuple[str, float, float]]:
     """(name, start_ns, end_ns) of every kernel the first GPU ran in a jax.profiler.ProfileData,
     by start time."""

@@ -99,8 +99,7 @@ def check_decode_args(q, k_cache, block_table, cache_seqlens, head_dim_v, metada
     if metadata is not None:
         check_metadata(metadata, batch)
     check_softmax_scale(softmax_scale)
-    if not isinstance(causal, (bool, np.bool_)):
-        raise TypeError(f"causal: expected a Python bool, got {type(causal).__name__}")
+    check_bool("causal", causal)
 
 
 def check_dense_decode_only(block_table, cache_seqlens, is_fp8_kvcache, topk_length,
