@@ -12,9 +12,11 @@
 
 XLA_FFI_DECLARE_HANDLER_SYMBOL(jax_flash_mla_get_mla_metadata_cpu);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(jax_flash_mla_decode_cpu);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(jax_flash_mla_sparse_decode_cpu);
 #ifdef JAX_FLASH_MLA_WITH_CUDA
 XLA_FFI_DECLARE_HANDLER_SYMBOL(jax_flash_mla_get_mla_metadata_cuda);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(jax_flash_mla_decode_cuda);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(jax_flash_mla_sparse_decode_cuda);
 #endif
 
 namespace nb = nanobind;
@@ -104,12 +106,14 @@ NB_MODULE(_jax_flash_mla, m) {
     nb::dict cpu;
     cpu["jax_flash_mla_get_mla_metadata"] = as_capsule(jax_flash_mla_get_mla_metadata_cpu);
     cpu["jax_flash_mla_decode"] = as_capsule(jax_flash_mla_decode_cpu);
+    cpu["jax_flash_mla_sparse_decode"] = as_capsule(jax_flash_mla_sparse_decode_cpu);
     nb::dict platforms;
     platforms["cpu"] = cpu;
 #ifdef JAX_FLASH_MLA_WITH_CUDA
     nb::dict cuda;
     cuda["jax_flash_mla_get_mla_metadata"] = as_capsule(jax_flash_mla_get_mla_metadata_cuda);
     cuda["jax_flash_mla_decode"] = as_capsule(jax_flash_mla_decode_cuda);
+    cuda["jax_flash_mla_sparse_decode"] = as_capsule(jax_flash_mla_sparse_decode_cuda);
     platforms["CUDA"] = cuda;
 #endif
     return platforms;

@@ -10,6 +10,11 @@ better balanced problem instead of V small ones:
   unfolded one), with the same number of SM parts;
 - the static params (softmax_scale, causal, head_dim_v, the split-KV kernel) pass unchanged.
 get_mla_metadata under vmap computes one schedule per instance (lax.map).
+
+The sparse decode folds the same way: indices, like block tables, move to their instance's slice
+of a folded pool (invalid ones stay invalid), lengths fold with q, and the schedule is
+recomputed. A vmapped attn_sink (one per instance) has no folded form: those instances run one
+after another (lax.map).
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from jax.interpreters import batching
 
-from .primitives import mla_decode_p, mla_metadata_p
+from .primitives import mla_decode_p, mla_metadata_p, mla_sparse_decode_p
 
 NOT_MAPPED = None  # batching's marker for an unbatched operand or result
 
@@ -79,5 +84,44 @@ def _decode_batching_rule(args, dims, **params):
     return (unfold(out), unfold(lse)), (0, 0)
 
 
+def _fold_indices(indices, pool_tokens):
+    """[V, b, s, t] token indices into V pools -> [V * b, s, t] indices into their
+    concatenation."""
+    total = indices.shape[0] * pool_tokens
+    if total > jnp.iinfo(jnp.int32).max:
+        raise ValueError(f"k_cache: vmap over {indices.shape[0]} pools of {pool_tokens} tokens "
+                         f"folds them into one of {total} tokens, past int32 indices")
+    instance = jnp.arange(indices.shape[0], dtype=jnp.int32)[:, None, None, None]
+    valid = (indices >= 0) & (indices < pool_tokens)
+    return _fold(jnp.where(valid, indices + instance * pool_tokens, -1))
+
+
+def _sparse_decode_batching_rule(args, dims, **params):
+    size = _axis_size(args, dims)
+    if dims[4] is not NOT_MAPPED:  # one attn_sink per instance: no folded form
+        fronted = [_to_front(x, d, size) for x, d in zip(args, dims)]
+        outs = jax.lax.map(lambda xs: tuple(mla_sparse_decode_p.bind(*xs, **params)), fronted)
+        return outs, (0, 0)
+    q, k_cache, indices, lengths, attn_sink, tsm, _, *initial_outputs = args
+    q = _fold(_to_front(q, dims[0], size))
+    batch = q.shape[0] // size
+    indices = _to_front(indices, dims[2], size)
+    if dims[1] is NOT_MAPPED:  # one pool shared by every instance: indices are already global
+        pool, indices = k_cache, _fold(indices)
+    else:
+        per_instance = jnp.moveaxis(k_cache, dims[1], 0)
+        indices = _fold_indices(indices, per_instance.shape[1] * per_instance.shape[2])
+        pool = _fold(per_instance)
+    lengths = _fold(_to_front(lengths, dims[3], size))
+    folded_tsm, folded_splits = mla_metadata_p.bind(lengths.reshape(-1),
+                                                    num_sm_parts=tsm.shape[-2])
+    initial = [_fold(_to_front(x, d, size)) for x, d in zip(initial_outputs, dims[7:])]
+    out, lse = mla_sparse_decode_p.bind(q, pool, indices, lengths, attn_sink, folded_tsm,
+                                        folded_splits, *initial, **params)
+    unfold = lambda x: x.reshape((size, batch) + x.shape[1:])
+    return (unfold(out), unfold(lse)), (0, 0)
+
+
 batching.primitive_batchers[mla_metadata_p] = _metadata_batching_rule
 batching.primitive_batchers[mla_decode_p] = _decode_batching_rule
+batching.primitive_batchers[mla_sparse_decode_p] = _sparse_decode_batching_rule

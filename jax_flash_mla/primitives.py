@@ -12,6 +12,14 @@ Both decode primitives carry the static params softmax_scale, causal, head_dim_v
 the split-KV kernel as the value of the target's `kernel` attribute (_constants.SPLIT_KV_KERNELS),
 always DISPATCH from the public API, a forced kernel only from jax_flash_mla.testing.
 
+`mla_sparse_decode_p`: (q, k_cache, indices, lengths, attn_sink, tile_scheduler_metadata,
+num_splits [, initial_out, initial_lse]) -> (out, lse): DeepSeek-V3.2's sparse decode, with the
+static params softmax_scale, is_fp8_kvcache and head_dim_v. lengths int32 [b, s_q] is each query
+token's topk_length, and the schedule has one request per query token (b * s_q of them). Its
+batching and sharding rules sit beside the dense ones; `mla_sparse_decode_local_p` is its
+one-device form, whose lse comes query-major ([b, s_q, h_q], one request per query token) and
+is transposed to [b, h_q, s_q] by sparse_decode_on_one_device.
+
 o_accum / lse_accum are the float32 partials of split requests. They are results of the
 custom call, not handler-side allocations, so XLA owns that scratch: the handlers allocate
 nothing and stay valid inside CUDA graphs. Nothing above the local primitive sees them.
@@ -27,8 +35,9 @@ import jax.numpy as jnp
 from jax.extend.core import Primitive
 from jax.interpreters import ad, mlir, xla
 
+from . import fp8_cache
 from ._constants import METADATA_INTS, max_split_slots
-from ._registration import DECODE_TARGET, METADATA_TARGET
+from ._registration import DECODE_TARGET, METADATA_TARGET, SPARSE_DECODE_TARGET
 
 LOWERING_PLATFORMS = ("cpu", "cuda")
 
@@ -113,6 +122,58 @@ def _decode_local_lowering(ctx, *operands, softmax_scale, causal, head_dim_v, ke
                  head_dim_v=np.int32(head_dim_v), kernel=np.int32(kernel))
 
 
+# --- sparse decode ----------------------------------------------------------------------------
+
+mla_sparse_decode_p = Primitive("jax_flash_mla_sparse_decode")
+mla_sparse_decode_p.multiple_results = True
+mla_sparse_decode_p.def_impl(partial(xla.apply_primitive, mla_sparse_decode_p))
+
+
+@mla_sparse_decode_p.def_abstract_eval
+def _sparse_decode_abstract_eval(q, *operands, softmax_scale, is_fp8_kvcache, head_dim_v):
+    del operands, softmax_scale, is_fp8_kvcache
+    return _decode_outputs(q, head_dim_v)
+
+
+mla_sparse_decode_local_p = Primitive("jax_flash_mla_sparse_decode_local")
+mla_sparse_decode_local_p.multiple_results = True
+mla_sparse_decode_local_p.def_impl(partial(xla.apply_primitive, mla_sparse_decode_local_p))
+
+
+@mla_sparse_decode_local_p.def_abstract_eval
+def _sparse_decode_local_abstract_eval(q, k_cache, indices, lengths, attn_sink,
+                                       tile_scheduler_metadata, num_splits, *initial_outputs,
+                                       softmax_scale, is_fp8_kvcache, head_dim_v):
+    del k_cache, indices, lengths, attn_sink, num_splits, initial_outputs, softmax_scale
+    del is_fp8_kvcache
+    batch, seqlen_q, num_heads_q, _ = q.shape
+    slots = max_split_slots(batch * seqlen_q, tile_scheduler_metadata.shape[0])
+    return (
+        jax.core.ShapedArray((batch, seqlen_q, num_heads_q, head_dim_v), q.dtype),
+        jax.core.ShapedArray((batch, seqlen_q, num_heads_q), jnp.float32),
+        jax.core.ShapedArray((slots, 1, num_heads_q, head_dim_v), jnp.float32),
+        jax.core.ShapedArray((slots, 1, num_heads_q), jnp.float32),
+    )
+
+
+def sparse_decode_on_one_device(*operands, **params):
+    """(out, lse [b, h_q, s_q]) of one local sparse decode: the split scratch stays inside."""
+    out, lse, _, _ = mla_sparse_decode_local_p.bind(*operands, **params)
+    return out, lse.transpose(0, 2, 1)
+
+
+SPARSE_FIRST_INITIAL_OUTPUT = 7  # operand index of initial_out; initial_lse [b, s_q, h_q] follows
+
+
+def _sparse_decode_local_lowering(ctx, *operands, softmax_scale, is_fp8_kvcache, head_dim_v):
+    aliases = None
+    if len(operands) > SPARSE_FIRST_INITIAL_OUTPUT:
+        aliases = {SPARSE_FIRST_INITIAL_OUTPUT: 0, SPARSE_FIRST_INITIAL_OUTPUT + 1: 1}
+    lower = jax.ffi.ffi_lowering(SPARSE_DECODE_TARGET, operand_output_aliases=aliases)
+    return lower(ctx, *operands, softmax_scale=np.float32(softmax_scale),
+                 is_fp8_kvcache=bool(is_fp8_kvcache), head_dim_v=np.int32(head_dim_v))
+
+
 def _decode_jvp(primals, tangents, **params):
     del primals, tangents, params
     raise NotImplementedError(
@@ -122,7 +183,43 @@ def _decode_jvp(primals, tangents, **params):
 
 
 ad.primitive_jvps[mla_decode_p] = _decode_jvp
+ad.primitive_jvps[mla_sparse_decode_p] = _decode_jvp
 
 for _platform in LOWERING_PLATFORMS:
     mlir.register_lowering(mla_metadata_p, _metadata_lowering, platform=_platform)
     mlir.register_lowering(mla_decode_local_p, _decode_local_lowering, platform=_platform)
+mlir.register_lowering(mla_sparse_decode_local_p, _sparse_decode_local_lowering, platform="cpu")
+
+
+def _sparse_decode_local_through_bf16(q, k_cache, indices, lengths, attn_sink,
+                                      tile_scheduler_metadata, num_splits, *initial_outputs,
+                                      softmax_scale, is_fp8_kvcache, head_dim_v):
+    """A GPU's sparse decode over an FP8 pool: the tokens the call counts, gathered and
+    dequantized into a bfloat16 pool of their own (one token per slot; exact for power-of-two
+    scales), then the bfloat16 sparse target over it. Selection is decided here, so the
+    compact pool's invalid slots are the call's (-1) and no NaN of an unselected token is
+    gathered."""
+    del is_fp8_kvcache
+    batch, seqlen_q, topk = indices.shape
+    pool_tokens = k_cache.shape[0] * k_cache.shape[1]
+    selected = (indices >= 0) & (indices < pool_tokens)
+    selected &= jnp.arange(topk, dtype=jnp.int32) < lengths[..., None]
+    rows = k_cache.reshape(pool_tokens, k_cache.shape[-1])
+    compact = fp8_cache.dequantize_fp8_kvcache(rows[jnp.where(selected, indices, 0)],
+                                               jnp.bfloat16)
+    slots = jnp.arange(batch * seqlen_q * topk, dtype=jnp.int32).reshape(indices.shape)
+    return mla_sparse_decode_local_p.bind(
+        q, compact.reshape(-1, 1, 1, compact.shape[-1]), jnp.where(selected, slots, -1),
+        lengths, attn_sink, tile_scheduler_metadata, num_splits, *initial_outputs,
+        softmax_scale=softmax_scale, is_fp8_kvcache=False, head_dim_v=head_dim_v)
+
+
+def _sparse_decode_local_cuda_lowering(ctx, *operands, is_fp8_kvcache, **params):
+    if is_fp8_kvcache:
+        return mlir.lower_fun(partial(_sparse_decode_local_through_bf16, is_fp8_kvcache=True,
+                                      **params), multiple_results=True)(ctx, *operands)
+    return _sparse_decode_local_lowering(ctx, *operands, is_fp8_kvcache=False, **params)
+
+
+mlir.register_lowering(mla_sparse_decode_local_p, _sparse_decode_local_cuda_lowering,
+                       platform="cuda")

@@ -27,7 +27,7 @@ def flash_mla_with_kvcache(q, k_cache, block_table=None, cache_seqlens=None, hea
                            indices=None, topk_length=None, attn_sink=None):
     """Dense decode without `indices` (block_table and cache_seqlens then required), sparse
     decode with them (block_table and cache_seqlens unused, as in FlashMLA: the block table is
-    folded into the indices). See _sparse_decode for the sparse arguments."""
+    folded into the indices). See sparse_decode for the sparse arguments."""
     del metadata  # the reference needs no schedule
     if indices is None:
         validation.check_dense_decode_only(block_table, cache_seqlens, is_fp8_kvcache,
@@ -36,7 +36,7 @@ def flash_mla_with_kvcache(q, k_cache, block_table=None, cache_seqlens=None, hea
                              causal)
     validation.check_sparse_decode_args(q, k_cache, head_dim_v, softmax_scale, causal,
                                         is_fp8_kvcache, indices, topk_length, attn_sink)
-    return _sparse_decode(q, k_cache, head_dim_v, softmax_scale, is_fp8_kvcache, indices,
+    return sparse_decode(q, k_cache, head_dim_v, softmax_scale, is_fp8_kvcache, indices,
                           topk_length, attn_sink)
 
 
@@ -84,17 +84,19 @@ def _dense_decode(q, k_cache, block_table, cache_seqlens, head_dim_v, softmax_sc
 
 def _selected_slots(indices, topk_length, pool_tokens: int):
     """bool [b, s_q, topk]: the slots that count. An index counts when it is in
-    [0, pool_tokens) and its slot is among the request's first topk_length[b]."""
+    [0, pool_tokens) and its slot is among the request's first topk_length[b] (or, for a
+    topk_length [b, s_q], its query token's first topk_length[b, s])."""
     selected = indices >= 0
     if pool_tokens <= _INT32_MAX:  # otherwise every non-negative int32 is inside the pool
         selected &= indices < pool_tokens
     if topk_length is not None:
         slot = jnp.arange(indices.shape[2], dtype=jnp.int32)
-        selected &= slot[None, None, :] < topk_length[:, None, None]
+        limit = topk_length[:, None, None] if topk_length.ndim == 1 else topk_length[..., None]
+        selected &= slot[None, None, :] < limit
     return selected
 
 
-def _sparse_decode(q, k_cache, head_dim_v, softmax_scale, is_fp8_kvcache, indices, topk_length,
+def sparse_decode(q, k_cache, head_dim_v, softmax_scale, is_fp8_kvcache, indices, topk_length,
                    attn_sink):
     """Sparse decode of DeepSeek-V3.2, as FlashMLA's flash_mla_with_kvcache with indices.
 

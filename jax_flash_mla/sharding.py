@@ -15,7 +15,12 @@ page, the table's columns), is not a layout of its own: those operands are repli
 The rule (Shardy) names the factors; the partition callback fixes the operand shardings and
 returns the per-device computation: one local decode (decode_on_one_device).
 
-This module registers the lowering of mla_decode_p (as batching.py registers its vmap rule):
+The sparse decode (mla_sparse_decode_p) partitions the same two ways: head-parallel (q, attn_sink,
+out and lse split on heads; the FP8 or bf16 pool and the indices replicated) and batch-parallel
+(q, indices, lengths, out and lse split on the batch; k_cache split on its block axis over the
+same mesh axes, each device's indices pointing into its local pool).
+
+This module registers the lowering of mla_decode_p and mla_sparse_decode_p (as batching.py registers its vmap rule):
 through the rule where jit gives the devices, else one local decode.
 """
 
@@ -28,12 +33,17 @@ from jax.experimental.custom_partitioning import custom_partitioning
 from jax.interpreters import mlir
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from .primitives import FIRST_INITIAL_OUTPUT, decode_on_one_device, mla_decode_p, mla_metadata_p
+from .primitives import (FIRST_INITIAL_OUTPUT, SPARSE_FIRST_INITIAL_OUTPUT,
+                         decode_on_one_device, mla_decode_p, mla_metadata_p,
+                         mla_sparse_decode_p, sparse_decode_on_one_device)
 
 # q, k_cache, block_table, cache_seqlens, tile_scheduler_metadata, num_splits -> out, lse.
 # b: requests, h: query heads, n: pool pages; every other factor stays whole.
 SHARDING_RULE = "b s h d, n p k d, b m, b, t e, c -> b s h v, b h s"
 REPLICATED_FACTORS = ("s", "d", "p", "k", "m", "t", "e", "c", "v")
+# q, k_cache, indices, lengths, attn_sink, tile_scheduler_metadata, num_splits -> out, lse.
+SPARSE_SHARDING_RULE = "b s h d, n p k w, b s i, b s, h, t e, c -> b s h v, b h s"
+SPARSE_REPLICATED_FACTORS = ("s", "d", "p", "k", "w", "i", "t", "e", "c", "v")
 
 
 def _spec_axis(sharding, dim):
@@ -88,6 +98,50 @@ def partitioned_decode(*, softmax_scale: float, causal: bool, head_dim_v: int, k
     return decode
 
 
+@functools.lru_cache(maxsize=None)
+def partitioned_sparse_decode(*, softmax_scale: float, is_fp8_kvcache: bool, head_dim_v: int):
+    """The sparse decode as a custom_partitioning function, one per set of static parameters."""
+    params = dict(softmax_scale=softmax_scale, is_fp8_kvcache=is_fp8_kvcache,
+                  head_dim_v=head_dim_v)
+
+    @custom_partitioning
+    def decode(q, k_cache, indices, lengths, attn_sink, tile_scheduler_metadata, num_splits):
+        return sparse_decode_on_one_device(q, k_cache, indices, lengths, attn_sink,
+                                           tile_scheduler_metadata, num_splits, **params)
+
+    def partition(mesh, arg_shapes, result_shape):
+        del result_shape
+        batch_axes = _spec_axis(arg_shapes[0].sharding, 0)
+        head_axes = _spec_axis(arg_shapes[0].sharding, 2)
+        pool_axes = _spec_axis(arg_shapes[1].sharding, 0)
+        pool_axes = pool_axes if pool_axes is not None and pool_axes == batch_axes else None
+        shard = lambda *spec: NamedSharding(mesh, P(*spec))
+        arg_shardings = (
+            shard(batch_axes, None, head_axes, None),
+            shard(pool_axes, None, None, None),
+            shard(batch_axes, None, None),
+            shard(batch_axes, None),
+            shard(head_axes),
+            shard(),
+            shard(),
+        )
+        result_shardings = (shard(batch_axes, None, head_axes, None),
+                            shard(batch_axes, head_axes, None))
+
+        def local_decode(q, k_cache, indices, lengths, attn_sink, tsm, num_splits):
+            if batch_axes is not None:  # the given schedule covers the global batch
+                tsm, num_splits = mla_metadata_p.bind(lengths.reshape(-1),
+                                                      num_sm_parts=tsm.shape[0])
+            return sparse_decode_on_one_device(q, k_cache, indices, lengths, attn_sink, tsm,
+                                               num_splits, **params)
+
+        return mesh, local_decode, result_shardings, arg_shardings
+
+    decode.def_partition(partition=partition, sharding_rule=SPARSE_SHARDING_RULE,
+                         need_replication_factors=SPARSE_REPLICATED_FACTORS)
+    return decode
+
+
 def _decode_lowering(ctx, *operands, **params):
     # jax.export lowers with no device assignment, which custom_partitioning cannot take: the
     # exported module holds the one-device decode. Poisoned outputs (tests) are one-device too.
@@ -103,5 +157,16 @@ def _decode_lowering(ctx, *operands, **params):
 # provides it only to primitives that declare the need (JAX has no public API for this yet:
 # custom_partitioning's own primitive is declared the same way), and only outside the
 # lowering cache.
+def _sparse_decode_lowering(ctx, *operands, **params):
+    no_devices = getattr(ctx.module_context.axis_context, "device_assignment", ()) is None
+    if no_devices or len(operands) > SPARSE_FIRST_INITIAL_OUTPUT:
+        fun = functools.partial(sparse_decode_on_one_device, **params)
+    else:
+        fun = partitioned_sparse_decode(**params)
+    return mlir.lower_fun(fun, multiple_results=True)(ctx, *operands)
+
+
 dispatch.prim_requires_devices_during_lowering.add(mla_decode_p)
+dispatch.prim_requires_devices_during_lowering.add(mla_sparse_decode_p)
 mlir.register_lowering(mla_decode_p, _decode_lowering, cacheable=False)
+mlir.register_lowering(mla_sparse_decode_p, _sparse_decode_lowering, cacheable=False)

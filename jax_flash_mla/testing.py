@@ -18,12 +18,13 @@ import jax.numpy as jnp
 from . import validation
 from ._constants import SPLIT_KV_KERNELS
 from ._jax_flash_mla import choose_split_kv_kernel, runnable_split_kv_kernels
-from .api import _decode
+from .api import _decode, _sparse_decode
 
 __all__ = [
     "SPLIT_KV_KERNELS",
     "choose_split_kv_kernel",
     "flash_mla_with_kvcache_poisoned",
+    "sparse_decode_poisoned",
     "runnable_split_kv_kernels",
     "split_kv_kernel_value",
 ]
@@ -49,3 +50,15 @@ def flash_mla_with_kvcache_poisoned(q, k_cache, block_table, cache_seqlens, head
     initial_lse = jnp.full((batch, num_heads_q, seqlen_q), jnp.nan, jnp.float32)
     return _decode(q, k_cache, block_table, cache_seqlens, head_dim_v, metadata, softmax_scale,
                    causal, initial_outputs=(initial_out, initial_lse), kernel=kernel_value)
+
+
+def sparse_decode_poisoned(q, k_cache, indices, *, head_dim_v=512, metadata=None,
+                           softmax_scale=None, is_fp8_kvcache=False, topk_length=None,
+                           attn_sink=None):
+    """flash_mla_with_kvcache(q, k_cache, indices=indices, ...) with NaN-filled outputs."""
+    batch, seqlen_q, num_heads_q, _ = q.shape
+    initial_out = jnp.full((batch, seqlen_q, num_heads_q, head_dim_v), jnp.nan, jnp.bfloat16)
+    initial_lse = jnp.full((batch, seqlen_q, num_heads_q), jnp.nan, jnp.float32)  # query-major
+    return _sparse_decode(q, k_cache, head_dim_v, metadata, softmax_scale, False,
+                          is_fp8_kvcache, indices, topk_length, attn_sink,
+                          initial_outputs=(initial_out, initial_lse))

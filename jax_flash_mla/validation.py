@@ -29,7 +29,7 @@ def _dtype_name(x) -> str:
     return np.dtype(x.dtype).name
 
 
-def _described(x) -> str:
+def described(x) -> str:
     if hasattr(x, "dtype") and hasattr(x, "shape"):
         return f"{_dtype_name(x)} of shape {tuple(x.shape)}"
     return type(x).__name__
@@ -113,7 +113,7 @@ def check_dense_decode_only(block_table, cache_seqlens, is_fp8_kvcache, topk_len
     for name, value in (("topk_length", topk_length), ("attn_sink", attn_sink)):
         if value is not None:
             raise ValueError(f"{name}: expected None without indices (it belongs to sparse "
-                             f"decode), got {_described(value)}")
+                             f"decode), got {described(value)}")
     for name, value in (("block_table", block_table), ("cache_seqlens", cache_seqlens)):
         if value is None:
             raise TypeError(f"{name}: expected an int32 array (dense decode reads pages through "
@@ -175,7 +175,7 @@ def check_sparse_decode_args(q, k_cache, head_dim_v, softmax_scale, causal, is_f
                              f"{tuple(np.shape(topk_length))}")
     if attn_sink is not None:
         if not hasattr(attn_sink, "dtype") or np.dtype(attn_sink.dtype) != np.float32:
-            raise TypeError(f"attn_sink: expected dtype float32, got {_described(attn_sink)}")
+            raise TypeError(f"attn_sink: expected dtype float32, got {described(attn_sink)}")
         if tuple(np.shape(attn_sink)) != (num_heads_q,):
             raise ValueError(f"attn_sink: expected shape ({num_heads_q},) (num_heads_q, "
                              f"q.shape[2]), got {tuple(np.shape(attn_sink))}")
@@ -194,7 +194,17 @@ def check_softmax_scale(softmax_scale) -> None:
         raise ValueError(f"softmax_scale: expected a finite float, got {softmax_scale!r}")
 
 
-def check_metadata(metadata, batch: int) -> None:
+def check_sparse_pool(k_cache) -> None:
+    """The sparse kernels address the pool by int32 token index: it must fit one."""
+    pool_tokens = k_cache.shape[0] * k_cache.shape[1]
+    if pool_tokens > np.iinfo(np.int32).max:
+        raise ValueError(f"k_cache: expected at most 2**31 - 1 tokens in the pool (num_blocks * "
+                         f"page_block_size; indices are int32), got {pool_tokens}")
+
+
+def check_metadata(metadata, batch: int, sparse: bool = False) -> None:
+    """`batch` is the schedule's requests: the batch, or for sparse decode batch * seqlen_q
+    (one request per query token)."""
     tsm = metadata.tile_scheduler_metadata
     num_splits = metadata.num_splits
     check_int32("metadata.tile_scheduler_metadata", tsm)
@@ -204,6 +214,12 @@ def check_metadata(metadata, batch: int) -> None:
             f"metadata.tile_scheduler_metadata: expected shape (num_sm_parts, {METADATA_INTS}), "
             f"got {tuple(tsm.shape)}")
     if tuple(num_splits.shape) != (batch + 1,):
+        if sparse:
+            raise ValueError(
+                f"metadata.num_splits: expected shape ({batch + 1},) (batch * seqlen_q + 1: a "
+                f"sparse schedule has one request per query token), got "
+                f"{tuple(num_splits.shape)}; was the metadata computed without topk (dense), or "
+                f"for another batch?")
         raise ValueError(
             f"metadata.num_splits: expected shape ({batch + 1},) (batch + 1), got "
             f"{tuple(num_splits.shape)}; was the metadata computed for another batch?")

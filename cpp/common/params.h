@@ -8,6 +8,15 @@ namespace jax_flash_mla {
 
 enum class ElementType : int { kBF16 = 0, kFP16 = 1 };
 
+// How a key row is stored: in the dtype of q (head_dim elements), or as DeepSeek-V3.2's
+// 656-byte FP8 token (sparse decode only; jax_flash_mla/fp8_cache.py has the layout).
+enum class KeyFormat : int { kSameAsQuery = 0, kFp8Packed = 1 };
+
+// DeepSeek-V3.2's latent, what sparse decode takes: 576 columns (V the first 512), stored in
+// 656 bytes a token in the FP8 layout.
+constexpr int kSparseHeadDim = 576;
+constexpr int kFp8BytesPerToken = 656;
+
 // The value head dim every path supports: V is the first 512 columns of a latent key row.
 constexpr int kSupportedHeadDimV = 512;
 
@@ -29,6 +38,13 @@ struct DecodeParams {
   ElementType dtype;        // of q, k_cache and out
   float softmax_scale;
   bool causal;
+
+  // Sparse decode (DeepSeek-V3.2) runs on the same schedule and the same rules: each query
+  // token is a request of its own (batch = b * s_q, seqlen_q = 1), its indices are its block
+  // table over pages of one token (page_block_size = 1, num_blocks = the pool's tokens, so an
+  // index outside the pool is an invalid page) and its topk_length is its cache_seqlens.
+  KeyFormat key_format;
+  const float* attn_sink;  // [num_heads_q], or nullptr: no sink
 
   // Inputs.
   const void* q;                           // [batch, seqlen_q, num_heads_q, head_dim]

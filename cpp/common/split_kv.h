@@ -9,6 +9,7 @@
 // A query row that sees no key gets out = 0 and lse = +inf.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 
 #include "host_device.h"
@@ -82,6 +83,15 @@ FMLA_HOST_DEVICE int64_t lse_offset(const DecodeParams& p, int batch_idx, int kv
   return (static_cast<int64_t>(batch_idx) * p.num_heads_q + q_head_of_row(p, kv_head, row)) *
              p.seqlen_q +
          query_idx;
+}
+
+// attn_sink (sparse decode): one more logit per query head that joins the softmax's
+// denominator only, so a row's final output is scaled by exp(lse) / (exp(lse) + exp(sink)) =
+// 1 / (1 + exp(sink - lse)); lse itself is unchanged. 1 without a sink. Only for a row that saw
+// a key (finite or NaN lse): a row that saw none stays out = 0.
+FMLA_HOST_DEVICE float sink_scale(const DecodeParams& p, int kv_head, int row, float lse) {
+  if (p.attn_sink == nullptr) return 1.f;
+  return 1.f / (1.f + expf(p.attn_sink[q_head_of_row(p, kv_head, row)] - lse));
 }
 
 FMLA_HOST_DEVICE int64_t accum_row_index(const DecodeParams& p, int slot, int kv_head, int row) {

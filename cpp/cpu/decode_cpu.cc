@@ -43,8 +43,16 @@ void load_segment_keys(const DecodeParams& p, const Segment& seg, int kv_head, S
   for (int t = seg.token_begin; t < seg.token_end; ++t) {
     const int page = page_of_token(p, seg.batch_idx, t);
     if (page < 0) continue;
-    const int64_t base = k_offset(p, page, t, kv_head);
     keys->token.push_back(t);
+    if (p.key_format == KeyFormat::kFp8Packed) {  // one token a page: `page` is the token
+      const size_t at = keys->values.size();
+      keys->values.resize(at + p.head_dim);
+      dequantize_fp8_token(
+          static_cast<const uint8_t*>(p.k_cache) + static_cast<int64_t>(page) * kFp8BytesPerToken,
+          &keys->values[at]);
+      continue;
+    }
+    const int64_t base = k_offset(p, page, t, kv_head);
     for (int c = 0; c < p.head_dim; ++c)
       keys->values.push_back(load_element(p.k_cache, base + c, p.dtype));
   }
@@ -80,8 +88,9 @@ void attend_row(const DecodeParams& p, const Segment& seg, int kv_head, int row,
 
   if (seg.is_only_split) {
     const int64_t out_base = out_offset(p, seg.batch_idx, kv_head, row);
+    const float scale = saw_key ? inv_sum * sink_scale(p, kv_head, row, lse) : 0.f;
     for (int c = 0; c < p.head_dim_v; ++c)
-      store_element(p.out, out_base + c, acc[c] * inv_sum, p.dtype);
+      store_element(p.out, out_base + c, acc[c] * scale, p.dtype);
     p.lse[lse_offset(p, seg.batch_idx, kv_head, row)] = saw_key ? lse : kInf;
   } else if (slot_in_range(p, seg.slot)) {
     const int64_t accum_row = accum_row_index(p, seg.slot, kv_head, row);
@@ -124,10 +133,16 @@ void combine_cpu(const DecodeParams& p) {
     if (splits == 1) continue;  // the split-KV step wrote the final output
     for (int kv_head = 0; kv_head < p.num_heads_k; ++kv_head) {
       for (int row = 0; row < p.rows_per_kv; ++row) {
+        // A split that saw a key has a finite lse, or NaN when a key held NaN: that NaN must
+        // reach the output, so emptiness is "every lse is -inf", not "the max is -inf".
         float max_lse = -kInf;
-        for (int s = slot_begin; s < slot_end; ++s)
-          max_lse = std::max(max_lse, p.lse_accum[accum_row_index(p, s, kv_head, row)]);
-        if (max_lse == -kInf) {  // no split, or no split saw a key
+        bool saw_key = false;
+        for (int s = slot_begin; s < slot_end; ++s) {
+          const float split_lse = p.lse_accum[accum_row_index(p, s, kv_head, row)];
+          saw_key |= split_lse != -kInf;
+          max_lse = std::max(max_lse, split_lse);
+        }
+        if (!saw_key) {  // no split, or no split saw a key
           write_empty_row(p, b, kv_head, row);
           continue;
         }
@@ -135,6 +150,7 @@ void combine_cpu(const DecodeParams& p) {
         for (int s = slot_begin; s < slot_end; ++s)
           sum += std::exp(p.lse_accum[accum_row_index(p, s, kv_head, row)] - max_lse);
         const float lse = max_lse + std::log(sum);
+        const float scale = sink_scale(p, kv_head, row, lse);
         std::fill(acc.begin(), acc.end(), 0.f);
         for (int s = slot_begin; s < slot_end; ++s) {
           const int64_t accum_row = accum_row_index(p, s, kv_head, row);
@@ -143,7 +159,8 @@ void combine_cpu(const DecodeParams& p) {
           for (int c = 0; c < p.head_dim_v; ++c) acc[c] += weight * o[c];
         }
         const int64_t out_base = out_offset(p, b, kv_head, row);
-        for (int c = 0; c < p.head_dim_v; ++c) store_element(p.out, out_base + c, acc[c], p.dtype);
+        for (int c = 0; c < p.head_dim_v; ++c)
+          store_element(p.out, out_base + c, acc[c] * scale, p.dtype);
         p.lse[lse_offset(p, b, kv_head, row)] = lse;
       }
     }

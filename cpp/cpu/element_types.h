@@ -67,6 +67,42 @@ inline uint16_t float_to_fp16(float f) {
   return sign | static_cast<uint16_t>((biased << 10) | (mantissa & 0x3FF));
 }
 
+// float8_e4m3fn (no infinities; S.1111.111 is NaN), exactly.
+inline float fp8_e4m3_to_float(uint8_t bits) {
+  const int exponent = (bits >> 3) & 0xF;
+  const int mantissa = bits & 0x7;
+  float magnitude;
+  if (exponent == 0xF && mantissa == 0x7) {
+    magnitude = NAN;
+  } else if (exponent == 0) {
+    magnitude = std::ldexp(static_cast<float>(mantissa), -9);  // subnormal
+  } else {
+    magnitude = std::ldexp(static_cast<float>(mantissa | 0x8), exponent - 10);
+  }
+  return (bits & 0x80) ? -magnitude : magnitude;
+}
+
+// One token of DeepSeek-V3.2's FP8 cache (656 bytes: 512 e4m3 NoPE columns, 4 float32 scales,
+// one per 128 of them, then 64 bfloat16 RoPE columns) as its 576 float columns, the fp8 value
+// times its scale taken in float32 as jax_flash_mla.dequantize_fp8_kvcache takes it.
+constexpr int kFp8NopeColumns = 512;
+constexpr int kFp8ColumnsPerScale = 128;
+constexpr int kFp8ScalesOffset = 512;
+constexpr int kFp8RopeOffset = 528;
+constexpr int kFp8RopeColumns = 64;
+
+inline void dequantize_fp8_token(const uint8_t* token, float* columns) {
+  float scales[kFp8NopeColumns / kFp8ColumnsPerScale];
+  std::memcpy(scales, token + kFp8ScalesOffset, sizeof scales);  // little-endian, as the GPU's
+  for (int c = 0; c < kFp8NopeColumns; ++c)
+    columns[c] = fp8_e4m3_to_float(token[c]) * scales[c / kFp8ColumnsPerScale];
+  for (int c = 0; c < kFp8RopeColumns; ++c) {
+    uint16_t bits;
+    std::memcpy(&bits, token + kFp8RopeOffset + 2 * c, sizeof bits);
+    columns[kFp8NopeColumns + c] = bf16_to_float(bits);
+  }
+}
+
 inline float load_element(const void* base, int64_t index, ElementType type) {
   const uint16_t bits = static_cast<const uint16_t*>(base)[index];
   return type == ElementType::kBF16 ? bf16_to_float(bits) : fp16_to_float(bits);

@@ -5,6 +5,7 @@
 #include "../common/tile_scheduler.h"
 #include "../cpu/decode_cpu.h"
 #include "decode_args.h"
+#include "sparse_decode_args.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace jax_flash_mla {
@@ -47,6 +48,26 @@ ffi::Error FlashMlaDecodeCpuImpl(ffi::AnyBuffer q, ffi::AnyBuffer k_cache,
   return ffi::Error::Success();
 }
 
+// Sparse decode: the same schedule walk and combine over one request per query token, whose
+// keys are the tokens its indices name (params.h).
+ffi::Error FlashMlaSparseDecodeCpuImpl(
+    ffi::AnyBuffer q, ffi::AnyBuffer k_cache, ffi::AnyBuffer indices, ffi::AnyBuffer lengths,
+    ffi::AnyBuffer attn_sink, ffi::AnyBuffer tile_scheduler_metadata, ffi::AnyBuffer num_splits,
+    std::optional<ffi::AnyBuffer> /*initial_out*/, std::optional<ffi::AnyBuffer> /*initial_lse*/,
+    float softmax_scale, bool is_fp8_kvcache, int32_t head_dim_v, ffi::Result<ffi::AnyBuffer> out,
+    ffi::Result<ffi::AnyBuffer> lse, ffi::Result<ffi::AnyBuffer> o_accum,
+    ffi::Result<ffi::AnyBuffer> lse_accum) {
+  DecodeParams params;
+  if (ffi::Error error = sparse_decode_params(
+          q, k_cache, indices, lengths, attn_sink, tile_scheduler_metadata, num_splits,
+          softmax_scale, is_fp8_kvcache, head_dim_v, out, lse, o_accum, lse_accum, &params);
+      error.failure())
+    return error;
+  split_kv_decode_cpu(params);
+  combine_cpu(params);
+  return ffi::Error::Success();
+}
+
 }  // namespace
 }  // namespace jax_flash_mla
 
@@ -56,3 +77,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(jax_flash_mla_get_mla_metadata_cpu,
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jax_flash_mla_decode_cpu, jax_flash_mla::FlashMlaDecodeCpuImpl,
                               jax_flash_mla::bind_decode_operands(xla::ffi::Ffi::Bind()));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(jax_flash_mla_sparse_decode_cpu,
+                              jax_flash_mla::FlashMlaSparseDecodeCpuImpl,
+                              jax_flash_mla::bind_sparse_decode_operands(xla::ffi::Ffi::Bind()));

@@ -9,6 +9,7 @@
 
 #include "../sm90/kernels.h"
 #include "decode_args.h"
+#include "sparse_decode_args.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace jax_flash_mla {
@@ -61,6 +62,37 @@ ffi::Error DecodeImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k_ca
   return ffi::Error::Success();
 }
 
+// Sparse decode over a bfloat16 pool: the dense split-KV kernels and combine run it unchanged
+// (params.h: one request per query token, one-token pages, so the cp.async key path gathers
+// exactly the selected tokens). The FP8 pool reaches this handler dequantized (primitives.py).
+ffi::Error SparseDecodeImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k_cache,
+                            ffi::AnyBuffer indices, ffi::AnyBuffer lengths,
+                            ffi::AnyBuffer attn_sink, ffi::AnyBuffer tile_scheduler_metadata,
+                            ffi::AnyBuffer num_splits,
+                            std::optional<ffi::AnyBuffer> /*initial_out*/,
+                            std::optional<ffi::AnyBuffer> /*initial_lse*/, float softmax_scale,
+                            bool is_fp8_kvcache, int32_t head_dim_v,
+                            ffi::Result<ffi::AnyBuffer> out, ffi::Result<ffi::AnyBuffer> lse,
+                            ffi::Result<ffi::AnyBuffer> o_accum,
+                            ffi::Result<ffi::AnyBuffer> lse_accum) {
+  DecodeParams params;
+  if (ffi::Error err = sparse_decode_params(q, k_cache, indices, lengths, attn_sink,
+                                            tile_scheduler_metadata, num_splits, softmax_scale,
+                                            is_fp8_kvcache, head_dim_v, out, lse, o_accum,
+                                            lse_accum, &params);
+      err.failure())
+    return err;
+  if (params.key_format != KeyFormat::kSameAsQuery)
+    return ffi::Error::InvalidArgument(
+        "is_fp8_kvcache: the CUDA sparse target reads bfloat16 pools; an FP8 pool is "
+        "dequantized before it (jax_flash_mla.primitives)");
+  cudaError_t err = launch_split_kv(params, SplitKvKernel::kDispatch, stream);
+  if (err != cudaSuccess) return cuda_error("split-KV decode kernel (sparse)", err);
+  err = launch_combine(params, stream);
+  if (err != cudaSuccess) return cuda_error("combine kernel (sparse)", err);
+  return ffi::Error::Success();
+}
+
 }  // namespace
 }  // namespace jax_flash_mla
 
@@ -73,5 +105,11 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     jax_flash_mla_decode_cuda, jax_flash_mla::DecodeImpl,
     jax_flash_mla::bind_decode_operands(
+        xla::ffi::Ffi::Bind().Ctx<xla::ffi::PlatformStream<cudaStream_t>>()),
+    {xla::ffi::Traits::kCmdBufferCompatible});
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    jax_flash_mla_sparse_decode_cuda, jax_flash_mla::SparseDecodeImpl,
+    jax_flash_mla::bind_sparse_decode_operands(
         xla::ffi::Ffi::Bind().Ctx<xla::ffi::PlatformStream<cudaStream_t>>()),
     {xla::ffi::Traits::kCmdBufferCompatible});

@@ -152,6 +152,8 @@ inline ffi::Error decode_params(ffi::AnyBuffer q, ffi::AnyBuffer k_cache,
   p->dtype = dtype == ffi::DataType::BF16 ? ElementType::kBF16 : ElementType::kFP16;
   p->softmax_scale = softmax_scale;
   p->causal = causal;
+  p->key_format = KeyFormat::kSameAsQuery;
+  p->attn_sink = nullptr;
   p->q = q.untyped_data();
   p->k_cache = k_cache.untyped_data();
   p->block_table = static_cast<const int32_t*>(block_table.untyped_data());

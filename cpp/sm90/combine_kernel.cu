@@ -77,6 +77,7 @@ struct CombineRow {
   int slot_begin, slot_end, splits;
   float first_lse;  // lane i: the lse of split slot_begin + i (-inf past the row's splits)
   float lse;        // log of the merged denominator; +inf when no split saw a key
+  float out_scale = 1.f;  // the attention sink's factor on the merged output (split_kv.h)
 
   __device__ __forceinline__ CombineRow(const DecodeParams& p, int64_t global_row) {
     const int64_t rows_per_request = static_cast<int64_t>(p.num_heads_k) * p.rows_per_kv;
@@ -105,13 +106,14 @@ struct CombineRow {
     float sum = expf(first_lse - max_lse);
     for (int s = slot_begin + 32 + lane; s < slot_end; s += 32) sum += expf(lse_of(p, s) - max_lse);
     lse = max_lse + logf(warp_reduce<false>(sum));
+    out_scale = sink_scale(p, kv_head, row, lse);
   }
 
   // Weight of split `slot` in the merged output (0 when no split saw a key). Uniform `slot`.
   __device__ __forceinline__ float weight(const DecodeParams& p, int slot) const {
     const int i = slot - slot_begin;
     const float split_lse = i < 32 ? __shfl_sync(0xffffffffu, first_lse, i) : lse_of(p, slot);
-    return lse == INFINITY ? 0.f : expf(split_lse - lse);
+    return lse == INFINITY ? 0.f : expf(split_lse - lse) * out_scale;
   }
 
   __device__ __forceinline__ const float4* partial(const DecodeParams& p, int slot) const {

@@ -83,6 +83,12 @@ cudaError_t launch_split_kv(const DecodeParams& p, SplitKvKernel kernel, cudaStr
   const DispatchInputs in = dispatch_inputs(p);
   const bool forced = kernel != SplitKvKernel::kDispatch;
   if (!forced) kernel = choose_split_kv_kernel(in);
+  // The seesaw kernel's first math warpgroup keeps no running max, so it has no lse to weigh an
+  // attention sink by (a sparse call, whose one-token pages never fit its TMA maps anyway).
+  if (is_seesaw(kernel) && p.attn_sink != nullptr) {
+    if (forced) return cudaErrorNotSupported;
+    kernel = SplitKvKernel::kLockstep;
+  }
   if (!split_kv_kernel_can_run(in, kernel)) return cudaErrorNotSupported;
   SplitKvMaps maps = tensor_maps(p, kernel);
   if (is_seesaw(kernel) && !(maps.keys_by_tma && maps.query_by_tma)) {

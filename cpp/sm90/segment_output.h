@@ -45,6 +45,16 @@ struct SegmentOutput {
                 (write_partial ? accum_row_index(p, seg.slot, kv_head, safe_row) : 0) * kHeadDimV};
   }
 
+  // The row's result with its output weight scaled by the attention sink (sparse decode) when
+  // the segment writes the final output; a split's partial is scaled by the combine instead,
+  // which alone knows the merged lse.
+  __device__ __forceinline__ RowResult with_sink(const DecodeParams& p, int row,
+                                                 RowResult r) const {
+    if (p.attn_sink != nullptr && seg.is_only_split && r.saw_key && row < p.rows_per_kv)
+      r.inv_sum *= sink_scale(p, kv_head, row, r.lse);
+    return r;
+  }
+
   // By one thread per row.
   __device__ __forceinline__ void store_lse(const DecodeParams& p, int row,
                                             const RowResult& r) const {

@@ -335,6 +335,7 @@ __device__ void attend_segment(const DecodeParams& p, bool use_tma, const Segmen
     result[h] = softmax[h].finish(smem.row_sum[0][my_row[h]] + smem.row_sum[1][my_row[h]]);
   trace.mark(kTraceRowsReady, num_tiles);
   const SegmentOutput output(p, seg, kv_head);
+  for (int h = 0; h < 2; ++h) result[h] = output.with_sink(p, row_base + my_row[h], result[h]);
   if (wg == 0 && wg_thread % 4 == 0) {
     for (int h = 0; h < 2; ++h) output.store_lse(p, row_base + my_row[h], result[h]);
   }

@@ -243,6 +243,9 @@ __device__ void attend_segment_transposed(const DecodeParams& p, bool use_tma, c
   }
   trace.mark(kTraceRowsReady, num_tiles);
   const SegmentOutput output(p, seg, kv_head);
+  CUTE_UNROLL
+  for (int j = 0; j < kRowSlots; ++j)
+    result[j] = output.with_sink(p, row_base + row_of_slot(j), result[j]);
   if (math_thread < 4) {
     CUTE_UNROLL
     for (int j = 0; j < kRowSlots; ++j) output.store_lse(p, row_base + row_of_slot(j), result[j]);
