@@ -2,7 +2,9 @@
 (jax_flash_mla/paged_inputs.py): garbage block-table entries past each request's pages
 (negative, huge, just past the pool, other pages), invalid pages inside the length, NaN in
 every cache slot no request may read, lengths past the table's capacity, negative lengths,
-zero-length requests, page sizes 1..256, causal s_q > 1, several splits."""
+zero-length requests, page sizes 1..256, causal s_q > 1, several splits; and sparse decode
+(bf16 and FP8 pools) over garbage indices (negative, INT32_MIN/MAX, just past the pool), garbage
+topk_length (negative, past topk) and NaN in every pool token no index may read."""
 
 import numpy as np
 import jax
@@ -52,10 +54,64 @@ def run_case(rng, b, s_q, h_q, h_kv, d, page, lengths, invalid_pages, overflow):
               f"lengths={np.asarray(seqlens).tolist()} parts={parts}: max |out - ref| = {err:.2e}")
 
 
+# b, s_q, h_q, topk, page, num_blocks, attn_sink
+SPARSE_CASES = [
+    (3, 2, 8, 100, 64, 4, False),
+    (2, 1, 64, 300, 1, 500, True),
+    (4, 2, 128, 64, 16, 20, True),
+    (1, 4, 20, 7, 3, 5, False),
+]
+
+
+def garbage_indices(rng, shape, pool_tokens):
+    """Indices where every other slot is valid and the rest is hostile."""
+    valid = rng.integers(0, pool_tokens, shape)
+    hostile = rng.choice(np.array([-1, -(2**31), 2**31 - 1, pool_tokens, pool_tokens + 1,
+                                   -pool_tokens], np.int64), shape)
+    return np.where(rng.random(shape) < 0.5, valid, hostile).astype(np.int32)
+
+
+def run_sparse_case(rng, b, s_q, h_q, topk, page, num_blocks, with_sink):
+    pool_tokens = num_blocks * page
+    indices = garbage_indices(rng, (b, s_q, topk), pool_tokens)
+    # Every token no counted slot names holds NaN: a read of one shows in the output.
+    latents = rng.standard_normal((pool_tokens, 576)).astype(np.float32)
+    topk_length = rng.choice(np.array([-3, 0, topk // 2, topk, topk + 9], np.int32), b)
+    counted = np.zeros(pool_tokens, bool)
+    for i in range(b):
+        named = indices[i, :, :max(0, min(topk, topk_length[i]))].ravel()
+        counted[named[(named >= 0) & (named < pool_tokens)]] = True
+    latents[~counted] = np.nan
+    latents = jnp.asarray(latents.reshape(num_blocks, page, 1, 576), jnp.bfloat16)
+    q = jnp.asarray(rng.standard_normal((b, s_q, h_q, 576)), jnp.bfloat16)
+    sink = jnp.asarray(rng.standard_normal(h_q), jnp.float32) if with_sink else None
+    for fp8 in (False, True):
+        cache = jax_flash_mla.quantize_fp8_kvcache(latents) if fp8 else latents
+        for parts in (1, 7, 132):
+            meta = jax_flash_mla.get_mla_metadata(None, s_q * h_q, 1, h_q, fp8, topk,
+                                                  topk_length=jnp.asarray(topk_length),
+                                                  num_sm_parts=parts)
+            kwargs = dict(is_fp8_kvcache=fp8, indices=jnp.asarray(indices),
+                          topk_length=jnp.asarray(topk_length), attn_sink=sink)
+            out, lse = jax_flash_mla.flash_mla_with_kvcache(q, cache, metadata=meta, **kwargs)
+            jax.block_until_ready((out, lse))
+            cpu = jax.devices("cpu")[0]
+            on_cpu = {k: v if isinstance(v, bool) else jax.device_put(v, cpu)
+                      for k, v in kwargs.items()}
+            ref_out, _ = jax_flash_mla.reference.flash_mla_with_kvcache(
+                jax.device_put(q, cpu), jax.device_put(cache, cpu), **on_cpu)
+            err = float(np.max(np.abs(np.asarray(out, np.float32) -
+                                      np.asarray(ref_out, np.float32))))
+            print(f"sparse b={b} s_q={s_q} h_q={h_q} topk={topk} page={page} fp8={fp8} "
+                  f"sink={with_sink} parts={parts}: max |out - ref| = {err:.2e}")
+
+
 def main():
     rng = np.random.default_rng(1)
     for case in CASES:
         run_case(rng, *case)
+    for case in SPARSE_CASES:
+        run_sparse_case(rng, *case)
 
 
 if __name__ == "__main__":

@@ -89,8 +89,9 @@ def _fold_indices(indices, pool_tokens):
     concatenation."""
     total = indices.shape[0] * pool_tokens
     if total > jnp.iinfo(jnp.int32).max:
-        raise ValueError(f"k_cache: vmap over {indices.shape[0]} pools of {pool_tokens} tokens "
-                         f"folds them into one of {total} tokens, past int32 indices")
+        raise ValueError(f"k_cache: expected at most 2**31 - 1 tokens in the pool vmap folds "
+                         f"its {indices.shape[0]} pools of {pool_tokens} tokens into (indices "
+                         f"are int32), got {total}")
     instance = jnp.arange(indices.shape[0], dtype=jnp.int32)[:, None, None, None]
     valid = (indices >= 0) & (indices < pool_tokens)
     return _fold(jnp.where(valid, indices + instance * pool_tokens, -1))
