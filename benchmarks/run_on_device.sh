@@ -7,7 +7,7 @@
 #
 #   bash benchmarks/run_on_device.sh [readme] [wheel] [build] [flashmla] [test] [quicktest] [main] [sanitize]
 #                                    [profile] [devicetest] [detail] [timeline] [calls]
-#                                    [graphbench] [multigpu] [graphs] [demo] [bench] [quickbench]
+#                                    [graphbench] [multigpu] [graphs] [demo] [bench] [quickbench] [sparsebench]
 #                                    [flashmla] [before] [probe] [ab] [smem] [pages] [trace] (last: it leaves the diagnostic build)
 #                                    [pack] (last: one archive of every log)
 #   (default: readme sanitize)
@@ -148,7 +148,7 @@ flashmla_state=none  # none, building (flashmla_pid), ready or failed
 wants_flashmla() {
   local s
   for s in "${steps[@]}"; do
-    case $s in flashmla|bench|quickbench) return 0 ;; esac
+    case $s in flashmla|bench|quickbench|sparsebench) return 0 ;; esac
   done
   return 1
 }
@@ -227,6 +227,14 @@ step_before() {
   done
   python3 benchmarks/before_after.py --summary "$OUT/before_after.log" | tee "$OUT/before_after.txt"
   return $rc
+}
+
+# Sparse decode (DeepSeek-V3.2) beside FlashMLA's sparse FP8 decode: --quick for DESIGN.md's
+# eight rows, SPARSE_ARGS for more (e.g. "" for the whole grid).
+step_sparsebench() {
+  step_flashmla || return 1
+  bench_with_flashmla bench_sparse.log "${BENCH_TIMEOUT:-400}" --sparse ${SPARSE_ARGS---quick} | tail -40
+  return "${PIPESTATUS[0]}"
 }
 
 step_bench() {

@@ -1,7 +1,8 @@
 """`jax-flash-mla bench`: the benchmark grid (GPU). DESIGN.md's target rows, a page-size sweep and a
 s_k sweep, through the public JAX API inside jax.jit; with --flashmla, DeepSeek's FlashMLA on the
 same rows, the same inputs, in the same run, by the same method (flashmla_baseline.py). Without a
-GPU it says so in one line on stderr and exits with status 2.
+GPU it says so in one line on stderr and exits with status 2. With --sparse, the sparse decode
+rows (DeepSeek-V3.2 top-k) instead, by the same method (sparse_benchmark.py).
 
 Timing (device_timing.py): the timed unit is a block of `calls` back-to-back decode calls,
 metadata precomputed: for ours one jitted function (make_many_calls), for FlashMLA one CUDA
@@ -232,14 +233,20 @@ def add_arguments(parser) -> None:
     parser.add_argument("--repeats", type=positive_int, default=10)
     parser.add_argument("--quick", action="store_true", help="target rows only, no reference")
     parser.add_argument("--batch", type=positive_int, default=None,
-                        help="only the target rows of this batch size (with --quick)")
+                        help="only the target rows of this batch size (with --quick; with "
+                             "--sparse, only the sparse rows of this batch size)")
     parser.add_argument("--tp", action="store_true",
                         help="also the h_q = 128 rows with heads split over every local device, "
                              "next to one device running one shard's heads")
     parser.add_argument("--flashmla", action="store_true",
                         help="also time DeepSeek's FlashMLA (import flash_mla; torch) on the same "
-                             "inputs by the same method, on the page-64 one-device rows; sets "
-                             "XLA_PYTHON_CLIENT_PREALLOCATE=false unless set")
+                             "inputs by the same method, on the page-64 one-device rows (with "
+                             "--sparse, the FP8 rows, q padded to 64 heads where it has fewer); "
+                             "sets XLA_PYTHON_CLIENT_PREALLOCATE=false unless set")
+    parser.add_argument("--sparse", action="store_true",
+                        help="the sparse decode rows (DeepSeek-V3.2 top-k, FP8 and bf16 cache; "
+                             "sparse_benchmark.py) instead of the dense ones; with --quick, the "
+                             "rows of DESIGN.md's FlashMLA sparse table and no reference")
 
 
 def load_flashmla():
@@ -301,13 +308,18 @@ def run(args) -> int:
           f"bf16 matmul {mm_tflops:.0f} TFLOP/s; FlashMLA: "
           f"{'same inputs, same run' if flashmla else 'not timed (--flashmla)'}\n{method(args)}")
     rng = np.random.default_rng(0)
-    sections = {}
-    for title, section_jobs in jobs_for(args, len(jax.devices())).items():
-        # Each table printed as soon as it is measured.
-        sections[title] = [measure(rng, row, page, args, L2_BYTES, with_reference, shards,
-                                   flashmla)
-                           for row, page, with_reference, shards in section_jobs]
-        print_table(title, sections[title], copy_gbps, mm_tflops)
+    if args.sparse:
+        # Imported here: sparse_benchmark builds on this module's constants and timing helpers.
+        from jax_flash_mla import sparse_benchmark
+        sections = sparse_benchmark.measure_sections(rng, args, flashmla, copy_gbps, mm_tflops)
+    else:
+        sections = {}
+        for title, section_jobs in jobs_for(args, len(jax.devices())).items():
+            # Each table printed as soon as it is measured.
+            sections[title] = [measure(rng, row, page, args, L2_BYTES, with_reference, shards,
+                                       flashmla)
+                               for row, page, with_reference, shards in section_jobs]
+            print_table(title, sections[title], copy_gbps, mm_tflops)
     all_rows = [dict(r, section=t) for t, rs in sections.items() for r in rs]
     with open(os.path.join(args.out, "bench.json"), "w") as f:
         json.dump(dict(device=device.device_kind, copy_gbps=copy_gbps, matmul_tflops=mm_tflops,
@@ -318,4 +330,8 @@ def run(args) -> int:
     if disagreeing:
         print(f"FlashMLA and ours disagree on {len(disagreeing)} rows (see above): their "
               f"timings do not compare the same computation", file=sys.stderr)
-    return 1 if disagreeing else 0
+    wrong = [r for r in all_rows if not r.get("reference_agrees", True)]  # sparse rows only
+    if wrong:
+        print(f"ours disagrees with the plain-JAX reference on {len(wrong)} rows (see above): "
+              f"their timings are of a wrong result", file=sys.stderr)
+    return 1 if disagreeing or wrong else 0

@@ -1,9 +1,11 @@
 """The benchmark's machinery on tiny rows (CPU): it runs, times ours and (with fake timings)
 FlashMLA by one method on the same inputs, counts bytes and FLOPs by the documented formulas,
-and fails clearly without FlashMLA; and the paged-input generator every user shares. Timings
-are reported, never asserted."""
+and fails clearly without FlashMLA; the same for the sparse rows (bench --sparse), and
+FlashMLA's CUDA-graph timing driven through a fake torch; and the paged-input generator every
+user shares. Timings are reported, never asserted."""
 
 import argparse
+import contextlib
 import json
 import sys
 import types
@@ -14,7 +16,9 @@ import numpy as np
 import pytest
 
 from jax_flash_mla import __main__ as cli
-from jax_flash_mla import benchmark, device_timing, flashmla_baseline, paged_inputs, reference
+from jax_flash_mla import (benchmark, device_timing, dequantize_fp8_kvcache, flashmla_baseline,
+                           paged_inputs, reference, sparse_benchmark)
+from jax_flash_mla.sparse_benchmark import SparseRow
 
 
 def test_traffic_formulas():
@@ -138,15 +142,17 @@ def test_flashmla_option_fails_clearly_without_flashmla(missing, monkeypatch, tm
     assert benchmark.os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] == "false"
 
 
-def test_bench_without_a_gpu_says_so_in_one_line(monkeypatch, tmp_path, capsys):
+@pytest.mark.parametrize("section", [["--quick"], ["--sparse"], ["--sparse", "--quick"]])
+def test_bench_without_a_gpu_says_so_in_one_line(section, monkeypatch, tmp_path, capsys):
     """Not minutes of silence measuring a CPU's ceilings and rows, then nothing written."""
     def measured(*args):
         raise AssertionError("bench measured on a CPU")
 
     monkeypatch.setattr(benchmark, "measure_ceilings", measured)
     monkeypatch.setattr(benchmark, "measure", measured)
+    monkeypatch.setattr(sparse_benchmark, "measure", measured)
     out = tmp_path / "results"
-    assert cli.main(["bench", "--quick", "--out", str(out)]) == 2
+    assert cli.main(["bench", *section, "--out", str(out)]) == 2
     captured = capsys.readouterr()
     assert captured.err.count("\n") == 1 and "needs a GPU visible to JAX" in captured.err
     assert not captured.out and not out.exists()
@@ -174,6 +180,22 @@ class FakeFlashMLA:
             softmax_scale=scales[0], causal=causal)
         return flashmla_baseline.FlashMLARow(
             FLASHMLA_S, np.asarray(out, np.float32) + self.out_error, np.asarray(lse))
+
+    runs_sparse = staticmethod(flashmla_baseline.FlashMLA.runs_sparse)
+
+    def measure_sparse(self, case, scales, blocks, repeats):
+        """As FlashMLA's: q padded with zero heads to the 64 or 128 it takes, the padding sliced
+        off the outputs (their heads must not change the others')."""
+        self.got.append((case, scales))
+        h_q = case.q.shape[2]
+        q = flashmla_baseline.pad_heads(case.q, flashmla_baseline.sparse_heads(h_q))
+        fp8 = case.pool.dtype == jnp.uint8
+        out, lse = reference.flash_mla_with_kvcache(
+            q, case.pool, None, None, 512, None, scales[0], False, is_fp8_kvcache=fp8,
+            indices=jnp.asarray(case.index_sets[0]))
+        return flashmla_baseline.FlashMLARow(
+            FLASHMLA_S, np.asarray(out, np.float32)[:, :, :h_q] + self.out_error,
+            np.asarray(lse)[:, :h_q])
 
 
 @pytest.fixture
@@ -269,6 +291,344 @@ def test_roofline_plots_flashmla_in_its_own_time(tmp_path):
     assert list(lines["jax-flash-mla"].get_ydata()) == [2.0, 4.0]
     assert list(lines["FlashMLA (same run)"].get_ydata()) == [1.0]  # same FLOPs, twice the time
     assert list(lines["FlashMLA (same run)"].get_xdata()) == [20.0]  # same intensity
+
+
+# --- bench --sparse: the sparse decode rows (sparse_benchmark.py) ------------------------------
+
+def test_sparse_rows_are_the_issues_grid():
+    """Issue 25's rows, each once; the bf16-cache rows repeat FP8 rows; FlashMLA runs every FP8
+    row (h_q 16 and 32 padded to 64 heads) and no bf16 one."""
+    rows = (sparse_benchmark.GRID_ROWS + sparse_benchmark.FEW_HEADS_ROWS +
+            sparse_benchmark.BF16_ROWS)
+    assert len(rows) == len(set(rows))
+    fp8 = {(b, h_q, s_q, 2048) for b in (2, 16, 64, 128) for h_q in (64, 128) for s_q in (1, 2)}
+    fp8 |= {(64, 128, 2, 16384), (128, 16, 1, 2048), (128, 32, 1, 2048)}
+    assert {row[:4] for row in rows if row.fp8} == fp8
+    bf16 = [row for row in rows if not row.fp8]
+    assert len(bf16) == 2 and all(row._replace(fp8=True) in rows for row in bf16)
+    assert set(sparse_benchmark.QUICK_ROWS) <= set(rows)
+    assert all(row.fp8 for row in sparse_benchmark.QUICK_ROWS)
+    for row in rows:
+        assert flashmla_baseline.FlashMLA.runs_sparse(row.h_q, row.topk, row.fp8) == row.fp8
+    assert [flashmla_baseline.sparse_heads(row.h_q) for row in sparse_benchmark.FEW_HEADS_ROWS] \
+        == [64, 64]
+
+
+def test_sparse_traffic_formulas():
+    nbytes, flops = sparse_benchmark.traffic(SparseRow(b=128, h_q=128, s_q=2, topk=2048))
+    assert nbytes == 128 * 2 * 2048 * 656 + 128 * 2 * 128 * (576 + 512) * 2
+    assert flops == 2 * 128 * 2 * 128 * 2048 * (576 + 512)
+    # FlashMLA's own count of the same row, in shared/anchors/sparse_h100_2026-12-05.jsonl.
+    seconds = 347.4487101449082e-6
+    assert flops / seconds / 1e12 == pytest.approx(420.2890492904598)
+    assert nbytes / seconds / 1e9 == pytest.approx(1195.100410149228)
+    nbytes, flops = sparse_benchmark.traffic(SparseRow(16, 64, 1, 2048, fp8=False))
+    assert nbytes == 16 * 2048 * 576 * 2 + 16 * 64 * (576 + 512) * 2
+    assert flops == 2 * 16 * 64 * 2048 * (576 + 512)
+
+
+def test_sparse_pool_holds_4x_the_l2_and_topk_tokens_in_whole_pages():
+    assert sparse_benchmark.pool_pages(64, 1 << 16) == 7  # 4 * 64 KiB / 656 = 399.6 tokens
+    assert sparse_benchmark.pool_pages(100, 0) == 2
+    pages = sparse_benchmark.pool_pages(2048, benchmark.L2_BYTES)
+    assert pages * 64 * 656 >= 4 * benchmark.L2_BYTES > (pages - 1) * 64 * 656
+
+
+def pool_latents(pool, fp8):
+    """float32 latents of a sparse pool, FP8 (dequantized) or bf16."""
+    return np.asarray((dequantize_fp8_kvcache(pool) if fp8 else pool).astype(jnp.float32))
+
+
+@pytest.mark.parametrize("fp8", [True, False])
+def test_sparse_case_rotates_distinct_uniform_indices_beyond_l2(rng, fp8):
+    row, l2_bytes = SparseRow(b=2, h_q=16, s_q=1, topk=64, fp8=fp8), 1 << 16
+    case = sparse_benchmark.sparse_case(rng, row, l2_bytes)
+    pages = sparse_benchmark.pool_pages(row.topk, l2_bytes)
+    assert case.pool.shape == (pages, 64, 1, 656 if fp8 else 576)
+    assert case.pool.dtype == (jnp.uint8 if fp8 else jnp.bfloat16)
+    assert case.q.shape == (2, 1, 16, 576) and case.q.dtype == jnp.bfloat16
+    keys = pool_latents(case.pool, fp8)
+    assert np.isfinite(keys).all() and 0 < np.abs(keys).max() < 10  # random normal latents
+    call_bytes = 2 * 1 * 64 * (656 if fp8 else 1152)
+    copies = len(case.index_sets)
+    assert copies * call_bytes >= 4 * l2_bytes > (copies - 1) * call_bytes
+    for indices in case.index_sets:
+        assert indices.dtype == np.int32 and indices.shape == (2, 1, 64)
+        assert ((indices >= 0) & (indices < pages * 64)).all()
+        assert all(len(set(query)) == 64 for query in indices.reshape(-1, 64).tolist())
+    every = np.concatenate([i.ravel() for i in case.index_sets])
+    assert set(every // 64) == set(range(pages))  # drawn from the whole pool
+    assert not np.array_equal(case.index_sets[0], case.index_sets[1])
+
+
+def test_flashmla_sparse_pads_heads_with_zero_heads(rng):
+    heads = [flashmla_baseline.sparse_heads(h) for h in (1, 16, 32, 64, 65, 128, 129)]
+    assert heads == [64, 64, 64, 64, 128, 128, None]
+    assert not flashmla_baseline.FlashMLA.runs_sparse(256, 2048, True)
+    assert not flashmla_baseline.FlashMLA.runs_sparse(64, 2000, True)  # topk not a multiple of 64
+    q, bits = random_bf16_bits(rng, (2, 3, 16, 8))
+    padded = flashmla_baseline.pad_heads(q, 64)
+    assert padded.shape == (2, 3, 64, 8) and padded.dtype == jnp.bfloat16
+    padded_bits = flashmla_baseline.host_bytes(padded)
+    np.testing.assert_array_equal(padded_bits[:, :, :16], bits)
+    assert (padded_bits[:, :, 16:] == 0).all()  # +0.0
+
+
+def test_bench_parses_the_sparse_option():
+    parser = argparse.ArgumentParser()
+    benchmark.add_arguments(parser)
+    args = parser.parse_args(["--sparse", "--quick", "--batch", "128", "--flashmla"])
+    assert args.sparse and args.quick and args.batch == 128 and args.flashmla
+    assert not parser.parse_args([]).sparse
+    full = sparse_benchmark.rows_by_section(quick=False, batch=None)
+    assert [row for rows in full.values() for row in rows] == (
+        sparse_benchmark.GRID_ROWS + sparse_benchmark.FEW_HEADS_ROWS + sparse_benchmark.BF16_ROWS)
+    quick = sparse_benchmark.rows_by_section(quick=True, batch=None)
+    assert sorted(row for rows in quick.values() for row in rows) == sorted(
+        sparse_benchmark.QUICK_ROWS)
+    assert len(quick) == 2  # no bf16 section
+    assert list(sparse_benchmark.rows_by_section(quick=True, batch=2).values()) == [
+        [SparseRow(2, 128, 2, 2048)]]
+    assert all(row.b == 128 for rows in sparse_benchmark.rows_by_section(False, 128).values()
+               for row in rows)
+
+
+def test_one_sparse_row_runs_with_the_reference(rng):
+    args = argparse.Namespace(calls=2, repeats=1, blocks=2)
+    row = sparse_benchmark.measure(rng, SparseRow(2, 16, 1, 64), args, l2_bytes=1 << 16,
+                                   with_reference=True)
+    assert row["us"] > 0 and row["ref_us"] > 0 and row["gbps"] > 0 and row["tflops"] > 0
+    assert row["reference_agrees"] is True and row["reference_out_diff"] < 2.0 ** -6
+    assert row["us_span"] is None and row["flashmla_us"] is None and row["ratio"] is None
+    assert row["pool_tokens"] == 7 * 64 and row["index_sets"] == 4 and row["cache"] == "fp8"
+
+
+# Tiny rows with h_q 16: FlashMLA's fake pads them to 64 heads, as the real one does. --quick
+# takes the FP8 ones.
+TINY_SPARSE = dict(GRID_ROWS=[SparseRow(2, 16, 1, 64)], FEW_HEADS_ROWS=[SparseRow(2, 16, 2, 64)],
+                   BF16_ROWS=[SparseRow(2, 16, 1, 64, fp8=False)])
+TINY_QUICK = TINY_SPARSE["GRID_ROWS"] + TINY_SPARSE["FEW_HEADS_ROWS"]
+
+
+@pytest.fixture
+def tiny_sparse_bench(monkeypatch, tmp_path):
+    """`bench --sparse` on TINY_SPARSE as on a GPU, with ours timed at OURS_S a call (SPAN_S by
+    the profiler) and the plot stubbed (it is the dense one's, on the same keys); returns
+    run(extra args) -> (exit code, bench.json, stdout lines, stderr), the inputs of each timing
+    and the rows plotted."""
+    monkeypatch.setattr(benchmark, "on_gpu", lambda: True)
+    monkeypatch.setattr(benchmark, "device_time_per_call", lambda *args: SPAN_S)
+    monkeypatch.setattr(benchmark, "L2_BYTES", 1 << 16)
+    monkeypatch.setattr(benchmark, "measure_ceilings", lambda blocks: (1000.0, 100.0))
+    for name, rows in dict(TINY_SPARSE, QUICK_ROWS=TINY_QUICK).items():
+        monkeypatch.setattr(sparse_benchmark, name, rows)
+    timed, plotted = [], []
+
+    def time_per_call(fn, args, calls, repeats, blocks):
+        timed.append((args, calls))
+        return OURS_S
+
+    monkeypatch.setattr(benchmark, "time_per_call", time_per_call)
+    monkeypatch.setattr(benchmark, "plot", lambda rows, *args: plotted.extend(rows))
+
+    def run(*extra, capsys):
+        code = cli.main(["bench", "--sparse", "--calls", "3", "--out", str(tmp_path), *extra])
+        with open(tmp_path / "bench.json") as f:
+            data = json.load(f)
+        captured = capsys.readouterr()
+        return code, data, captured.out.splitlines(), captured.err
+
+    return run, timed, plotted
+
+
+def sparse_table_cells(lines, row):
+    """The three |-separated groups of cells of `row`'s line in the sparse table."""
+    key = [str(row.b), str(row.h_q), str(row.s_q), str(row.topk), "fp8" if row.fp8 else "bf16"]
+    line, = [l for l in lines if l.split()[:5] == key]
+    return [group.split() for group in line.split("|")[1:]]
+
+
+def test_sparse_table_and_json_carry_flashmla_padded_and_the_ratio(tiny_sparse_bench, monkeypatch,
+                                                                   capsys):
+    run, timed, plotted = tiny_sparse_bench
+    fake = FakeFlashMLA()
+    monkeypatch.setattr(benchmark, "load_flashmla", lambda: fake)
+    code, data, lines, _ = run("--flashmla", capsys=capsys)
+    rows = [row for rows in TINY_SPARSE.values() for row in rows]
+    assert code == 0 and data["flashmla"] is True and len(data["rows"]) == len(rows)
+    assert plotted == data["rows"]
+    for r, row in zip(data["rows"], rows):
+        assert r["kind"] == "sparse_decode" and (r["b"], r["h_q"], r["s_q"], r["topk"]) == row[:4]
+        assert r["us"] == pytest.approx(OURS_S * 1e6)
+        assert r["us_span"] == pytest.approx(SPAN_S * 1e6) and r["reference_agrees"] is True
+        nbytes, flops = sparse_benchmark.traffic(row)
+        assert r["gbps"] == pytest.approx(nbytes / OURS_S / 1e9)
+        assert r["tflops"] == pytest.approx(flops / OURS_S / 1e12)
+        ours, flashmla, ref = sparse_table_cells(lines, row)
+        assert ours[:2] == [f"{OURS_S * 1e6:.1f}", f"{SPAN_S * 1e6:.1f}"]
+        assert ref == [f"{OURS_S * 1e6:.1f}"]  # the plain-JAX reference, timed without --quick
+        if row.fp8:
+            assert r["flashmla_us"] == pytest.approx(FLASHMLA_S * 1e6)
+            assert r["ratio"] == pytest.approx(FLASHMLA_S / OURS_S)
+            assert r["flashmla_h_q"] == 64 and r["flashmla_agrees"] is True
+            assert flashmla == [f"{FLASHMLA_S * 1e6:.1f}", "64", f"{FLASHMLA_S / OURS_S:.2f}"]
+        else:  # no bf16 sparse decode in FlashMLA
+            assert r["flashmla_us"] is r["ratio"] is r["flashmla_h_q"] is None
+            assert "flashmla_agrees" not in r and flashmla == ["-", "-", "-"]
+
+
+def test_sparse_flashmla_is_timed_on_the_very_inputs_of_ours(tiny_sparse_bench, monkeypatch,
+                                                            capsys):
+    run, timed, _ = tiny_sparse_bench
+    fake = FakeFlashMLA()
+    monkeypatch.setattr(benchmark, "load_flashmla", lambda: fake)
+    run("--flashmla", "--quick", capsys=capsys)
+    assert [calls for _, calls in timed] == [3, 3]  # --quick: the FP8 rows, no reference
+    assert len(fake.got) == len(timed)
+    same = lambda a, b: flashmla_baseline.host_bytes(a).tobytes() == np.asarray(b).tobytes()
+    for (case, scales), ((q, pool, index_sets, _), _) in zip(fake.got, timed):
+        assert scales == benchmark.call_scales(3)
+        assert same(case.q, q) and same(case.pool, pool)
+        assert len(case.index_sets) == len(index_sets) > 1
+        assert all(map(same, case.index_sets, index_sets))
+
+
+@pytest.mark.parametrize("wrong", ["flashmla", "reference"])
+def test_sparse_disagreement_fails_the_run(wrong, tiny_sparse_bench, monkeypatch, capsys):
+    """FlashMLA's outputs off ours, or ours off the plain-JAX reference: the timings are not of
+    the same (or a right) computation."""
+    run, _, _ = tiny_sparse_bench
+    monkeypatch.setattr(benchmark, "load_flashmla",
+                        lambda: FakeFlashMLA(out_error=0.1 if wrong == "flashmla" else 0.0))
+    if wrong == "reference":
+        def off(*args, **kwargs):
+            out, lse = reference.flash_mla_with_kvcache(*args, **kwargs)
+            return out, lse + 1e-3
+        monkeypatch.setattr(sparse_benchmark, "reference", types.SimpleNamespace(
+            flash_mla_with_kvcache=off))
+    code, data, lines, err = run("--flashmla", "--quick", capsys=capsys)
+    assert code == 1
+    flag = "FlashMLA DISAGREES" if wrong == "flashmla" else "REFERENCE DISAGREES"
+    assert sum(flag in line for line in lines) == len(data["rows"]) == 2
+    key = "flashmla_agrees" if wrong == "flashmla" else "reference_agrees"
+    assert all(r[key] is False for r in data["rows"])
+    assert ("FlashMLA and ours disagree" if wrong == "flashmla" else
+            "disagrees with the plain-JAX reference") in err
+
+
+# --- FlashMLA's CUDA-graph timing, through a fake torch ------------------------------------------
+
+class FakeTensor:
+    """What flashmla_baseline asks of a torch tensor, on a NumPy array."""
+
+    def __init__(self, array):
+        self.array = np.asarray(array)
+
+    def view(self, dtype):
+        return FakeTensor(self.array.view(dtype))
+
+    def to(self, device):
+        return self
+
+    def float(self):
+        return FakeTensor(self.array.astype(np.float32))
+
+    def cpu(self):
+        return self
+
+    def numpy(self):
+        return self.array
+
+
+def fake_torch_and_flash_mla(events):
+    """(torch, flash_mla) stand-ins that log what runs: each FlashMLA call (its arguments), the
+    capture's start and end, each replay, the cache's release. A call's out and lse hold each
+    head's number, to see which heads come back."""
+    class Graph:
+        def replay(self):
+            events.append("replay")
+
+    @contextlib.contextmanager
+    def graph(g):
+        events.append("capture")
+        yield
+        events.append("captured")
+
+    cuda = types.SimpleNamespace(synchronize=lambda: None, CUDAGraph=Graph, graph=graph,
+                                 empty_cache=lambda: events.append("empty_cache"))
+    torch = types.SimpleNamespace(from_numpy=FakeTensor, bfloat16=jnp.bfloat16, cuda=cuda)
+    schedule = object()
+
+    def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v, sched_meta,
+                               **kwargs):
+        events.append(dict(q=q.array, k_cache=k_cache.array, block_table=block_table,
+                           cache_seqlens=cache_seqlens, head_dim_v=head_dim_v,
+                           sched_meta=sched_meta, **kwargs))
+        b, s_q, heads, _ = q.array.shape
+        head = np.arange(heads, dtype=np.float32)
+        return (FakeTensor(np.broadcast_to(head[:, None], (b, s_q, heads, 512))),
+                FakeTensor(np.broadcast_to(head[:, None], (b, heads, s_q))))
+
+    flash_mla = types.SimpleNamespace(get_mla_metadata=lambda: (schedule, None),
+                                      flash_mla_with_kvcache=flash_mla_with_kvcache)
+    return torch, flash_mla, schedule
+
+
+def test_flashmla_sparse_graph_times_padded_calls_after_one_warm_call(rng):
+    """One call outside the capture (it initializes FlashMLA's schedule), then every call of the
+    block captured, each on its index set and scale, q padded to 64 heads with zeros; the graph
+    replayed 2 + blocks * repeats times; the first call's real heads kept; torch's cache
+    emptied for JAX's next row."""
+    events = []
+    torch, flash_mla, schedule = fake_torch_and_flash_mla(events)
+    q, q_bits = random_bf16_bits(rng, (2, 2, 16, 8))
+    pool = rng.integers(0, 256, size=(3, 4, 1, 656), dtype=np.uint8)
+    index_sets = tuple(rng.integers(0, 12, size=(2, 2, 4), dtype=np.int32) for _ in range(3))
+    case = sparse_benchmark.SparseCase(q, jnp.asarray(pool), index_sets)
+    scales = benchmark.call_scales(5)
+    row = flashmla_baseline.FlashMLA(torch, flash_mla).measure_sparse(case, scales, blocks=3,
+                                                                      repeats=2)
+    calls = [e for e in events if isinstance(e, dict)]
+    assert [e if isinstance(e, str) else "call" for e in events] == (
+        ["call", "capture"] + ["call"] * 5 + ["captured"] + ["replay"] * 8 + ["empty_cache"])
+    for i, call in enumerate(calls):
+        scale = scales[0] if i == 0 else scales[i - 1]
+        indices = index_sets[0] if i == 0 else index_sets[(i - 1) % 3]
+        assert call["softmax_scale"] == scale and call["is_fp8_kvcache"] is True
+        np.testing.assert_array_equal(call["indices"].array, indices)
+        assert call["sched_meta"] is schedule and call["head_dim_v"] == 512
+        assert call["block_table"] is None and call["cache_seqlens"] is None
+        np.testing.assert_array_equal(call["k_cache"], pool)
+        assert call["q"].shape == (2, 2, 64, 8)
+        np.testing.assert_array_equal(call["q"][:, :, :16].view(np.int16), q_bits)
+        assert (call["q"][:, :, 16:].view(np.int16) == 0).all()
+    assert row.out.shape == (2, 2, 16, 512) and row.lse.shape == (2, 16, 2)
+    np.testing.assert_array_equal(row.out[0, 0, :, 0], np.arange(16))
+    np.testing.assert_array_equal(row.lse[0, :, 0], np.arange(16))
+    assert row.seconds_per_call > 0
+
+
+def test_flashmla_dense_graph_times_calls_after_one_warm_call(rng):
+    """The dense measure, by the same graph timing: call i on tables[i % copies], scales[i]."""
+    events = []
+    torch, flash_mla, schedule = fake_torch_and_flash_mla(events)
+    q, _ = random_bf16_bits(rng, (2, 1, 16, 8))
+    tables = tuple(rng.integers(0, 6, size=(2, 3), dtype=np.int32) for _ in range(2))
+    case = paged_inputs.RotatedCase(q, jnp.zeros((6, 64, 1, 8), jnp.bfloat16), tables,
+                                    np.array([100, 150], np.int32))
+    scales = benchmark.call_scales(3)
+    row = flashmla_baseline.FlashMLA(torch, flash_mla).measure(case, scales, True, blocks=1,
+                                                               repeats=1)
+    calls = [e for e in events if isinstance(e, dict)]
+    assert [e if isinstance(e, str) else "call" for e in events] == (
+        ["call", "capture"] + ["call"] * 3 + ["captured"] + ["replay"] * 3 + ["empty_cache"])
+    for i, call in enumerate(calls):
+        j = 0 if i == 0 else i - 1
+        assert call["softmax_scale"] == scales[j] and call["causal"] is True
+        np.testing.assert_array_equal(call["block_table"].array, tables[j % 2])
+        np.testing.assert_array_equal(call["cache_seqlens"].array, [100, 150])
+        assert call["sched_meta"] is schedule and call["q"].shape == (2, 1, 16, 8)
+    assert row.out.shape == (2, 1, 16, 512) and row.lse.shape == (2, 16, 1)
 
 
 # --- torch gets the same bytes -----------------------------------------------------------------
