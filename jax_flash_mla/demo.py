@@ -4,7 +4,9 @@ a progress bar, and tokens/s and per-step latency at the end.
 
 `--parallel tp` splits the heads over every local device, `--parallel dp` gives each device its
 own requests and page pool (see models/parallel.py); `--check` compares the first step's
-logits with one device decoding the same batch."""
+logits with one device decoding the same batch. `--sparse` runs DeepSeek-V3.2 instead
+(models/deepseek_v32.py): each layer's lightning indexer picks the top `--topk` tokens, which
+the sparse kernel reads from the FP8 cache; one device only."""
 
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jax_flash_mla import cache as paged
-from jax_flash_mla.models import deepseek, parallel
+from jax_flash_mla.models import deepseek, deepseek_v32, parallel
 from jax_flash_mla.validation import non_negative_int, positive_int
 
 
@@ -38,6 +40,34 @@ def add_arguments(parser) -> None:
                         help="over every local device: tp splits heads, dp splits requests")
     parser.add_argument("--check", action="store_true",
                         help="compare the first step's logits with one device")
+    parser.add_argument("--sparse", action="store_true",
+                        help="DeepSeek-V3.2: attention over the indexer's top-k tokens through "
+                             "the sparse kernel, FP8 latent cache (one device)")
+    parser.add_argument("--topk", type=positive_int, default=None,
+                        help=f"tokens each query attends to with --sparse (default "
+                             f"{deepseek_v32.Config.index_topk}; V3.2 itself uses 2048)")
+
+
+def _model(args):
+    """The model's module: DeepSeek-V3 (models/deepseek.py) or, with --sparse, V3.2
+    (models/deepseek_v32.py). Both have Config, init_params, prefill and decode_step."""
+    return deepseek_v32 if args.sparse else deepseek
+
+
+def _config(args):
+    """The model's sizes from the options, and with --sparse its top-k."""
+    sizes = dict(hidden=args.hidden, num_layers=args.layers, num_heads=args.heads)
+    if args.sparse:
+        return deepseek_v32.Config(**sizes, index_topk=args.topk or deepseek_v32.Config.index_topk)
+    return deepseek.Config(**sizes)
+
+
+def _init_cache(args, config, num_blocks, requests, blocks_per_seq):
+    if args.sparse:  # FP8 latents and the indexer's keys on the same pages
+        return deepseek_v32.init_cache(config, num_blocks, args.page_size, requests,
+                                       blocks_per_seq)
+    return paged.init_cache(config.num_layers, num_blocks, args.page_size, requests,
+                            blocks_per_seq, config.latent_dim, jnp.bfloat16)
 
 
 def _progress(step, total, latency_ms, width=30):
@@ -58,10 +88,10 @@ def _prefill(params, prompts, config, args, engines):
     blocks_per_seq = -(-(args.max_prompt + args.tokens) // args.page_size)
     caches = []
     for e in range(engines):
-        cache = paged.init_cache(config.num_layers, per_engine * blocks_per_seq, args.page_size,
-                                 per_engine, blocks_per_seq, config.latent_dim, jnp.bfloat16)
-        caches.append(deepseek.prefill(params, cache, prompts[e * per_engine:(e + 1) * per_engine],
-                                       config))
+        cache = _init_cache(args, config, per_engine * blocks_per_seq, per_engine,
+                            blocks_per_seq)
+        caches.append(_model(args).prefill(
+            params, cache, prompts[e * per_engine:(e + 1) * per_engine], config))
     if engines == 1:
         return caches[0]
     return (parallel.stack_engine_caches([c for c, _ in caches]),
@@ -74,7 +104,8 @@ def _placed_step(args, config, params, cache, tokens, active):
     its own cache and per-request outputs, so that one compile serves every step."""
     devices = jax.devices()
     if args.parallel == "none":
-        step = jax.jit(lambda p, c, t, a: deepseek.decode_step(p, c, t, a, config),
+        model = _model(args)
+        step = jax.jit(lambda p, c, t, a: model.decode_step(p, c, t, a, config),
                        donate_argnums=1)
         return (step, jax.device_put((params, cache, tokens, active), devices[0]),
                 "one device")
@@ -113,7 +144,8 @@ def _check_against_one_device(args, config, params, cache, tokens, active, logit
     layouts sum in another order and schedule splits differently)."""
     one_pool = parallel.as_one_pool(cache, len(jax.devices())) if args.parallel == "dp" else cache
     device = jax.devices()[0]
-    _, want, _ = jax.jit(lambda p, c, t, a: deepseek.decode_step(p, c, t, a, config))(
+    model = _model(args)
+    _, want, _ = jax.jit(lambda p, c, t, a: model.decode_step(p, c, t, a, config))(
         *jax.device_put((params, one_pool, tokens, active), device))
     want, got = np.asarray(want), np.asarray(logits)
     error = float(np.max(np.abs(got - want)) / np.max(np.abs(want)))
@@ -124,7 +156,12 @@ def _check_against_one_device(args, config, params, cache, tokens, active, logit
 
 
 def run(args) -> int:
-    config = deepseek.Config(hidden=args.hidden, num_layers=args.layers, num_heads=args.heads)
+    if args.topk is not None and not args.sparse:
+        raise SystemExit("--topk: only with --sparse (the dense model attends to every token)")
+    if args.sparse and args.parallel != "none":
+        raise SystemExit(f"--sparse: one device only (--parallel none); the sparse model has "
+                         f"no {args.parallel} layout")
+    config = _config(args)
     engines = len(jax.devices()) if args.parallel == "dp" else 1
     if args.parallel == "tp" and config.num_heads % len(jax.devices()):
         raise SystemExit(f"--parallel tp: --heads {config.num_heads} must divide over "
@@ -132,12 +169,16 @@ def run(args) -> int:
     if args.batch % engines:
         raise SystemExit(f"--parallel dp: --batch {args.batch} must divide over {engines} devices")
     rng = np.random.default_rng(args.seed)
-    params = deepseek.init_params(config, jax.random.key(args.seed))
+    params = _model(args).init_params(config, jax.random.key(args.seed))
     prompts = [list(rng.integers(0, config.vocab_size, size=int(n)))
                for n in rng.integers(1, args.max_prompt + 1, size=args.batch)]
     device = jax.devices()[0]
     print(f"device: {device.device_kind} ({device.platform}); model: {config.num_layers} layers, "
           f"{config.num_heads} heads, hidden {config.hidden}, MLA latent {config.latent_dim}")
+    if args.sparse:
+        print(f"DeepSeek-V3.2 sparse attention: each query over the top {config.index_topk} "
+              f"tokens of its layer's indexer ({config.index_n_heads} index heads), FP8 "
+              f"latent cache")
     print(f"batch {args.batch}, prompt lengths {[len(p) for p in prompts]}, "
           f"{args.tokens} new tokens each, page {args.page_size}")
 

@@ -1,6 +1,6 @@
 """The command line as a new user meets it: bad numbers get argparse's one-line error, the
-demo's step latencies never include a compile (under --parallel either), and `check` says
-what its time per call measures."""
+demo's step latencies never include a compile (under --parallel or --sparse either), and
+`check` says what its time per call measures."""
 
 import logging
 import types
@@ -21,6 +21,7 @@ SMALL_DEMO = ["--batch", "8", "--layers", "1", "--hidden", "64", "--max-prompt",
     ["demo", "--batch", "-2"],
     ["demo", "--heads", "many"],
     ["demo", "--seed", "-1"],
+    ["demo", "--sparse", "--topk", "0"],
     ["check", "--iters", "0"],
     ["check", "--seqlen", "0"],
     ["check", "--page-size", "0"],
@@ -63,16 +64,17 @@ def compile_and_clock_events(monkeypatch):
     logging.getLogger("jax").removeHandler(handler)
 
 
-@pytest.mark.parametrize("layout", ["none", "tp", "dp"])
+@pytest.mark.parametrize("layout", ["none", "tp", "dp", "sparse"])
 def test_demo_latencies_exclude_every_compile(layout, compile_and_clock_events, capsys):
     """The demo's last 2 x tokens clock reads bracket its timed steps: no compile may fall
     between a step's two (the step's own, a second one for shardings that changed, the
-    --check reference's)."""
-    if layout != "none" and len(jax.devices()) < 2:
+    --check reference's). `sparse`: DeepSeek-V3.2 on one device, top-4 of prompts up to 6
+    tokens, so that its indexer drops tokens."""
+    if layout in ("tp", "dp") and len(jax.devices()) < 2:
         pytest.skip("needs several devices")
     tokens = 3
-    assert cli.main(["demo", "--parallel", layout, "--check", "--tokens", str(tokens),
-                     *SMALL_DEMO]) == 0
+    model = ["--sparse", "--topk", "4"] if layout == "sparse" else ["--parallel", layout]
+    assert cli.main(["demo", *model, "--check", "--tokens", str(tokens), *SMALL_DEMO]) == 0
     events = compile_and_clock_events
     clocks = [i for i, e in enumerate(events) if e == "clock"]
     assert len(clocks) >= 2 * tokens and "compile" in events[:clocks[-2 * tokens]]
@@ -80,6 +82,18 @@ def test_demo_latencies_exclude_every_compile(layout, compile_and_clock_events, 
         assert "compile" not in events[start:end], f"a timed step compiled: {events}"
     out = capsys.readouterr().out
     assert "compilation excluded" in out and ": OK" in out, out
+    assert ("DeepSeek-V3.2 sparse attention: each query over the top 4 tokens" in out) == (
+        layout == "sparse"), out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--sparse", "--parallel", "tp"], "--sparse: one device only"),
+    (["--topk", "8"], "--topk: only with --sparse"),
+])
+def test_demo_refuses_options_the_sparse_model_lacks(argv, message, monkeypatch):
+    monkeypatch.setattr(demo.deepseek, "init_params", lambda *args: pytest.fail("demo ran"))
+    with pytest.raises(SystemExit, match=message):
+        cli.main(["demo", *argv, *SMALL_DEMO])
 
 
 def test_check_on_a_cpu_says_its_time_is_the_hosts(capsys):
