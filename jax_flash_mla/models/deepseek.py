@@ -226,10 +226,9 @@ def prefill(params, cache: paged.PagedLatentCache, prompts, c: Config):
     return cache, jnp.stack(last_logits)
 
 
-def _check_step_inputs(params, cache: paged.PagedLatentCache, tokens, active, c: Config,
-                       head_shards) -> None:
-    _check_cache_matches(params, cache, c)
-    requests = cache.seqlens.shape[0]
+def check_step_tokens(tokens, active, requests: int) -> None:
+    """A decode step's tokens [R] int32 and active [R] bool, R the cache's requests (shared with
+    the V3.2 model, whose cache differs)."""
     for name, x, kind in (("tokens", tokens, "int32"), ("active", active, "bool")):
         if not hasattr(x, "dtype"):
             raise TypeError(f"{name}: expected a {kind} array [{requests}], got "
@@ -239,6 +238,12 @@ def _check_step_inputs(params, cache: paged.PagedLatentCache, tokens, active, c:
         if tuple(x.shape) != (requests,):
             raise ValueError(f"{name}: expected shape ({requests},) (one per request of the "
                              f"cache), got {tuple(x.shape)}")
+
+
+def _check_step_inputs(params, cache: paged.PagedLatentCache, tokens, active, c: Config,
+                       head_shards) -> None:
+    _check_cache_matches(params, cache, c)
+    check_step_tokens(tokens, active, cache.seqlens.shape[0])
     if (isinstance(head_shards, bool) or not isinstance(head_shards, int) or head_shards < 1
             or c.num_heads % head_shards):
         raise ValueError(f"head_shards: expected a positive int dividing the config's "

@@ -285,16 +285,7 @@ def prefill(params, cache: SparseCache, prompts, c: Config):
 
 def _check_step_inputs(params, cache: SparseCache, tokens, active, c: Config) -> None:
     _check_cache_matches(params, cache, c)
-    requests = cache.latents.seqlens.shape[0]
-    for name, x, kind in (("tokens", tokens, "int32"), ("active", active, "bool")):
-        if not hasattr(x, "dtype"):
-            raise TypeError(f"{name}: expected a {kind} array [{requests}], got "
-                            f"{type(x).__name__}")
-        if np.dtype(x.dtype) != np.dtype(kind):
-            raise TypeError(f"{name}: expected dtype {kind}, got {np.dtype(x.dtype).name}")
-        if tuple(x.shape) != (requests,):
-            raise ValueError(f"{name}: expected shape ({requests},) (one per request of the "
-                             f"cache), got {tuple(x.shape)}")
+    deepseek.check_step_tokens(tokens, active, cache.latents.seqlens.shape[0])
 
 
 def _selected_indices(cache: SparseCache, layer: int, index_q, weights, seqlens, topk: int):
