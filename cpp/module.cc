@@ -13,6 +13,7 @@
 XLA_FFI_DECLARE_HANDLER_SYMBOL(jax_flash_mla_get_mla_metadata_cpu);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(jax_flash_mla_decode_cpu);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(jax_flash_mla_sparse_decode_cpu);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(jax_flash_mla_sparse_prefill_cpu);
 #ifdef JAX_FLASH_MLA_WITH_CUDA
 XLA_FFI_DECLARE_HANDLER_SYMBOL(jax_flash_mla_get_mla_metadata_cuda);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(jax_flash_mla_decode_cuda);
@@ -107,6 +108,7 @@ NB_MODULE(_jax_flash_mla, m) {
     cpu["jax_flash_mla_get_mla_metadata"] = as_capsule(jax_flash_mla_get_mla_metadata_cpu);
     cpu["jax_flash_mla_decode"] = as_capsule(jax_flash_mla_decode_cpu);
     cpu["jax_flash_mla_sparse_decode"] = as_capsule(jax_flash_mla_sparse_decode_cpu);
+    cpu["jax_flash_mla_sparse_prefill"] = as_capsule(jax_flash_mla_sparse_prefill_cpu);
     nb::dict platforms;
     platforms["cpu"] = cpu;
 #ifdef JAX_FLASH_MLA_WITH_CUDA

@@ -4,11 +4,13 @@ from . import batching, reference, sharding  # the vmap rules and the decode's l
 from ._registration import BUILT_WITH_CUDA
 from .api import MLAMetadata, flash_mla_with_kvcache, get_mla_metadata
 from .fp8_cache import dequantize_fp8_kvcache, quantize_fp8_kvcache
+from .sparse_prefill import flash_mla_sparse_fwd
 
 __all__ = [
     "BUILT_WITH_CUDA",
     "MLAMetadata",
     "dequantize_fp8_kvcache",
+    "flash_mla_sparse_fwd",
     "flash_mla_with_kvcache",
     "get_mla_metadata",
     "quantize_fp8_kvcache",

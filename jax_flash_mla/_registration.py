@@ -16,6 +16,7 @@ from . import _jax_flash_mla
 METADATA_TARGET = "jax_flash_mla_get_mla_metadata"
 DECODE_TARGET = "jax_flash_mla_decode"
 SPARSE_DECODE_TARGET = "jax_flash_mla_sparse_decode"
+SPARSE_PREFILL_TARGET = "jax_flash_mla_sparse_prefill"
 
 
 def version_tuple(version: str) -> tuple[int, ...]:

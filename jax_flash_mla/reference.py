@@ -8,9 +8,13 @@ benchmark.
 
 Sparse decode (DeepSeek-V3.2, `indices` given): FlashMLA's keywords and contract (DESIGN.md),
 also in float32; it gathers the selected tokens, dequantizes them and attends to them.
+
+Sparse prefill (DeepSeek-V3.2, FlashMLA's flash_mla_sparse_fwd): the same gather and attention,
+with each query token a decode request of its own and each kv row a page of one token.
 """
 
 from __future__ import annotations
+
 
 import jax
 import jax.numpy as jnp
@@ -115,6 +119,15 @@ def sparse_decode(q, k_cache, head_dim_v, softmax_scale, is_fp8_kvcache, indices
     the sum of exp(scores) over the counted slots. A query with no counted slot gets out = 0
     and lse = +inf, with or without a sink (as FlashMLA's reference, tests/ref.py).
     """
+    out, lse, _ = _sparse_attention(q, k_cache, head_dim_v, softmax_scale, is_fp8_kvcache,
+                                    indices, topk_length, attn_sink)
+    return out, lse
+
+
+def _sparse_attention(q, k_cache, head_dim_v, softmax_scale, is_fp8_kvcache, indices,
+                      topk_length, attn_sink):
+    """sparse_decode's (out, lse), and max_logits float32 [b, s_q, h_q]: the largest counted
+    score, -inf where no slot counts (the sink does not join it)."""
     head_dim = q.shape[3]
     num_blocks, page_block_size, _, token_width = k_cache.shape
     pool_tokens = num_blocks * page_block_size
@@ -145,4 +158,28 @@ def sparse_decode(q, k_cache, head_dim_v, softmax_scale, is_fp8_kvcache, indices
         sink = attn_sink.astype(jnp.float32)[None, None, :, None]
         out = out / (1.0 + jnp.exp(sink - jnp.where(saw_key, lse, 0.0)))
     out = jnp.where(saw_key, out, 0.0)
-    return out.astype(q.dtype), lse[..., 0].transpose(0, 2, 1)
+    return out.astype(q.dtype), lse[..., 0].transpose(0, 2, 1), row_max[..., 0]
+
+
+def flash_mla_sparse_fwd(q, kv, indices, sm_scale, d_v=512, attn_sink=None, topk_length=None):
+    """Sparse prefill of DeepSeek-V3.2, as FlashMLA's flash_mla_sparse_fwd.
+
+    q: bfloat16 [s_q, h_q, 576]. kv: bfloat16 [s_kv, 1, 576], V its first d_v = 512 columns.
+    indices: int32 [s_q, 1, topk]: query token i attends to the kv rows
+    indices[i, 0, :topk_length[i]] (all topk without topk_length, int32 [s_q]; a length below 0
+    counts as 0, above topk as topk). An index outside [0, s_kv) counts for nothing and its row
+    is never used; a row named twice counts twice. sm_scale: the scale of q . k, required (as in
+    FlashMLA). attn_sink: float32 [h_q] or None, as in sparse_decode: out *= 1 / (1 +
+    exp(attn_sink - lse)); lse and max_logits are unchanged.
+
+    Returns out bfloat16 [s_q, h_q, 512], max_logits float32 [s_q, h_q] (the largest counted
+    sm_scale * q . k) and lse float32 [s_q, h_q] (natural log of the sum of exp of those
+    scores). A token with no counted slot gets out 0, max_logits -inf and lse +inf.
+    """
+    validation.check_sparse_prefill_args(q, kv, indices, sm_scale, d_v, attn_sink, topk_length)
+    # Query token i is decode request i of one token and kv row t is page t of one token, so
+    # the indices [s_q, 1, topk] are the decode's [batch, seqlen_q = 1, topk] as they stand.
+    # float(): a NumPy float64 scale would otherwise be a strongly typed operand of the scores.
+    out, lse, max_logits = _sparse_attention(q[:, None], kv[:, None], d_v, float(sm_scale),
+                                             False, indices, topk_length, attn_sink)
+    return out[:, 0], max_logits[:, 0], lse[..., 0]

@@ -182,6 +182,63 @@ def check_sparse_decode_args(q, k_cache, head_dim_v, softmax_scale, causal, is_f
     check_softmax_scale(softmax_scale)
 
 
+def check_sparse_prefill_args(q, kv, indices, sm_scale, d_v, attn_sink, topk_length) -> None:
+    """flash_mla_sparse_fwd's arguments: FlashMLA's contract without its limits on h_q and
+    topk. Each message names the argument, then what was expected, then what was given."""
+    latent_dim = SPARSE_HEAD_DIM
+    check_rank("q", q, 3, f"[s_q, h_q, {latent_dim}]")
+    if np.dtype(q.dtype) != np.dtype(SPARSE_DTYPE):
+        raise TypeError(f"q: expected dtype bfloat16 (sparse prefill), got "
+                        f"{np.dtype(q.dtype).name}")
+    s_q, h_q, head_dim = q.shape
+    if head_dim != latent_dim:
+        raise ValueError(f"q: expected head_dim {latent_dim} (last axis; sparse prefill takes "
+                         f"DeepSeek-V3.2's latents), got {head_dim}")
+    check_rank("kv", kv, 3, f"[s_kv, 1, {latent_dim}]")
+    if np.dtype(kv.dtype) != np.dtype(q.dtype):
+        raise TypeError(f"kv: expected dtype bfloat16 (the dtype of q), got "
+                        f"{np.dtype(kv.dtype).name}")
+    s_kv, h_kv, kv_dim = kv.shape
+    if h_kv != 1:
+        raise ValueError(f"kv: expected h_kv 1 (axis 1; one latent per token, shared by every "
+                         f"head), got {h_kv}")
+    if s_kv < 1 or kv_dim != head_dim:
+        raise ValueError(f"kv: expected shape (s_kv, 1, {head_dim}) with s_kv >= 1 (head_dim "
+                         f"as q), got {tuple(kv.shape)}")
+    check_int32("indices", indices)
+    check_rank("indices", indices, 3, "[s_q, 1, topk]")
+    if tuple(indices.shape[:2]) != (s_q, 1) or indices.shape[2] < 1:
+        raise ValueError(f"indices: expected shape ({s_q}, 1, topk) with topk >= 1 (s_q of q, "
+                         f"h_kv 1), got {tuple(indices.shape)}")
+    if isinstance(d_v, bool) or d_v != SUPPORTED_HEAD_DIM_V:
+        raise ValueError(f"d_v: expected {SUPPORTED_HEAD_DIM_V}, got {d_v!r}")
+    _check_sm_scale(sm_scale)
+    if attn_sink is not None:
+        if not hasattr(attn_sink, "dtype") or np.dtype(attn_sink.dtype) != np.float32:
+            raise TypeError(f"attn_sink: expected dtype float32, got "
+                            f"{described(attn_sink)}")
+        if tuple(np.shape(attn_sink)) != (h_q,):
+            raise ValueError(f"attn_sink: expected shape ({h_q},) (h_q, q.shape[1]), got "
+                             f"{tuple(np.shape(attn_sink))}")
+    if topk_length is not None:
+        check_int32("topk_length", topk_length)
+        if tuple(np.shape(topk_length)) != (s_q,):
+            raise ValueError(f"topk_length: expected shape ({s_q},) (s_q, q.shape[0]), got "
+                             f"{tuple(np.shape(topk_length))}")
+
+
+def _check_sm_scale(sm_scale) -> None:
+    """A finite Python number, known at trace time: FlashMLA has no default, and NaN or an
+    infinity would make every output NaN. Type errors are TypeError, a non-finite value
+    ValueError, as check_softmax_scale's."""
+    if isinstance(sm_scale, (bool, np.bool_)) or not isinstance(
+            sm_scale, (int, float, np.integer, np.floating)):
+        raise TypeError(f"sm_scale: expected a finite Python float (FlashMLA has no default), "
+                        f"got {type(sm_scale).__name__}")
+    if not math.isfinite(sm_scale):
+        raise ValueError(f"sm_scale: expected a finite float, got {sm_scale!r}")
+
+
 def check_softmax_scale(softmax_scale) -> None:
     """None or a finite number: NaN or an infinity would make every output NaN."""
     if softmax_scale is None:

@@ -59,6 +59,10 @@ struct DecodeParams {
   float* lse;        // [batch, num_heads_q, seqlen_q]
   float* o_accum;    // [num_split_slots, num_heads_k, rows_per_kv, head_dim_v]
   float* lse_accum;  // [num_split_slots, num_heads_k, rows_per_kv]
+  // Sparse prefill only (nullptr otherwise): each row's largest scaled score, laid out as lse,
+  // and each split's, laid out as lse_accum. CPU path only so far.
+  float* max_logits;
+  float* max_accum;
 };
 
 }  // namespace jax_flash_mla

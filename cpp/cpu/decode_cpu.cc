@@ -31,6 +31,12 @@ float dot(const float* a, const float* b, int n) {
   return sum;
 }
 
+// The larger of a and b, NaN if either is (std::max drops a NaN second argument).
+float nan_max(float a, float b) {
+  if (std::isnan(a)) return a;
+  return std::isnan(b) || b > a ? b : a;
+}
+
 // Keys of one segment that may be read: inside the length and on a valid page.
 struct SegmentKeys {
   std::vector<int> token;     // token index in the request, ascending
@@ -70,9 +76,11 @@ void attend_row(const DecodeParams& p, const Segment& seg, int kv_head, int row,
       std::lower_bound(keys.token.begin(), keys.token.end(), limit) - keys.token.begin());
 
   float max_score = -kInf;
+  float max_logit = -kInf;  // as max_score, but NaN sticks (sparse prefill's max_logits)
   for (size_t k = 0; k < visible; ++k) {
     scores[k] = dot(q.data(), &keys.values[k * p.head_dim], p.head_dim) * p.softmax_scale;
     max_score = std::max(max_score, scores[k]);
+    max_logit = nan_max(max_logit, scores[k]);
   }
   std::fill(acc.begin(), acc.end(), 0.f);
   float sum = 0.f;
@@ -92,11 +100,13 @@ void attend_row(const DecodeParams& p, const Segment& seg, int kv_head, int row,
     for (int c = 0; c < p.head_dim_v; ++c)
       store_element(p.out, out_base + c, acc[c] * scale, p.dtype);
     p.lse[lse_offset(p, seg.batch_idx, kv_head, row)] = saw_key ? lse : kInf;
+    if (p.max_logits) p.max_logits[lse_offset(p, seg.batch_idx, kv_head, row)] = max_logit;
   } else if (slot_in_range(p, seg.slot)) {
     const int64_t accum_row = accum_row_index(p, seg.slot, kv_head, row);
     float* o = p.o_accum + accum_row * p.head_dim_v;
     for (int c = 0; c < p.head_dim_v; ++c) o[c] = acc[c] * inv_sum;
     p.lse_accum[accum_row] = lse;
+    if (p.max_accum) p.max_accum[accum_row] = max_logit;
   }
 }
 
@@ -104,6 +114,7 @@ void write_empty_row(const DecodeParams& p, int batch_idx, int kv_head, int row)
   const int64_t out_base = out_offset(p, batch_idx, kv_head, row);
   for (int c = 0; c < p.head_dim_v; ++c) store_element(p.out, out_base + c, 0.f, p.dtype);
   p.lse[lse_offset(p, batch_idx, kv_head, row)] = kInf;
+  if (p.max_logits) p.max_logits[lse_offset(p, batch_idx, kv_head, row)] = -kInf;
 }
 
 }  // namespace
@@ -162,6 +173,12 @@ void combine_cpu(const DecodeParams& p) {
         for (int c = 0; c < p.head_dim_v; ++c)
           store_element(p.out, out_base + c, acc[c] * scale, p.dtype);
         p.lse[lse_offset(p, b, kv_head, row)] = lse;
+        if (p.max_logits) {
+          float max_logit = -kInf;
+          for (int s = slot_begin; s < slot_end; ++s)
+            max_logit = nan_max(max_logit, p.max_accum[accum_row_index(p, s, kv_head, row)]);
+          p.max_logits[lse_offset(p, b, kv_head, row)] = max_logit;
+        }
       }
     }
   }

@@ -68,6 +68,30 @@ ffi::Error FlashMlaSparseDecodeCpuImpl(
   return ffi::Error::Success();
 }
 
+// Sparse prefill (flash_mla_sparse_fwd): sparse decode with each prompt token a request, plus
+// every row's largest scaled score.
+ffi::Error FlashMlaSparsePrefillCpuImpl(
+    ffi::AnyBuffer q, ffi::AnyBuffer kv, ffi::AnyBuffer indices, ffi::AnyBuffer lengths,
+    ffi::AnyBuffer attn_sink, ffi::AnyBuffer tile_scheduler_metadata, ffi::AnyBuffer num_splits,
+    float softmax_scale, bool is_fp8_kvcache, int32_t head_dim_v,
+    ffi::Result<ffi::AnyBuffer> out, ffi::Result<ffi::AnyBuffer> lse,
+    ffi::Result<ffi::AnyBuffer> max_logits, ffi::Result<ffi::AnyBuffer> o_accum,
+    ffi::Result<ffi::AnyBuffer> lse_accum, ffi::Result<ffi::AnyBuffer> max_accum) {
+  DecodeParams params;
+  if (ffi::Error error = sparse_decode_params(
+          q, kv, indices, lengths, attn_sink, tile_scheduler_metadata, num_splits,
+          softmax_scale, is_fp8_kvcache, head_dim_v, out, lse, o_accum, lse_accum, &params);
+      error.failure())
+    return error;
+  if (ffi::Error error = sparse_prefill_max_params(max_logits, max_accum, lse->dimensions(),
+                                                   lse_accum->dimensions(), &params);
+      error.failure())
+    return error;
+  split_kv_decode_cpu(params);
+  combine_cpu(params);
+  return ffi::Error::Success();
+}
+
 }  // namespace
 }  // namespace jax_flash_mla
 
@@ -81,3 +105,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(jax_flash_mla_decode_cpu, jax_flash_mla::FlashMlaD
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jax_flash_mla_sparse_decode_cpu,
                               jax_flash_mla::FlashMlaSparseDecodeCpuImpl,
                               jax_flash_mla::bind_sparse_decode_operands(xla::ffi::Ffi::Bind()));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(jax_flash_mla_sparse_prefill_cpu,
+                              jax_flash_mla::FlashMlaSparsePrefillCpuImpl,
+                              jax_flash_mla::bind_sparse_prefill_operands(xla::ffi::Ffi::Bind()));

@@ -164,6 +164,8 @@ inline ffi::Error decode_params(ffi::AnyBuffer q, ffi::AnyBuffer k_cache,
   p->lse = static_cast<float*>(lse->untyped_data());
   p->o_accum = static_cast<float*>(o_accum->untyped_data());
   p->lse_accum = static_cast<float*>(lse_accum->untyped_data());
+  p->max_logits = nullptr;
+  p->max_accum = nullptr;
   return ffi::Error::Success();
 }
 

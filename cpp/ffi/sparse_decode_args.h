@@ -133,6 +133,34 @@ inline ffi::Error sparse_decode_params(
   p->lse = static_cast<float*>(lse->untyped_data());
   p->o_accum = static_cast<float*>(o_accum->untyped_data());
   p->lse_accum = static_cast<float*>(lse_accum->untyped_data());
+  p->max_logits = nullptr;
+  p->max_accum = nullptr;
+  return ffi::Error::Success();
+}
+
+// Sparse prefill's extra results: max_logits [b, s_q, h_q] (query-major, as lse) and its split
+// scratch max_accum [slots, 1, h_q], checked against a call whose DecodeParams are set.
+inline ffi::Error sparse_prefill_max_params(ffi::Result<ffi::AnyBuffer>& max_logits,
+                                            ffi::Result<ffi::AnyBuffer>& max_accum,
+                                            ffi::AnyBuffer::Dimensions lse_dims,
+                                            ffi::AnyBuffer::Dimensions lse_accum_dims,
+                                            DecodeParams* p) {
+  if (max_logits->element_type() != ffi::DataType::F32 ||
+      max_logits->dimensions().size() != lse_dims.size())
+    return shape_error("max_logits", dims_to_string(lse_dims) + " float32 (as lse)",
+                       max_logits->dimensions());
+  for (size_t i = 0; i < lse_dims.size(); ++i)
+    if (max_logits->dimensions()[i] != lse_dims[i])
+      return shape_error("max_logits", dims_to_string(lse_dims), max_logits->dimensions());
+  if (max_accum->element_type() != ffi::DataType::F32 ||
+      max_accum->dimensions().size() != lse_accum_dims.size())
+    return shape_error("max_accum", dims_to_string(lse_accum_dims) + " float32",
+                       max_accum->dimensions());
+  for (size_t i = 0; i < lse_accum_dims.size(); ++i)
+    if (max_accum->dimensions()[i] != lse_accum_dims[i])
+      return shape_error("max_accum", dims_to_string(lse_accum_dims), max_accum->dimensions());
+  p->max_logits = static_cast<float*>(max_logits->untyped_data());
+  p->max_accum = static_cast<float*>(max_accum->untyped_data());
   return ffi::Error::Success();
 }
 
@@ -156,5 +184,28 @@ auto bind_sparse_decode_operands(Binding binding) {
       .template Ret<ffi::AnyBuffer>()   // o_accum
       .template Ret<ffi::AnyBuffer>();  // lse_accum
 }
+
+// Sparse prefill: the sparse decode's operands (q as [s_q, 1, h_q, 576], kv as a pool of
+// one-token pages) and results, with max_logits and its scratch after lse and lse_accum.
+template <typename Binding>
+auto bind_sparse_prefill_operands(Binding binding) {
+  return std::move(binding).template Arg<ffi::AnyBuffer>()  // q
+      .template Arg<ffi::AnyBuffer>()            // kv
+      .template Arg<ffi::AnyBuffer>()            // indices
+      .template Arg<ffi::AnyBuffer>()            // lengths
+      .template Arg<ffi::AnyBuffer>()            // attn_sink
+      .template Arg<ffi::AnyBuffer>()            // tile_scheduler_metadata
+      .template Arg<ffi::AnyBuffer>()            // num_splits
+      .template Attr<float>("softmax_scale")
+      .template Attr<bool>("is_fp8_kvcache")
+      .template Attr<int32_t>("head_dim_v")
+      .template Ret<ffi::AnyBuffer>()   // out
+      .template Ret<ffi::AnyBuffer>()   // lse
+      .template Ret<ffi::AnyBuffer>()   // max_logits
+      .template Ret<ffi::AnyBuffer>()   // o_accum
+      .template Ret<ffi::AnyBuffer>()   // lse_accum
+      .template Ret<ffi::AnyBuffer>();  // max_accum
+}
+
 
 }  // namespace jax_flash_mla
