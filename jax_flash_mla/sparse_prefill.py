@@ -59,9 +59,10 @@ def _abstract_eval(q, *operands, softmax_scale, is_fp8_kvcache, head_dim_v):
 
 @mla_sparse_prefill_local_p.def_abstract_eval
 def _local_abstract_eval(q, kv, indices, lengths, attn_sink, tile_scheduler_metadata,
-                         num_splits, *, softmax_scale, is_fp8_kvcache, head_dim_v):
+                         num_splits, *initial_outputs, softmax_scale, is_fp8_kvcache,
+                         head_dim_v):
     """The global results, then the split scratch: o_accum, lse_accum, max_accum."""
-    del kv, indices, lengths, attn_sink, num_splits
+    del kv, indices, lengths, attn_sink, num_splits, initial_outputs
     slots = max_split_slots(q.shape[0], tile_scheduler_metadata.shape[0])
     scratch = jax.core.ShapedArray((slots, 1, q.shape[2]), jnp.float32)
     return _abstract_eval(q, softmax_scale=softmax_scale, is_fp8_kvcache=is_fp8_kvcache,
@@ -74,8 +75,14 @@ def prefill_on_one_device(*operands, **params):
     return tuple(mla_sparse_prefill_local_p.bind(*operands, **params)[:3])
 
 
+FIRST_INITIAL_OUTPUT = 7  # operand index of initial_out; initial_lse, initial_max_logits follow
+
+
 def _cpu_lowering(ctx, *operands, softmax_scale, is_fp8_kvcache, head_dim_v):
-    return jax.ffi.ffi_lowering(SPARSE_PREFILL_TARGET)(
+    aliases = None
+    if len(operands) > FIRST_INITIAL_OUTPUT:
+        aliases = {FIRST_INITIAL_OUTPUT + i: i for i in range(3)}
+    return jax.ffi.ffi_lowering(SPARSE_PREFILL_TARGET, operand_output_aliases=aliases)(
         ctx, *operands, softmax_scale=np.float32(softmax_scale),
         is_fp8_kvcache=bool(is_fp8_kvcache), head_dim_v=np.int32(head_dim_v))
 
@@ -175,8 +182,10 @@ def partitioned_prefill(*, softmax_scale: float, is_fp8_kvcache: bool, head_dim_
 
 
 def _lowering(ctx, *operands, **params):
+    # Poisoned outputs (tests) and export (no device assignment) take the one-device prefill.
     no_devices = getattr(ctx.module_context.axis_context, "device_assignment", ()) is None
-    fun = (functools.partial(prefill_on_one_device, **params) if no_devices
+    fun = (functools.partial(prefill_on_one_device, **params)
+           if no_devices or len(operands) > FIRST_INITIAL_OUTPUT
            else partitioned_prefill(**params))
     return mlir.lower_fun(fun, multiple_results=True)(ctx, *operands)
 
@@ -224,6 +233,12 @@ def flash_mla_sparse_fwd(q, kv, indices, sm_scale: float, d_v: int = 512, attn_s
       max_logits the largest sm_scale * q . k over the counted slots, lse the natural log of the
       sum of their exp. A token with no counted slot: out 0, lse +inf, max_logits -inf.
     """
+    return _sparse_prefill(q, kv, indices, sm_scale, d_v, attn_sink, topk_length)
+
+
+def _sparse_prefill(q, kv, indices, sm_scale, d_v, attn_sink, topk_length, poisoned=False):
+    """The prefill primitive's call; `poisoned` (jax_flash_mla.testing) aliases NaN-filled
+    outputs in."""
     is_fp8 = hasattr(kv, "dtype") and np.dtype(kv.dtype) in fp8_cache.PACKED_DTYPES
     if is_fp8:
         _check_fp8_pool(kv)
@@ -237,14 +252,20 @@ def flash_mla_sparse_fwd(q, kv, indices, sm_scale: float, d_v: int = 512, attn_s
                                         topk_length)
     if not is_fp8:
         pool = jnp.asarray(kv)[:, None]  # s_kv pages of one token
-    validation.check_sparse_pool(pool)
+    validation.check_sparse_pool(pool, "kv")
     tokens, num_heads_q, _ = q.shape
     lengths = api.sparse_lengths(topk_length, tokens, 1, indices.shape[2])
     metadata = api.sparse_metadata_for_lengths(lengths, num_heads_q)
     if attn_sink is None:
         attn_sink = jnp.full((num_heads_q,), -jnp.inf, jnp.float32)
+    initial_outputs = ()
+    if poisoned:  # NaN-filled outputs aliased in: an element never written stays NaN
+        rows = (tokens, 1, num_heads_q)
+        initial_outputs = (jnp.full(rows + (int(d_v),), jnp.nan, jnp.bfloat16),
+                           jnp.full(rows, jnp.nan, jnp.float32),
+                           jnp.full(rows, jnp.nan, jnp.float32))
     out, lse, max_logits = mla_sparse_prefill_p.bind(
         jnp.asarray(q)[:, None], pool, jnp.asarray(indices), lengths, jnp.asarray(attn_sink),
-        metadata.tile_scheduler_metadata, metadata.num_splits, softmax_scale=float(sm_scale),
-        is_fp8_kvcache=is_fp8, head_dim_v=int(d_v))
+        metadata.tile_scheduler_metadata, metadata.num_splits, *initial_outputs,
+        softmax_scale=float(sm_scale), is_fp8_kvcache=is_fp8, head_dim_v=int(d_v))
     return out[:, 0], max_logits[:, 0], lse[:, 0]

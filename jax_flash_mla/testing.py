@@ -19,12 +19,14 @@ from . import validation
 from ._constants import SPLIT_KV_KERNELS
 from ._jax_flash_mla import choose_split_kv_kernel, runnable_split_kv_kernels
 from .api import _decode, _sparse_decode
+from .sparse_prefill import _sparse_prefill
 
 __all__ = [
     "SPLIT_KV_KERNELS",
     "choose_split_kv_kernel",
     "flash_mla_with_kvcache_poisoned",
     "sparse_decode_poisoned",
+    "sparse_prefill_poisoned",
     "runnable_split_kv_kernels",
     "split_kv_kernel_value",
 ]
@@ -62,3 +64,9 @@ def sparse_decode_poisoned(q, k_cache, indices, *, head_dim_v=512, metadata=None
     return _sparse_decode(q, k_cache, head_dim_v, metadata, softmax_scale, False,
                           is_fp8_kvcache, indices, topk_length, attn_sink,
                           initial_outputs=(initial_out, initial_lse))
+
+
+def sparse_prefill_poisoned(q, kv, indices, sm_scale, d_v=512, attn_sink=None,
+                            topk_length=None):
+    """flash_mla_sparse_fwd with NaN-filled outputs."""
+    return _sparse_prefill(q, kv, indices, sm_scale, d_v, attn_sink, topk_length, poisoned=True)

@@ -251,11 +251,12 @@ def check_softmax_scale(softmax_scale) -> None:
         raise ValueError(f"softmax_scale: expected a finite float, got {softmax_scale!r}")
 
 
-def check_sparse_pool(k_cache) -> None:
-    """The sparse kernels address the pool by int32 token index: it must fit one."""
+def check_sparse_pool(k_cache, name: str = "k_cache") -> None:
+    """The sparse kernels address the pool by int32 token index: it must fit one. `name`: the
+    argument the pool came as."""
     pool_tokens = k_cache.shape[0] * k_cache.shape[1]
     if pool_tokens > np.iinfo(np.int32).max:
-        raise ValueError(f"k_cache: expected at most 2**31 - 1 tokens in the pool (num_blocks * "
+        raise ValueError(f"{name}: expected at most 2**31 - 1 tokens in the pool (num_blocks * "
                          f"page_block_size; indices are int32), got {pool_tokens}")
 
 

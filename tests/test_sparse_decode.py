@@ -106,12 +106,13 @@ def run_reference(case, q, k_cache, indices, topk_length, attn_sink):
 
 
 def check_case(case, rng, device=None):
-    """The poisoned kernel on `device` (the default one if None) against the reference, on
+    """The poisoned kernel on `device` (the CPU if None) against the reference, on
     fresh inputs of `case`. The GPU kernels round P to bf16 before P V, as dense decode's do:
     there the tests' kernel bounds hold (tests/comparisons.py), with the reference on the CPU
     (its float32 matmuls exact, not TF32)."""
     inputs, _ = make_inputs(case, rng)
-    if device is None:
+    if device is None:  # the C++ CPU path, whatever the default device
+        inputs = jax.device_put(inputs, jax.devices("cpu")[0])
         out, lse = poisoned_decode(*inputs, fp8=case.fp8, num_sm_parts=case.num_sm_parts,
                                    softmax_scale=case.softmax_scale)
         assert_matches(out, lse, *run_reference(case, *inputs))

@@ -73,9 +73,10 @@ ffi::Error FlashMlaSparseDecodeCpuImpl(
 ffi::Error FlashMlaSparsePrefillCpuImpl(
     ffi::AnyBuffer q, ffi::AnyBuffer kv, ffi::AnyBuffer indices, ffi::AnyBuffer lengths,
     ffi::AnyBuffer attn_sink, ffi::AnyBuffer tile_scheduler_metadata, ffi::AnyBuffer num_splits,
-    float softmax_scale, bool is_fp8_kvcache, int32_t head_dim_v,
-    ffi::Result<ffi::AnyBuffer> out, ffi::Result<ffi::AnyBuffer> lse,
-    ffi::Result<ffi::AnyBuffer> max_logits, ffi::Result<ffi::AnyBuffer> o_accum,
+    std::optional<ffi::AnyBuffer> /*initial_out*/, std::optional<ffi::AnyBuffer> /*initial_lse*/,
+    std::optional<ffi::AnyBuffer> /*initial_max_logits*/, float softmax_scale,
+    bool is_fp8_kvcache, int32_t head_dim_v, ffi::Result<ffi::AnyBuffer> out,
+    ffi::Result<ffi::AnyBuffer> lse, ffi::Result<ffi::AnyBuffer> max_logits, ffi::Result<ffi::AnyBuffer> o_accum,
     ffi::Result<ffi::AnyBuffer> lse_accum, ffi::Result<ffi::AnyBuffer> max_accum) {
   DecodeParams params;
   if (ffi::Error error = sparse_decode_params(

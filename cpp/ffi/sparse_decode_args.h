@@ -186,7 +186,8 @@ auto bind_sparse_decode_operands(Binding binding) {
 }
 
 // Sparse prefill: the sparse decode's operands (q as [s_q, 1, h_q, 576], kv as a pool of
-// one-token pages) and results, with max_logits and its scratch after lse and lse_accum.
+// one-token pages) and results, with max_logits and its scratch after lse and lse_accum; the
+// initial outputs, when given (tests poison them), are aliased to out, lse and max_logits.
 template <typename Binding>
 auto bind_sparse_prefill_operands(Binding binding) {
   return std::move(binding).template Arg<ffi::AnyBuffer>()  // q
@@ -196,6 +197,9 @@ auto bind_sparse_prefill_operands(Binding binding) {
       .template Arg<ffi::AnyBuffer>()            // attn_sink
       .template Arg<ffi::AnyBuffer>()            // tile_scheduler_metadata
       .template Arg<ffi::AnyBuffer>()            // num_splits
+      .template OptionalArg<ffi::AnyBuffer>()    // initial_out
+      .template OptionalArg<ffi::AnyBuffer>()    // initial_lse
+      .template OptionalArg<ffi::AnyBuffer>()    // initial_max_logits
       .template Attr<float>("softmax_scale")
       .template Attr<bool>("is_fp8_kvcache")
       .template Attr<int32_t>("head_dim_v")
