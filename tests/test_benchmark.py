@@ -318,7 +318,7 @@ def test_sparse_traffic_formulas():
     nbytes, flops = sparse_benchmark.traffic(SparseRow(b=128, h_q=128, s_q=2, topk=2048))
     assert nbytes == 128 * 2 * 2048 * 656 + 128 * 2 * 128 * (576 + 512) * 2
     assert flops == 2 * 128 * 2 * 128 * 2048 * (576 + 512)
-    # FlashMLA's own count of the same row, in shared/anchors/sparse_h100_2026-12-05.jsonl.
+    # FlashMLA's own count of the same row, in the H100 sparse anchors of shared/anchors.
     seconds = 347.4487101449082e-6
     assert flops / seconds / 1e12 == pytest.approx(420.2890492904598)
     assert nbytes / seconds / 1e9 == pytest.approx(1195.100410149228)
