@@ -42,7 +42,7 @@ def _to_front(x, dim, size):
     return jnp.moveaxis(x, dim, 0)
 
 
-def _fold(x):
+def fold(x):
     return x.reshape((x.shape[0] * x.shape[1],) + x.shape[2:])
 
 
@@ -58,43 +58,44 @@ def _fold_block_tables(block_table, num_blocks):
     """[V, b, m] tables of V pools -> [V * b, m] tables of their concatenation."""
     instance = jnp.arange(block_table.shape[0], dtype=jnp.int32)[:, None, None]
     valid = (block_table >= 0) & (block_table < num_blocks)
-    return _fold(jnp.where(valid, block_table + instance * num_blocks, -1))
+    return fold(jnp.where(valid, block_table + instance * num_blocks, -1))
 
 
 def _decode_batching_rule(args, dims, **params):
     q, k_cache, block_table, cache_seqlens, tsm, _, *initial_outputs = args
     q_dim, k_dim, table_dim, seqlens_dim = dims[:4]
     size = _axis_size(args, dims)
-    q = _fold(_to_front(q, q_dim, size))
+    q = fold(_to_front(q, q_dim, size))
     batch = q.shape[0] // size
-    seqlens = _fold(_to_front(cache_seqlens, seqlens_dim, size))
+    seqlens = fold(_to_front(cache_seqlens, seqlens_dim, size))
     tables = _to_front(block_table, table_dim, size)
     if k_dim is NOT_MAPPED:  # one pool shared by every instance: ids are already global
-        pool, tables = k_cache, _fold(tables)
+        pool, tables = k_cache, fold(tables)
     else:
         per_instance = jnp.moveaxis(k_cache, k_dim, 0)
         tables = _fold_block_tables(tables, per_instance.shape[1])
-        pool = _fold(per_instance)
+        pool = fold(per_instance)
     num_sm_parts = tsm.shape[-2]
     folded_tsm, folded_splits = mla_metadata_p.bind(seqlens, num_sm_parts=num_sm_parts)
-    initial = [_fold(_to_front(x, d, size)) for x, d in zip(initial_outputs, dims[6:])]
+    initial = [fold(_to_front(x, d, size)) for x, d in zip(initial_outputs, dims[6:])]
     out, lse = mla_decode_p.bind(q, pool, tables, seqlens, folded_tsm, folded_splits, *initial,
                                  **params)
     unfold = lambda x: x.reshape((size, batch) + x.shape[1:])
     return (unfold(out), unfold(lse)), (0, 0)
 
 
-def _fold_indices(indices, pool_tokens):
+def fold_indices(indices, pool_tokens, name="k_cache"):
     """[V, b, s, t] token indices into V pools -> [V * b, s, t] indices into their
-    concatenation."""
+    concatenation (sparse decode's, and sparse prefill's with b the prompt tokens); `name`: the
+    argument the pools came as."""
     total = indices.shape[0] * pool_tokens
     if total > jnp.iinfo(jnp.int32).max:
-        raise ValueError(f"k_cache: expected at most 2**31 - 1 tokens in the pool vmap folds "
+        raise ValueError(f"{name}: expected at most 2**31 - 1 tokens in the pool vmap folds "
                          f"its {indices.shape[0]} pools of {pool_tokens} tokens into (indices "
                          f"are int32), got {total}")
     instance = jnp.arange(indices.shape[0], dtype=jnp.int32)[:, None, None, None]
     valid = (indices >= 0) & (indices < pool_tokens)
-    return _fold(jnp.where(valid, indices + instance * pool_tokens, -1))
+    return fold(jnp.where(valid, indices + instance * pool_tokens, -1))
 
 
 def _sparse_decode_batching_rule(args, dims, **params):
@@ -104,19 +105,19 @@ def _sparse_decode_batching_rule(args, dims, **params):
         outs = jax.lax.map(lambda xs: tuple(mla_sparse_decode_p.bind(*xs, **params)), fronted)
         return outs, (0, 0)
     q, k_cache, indices, lengths, attn_sink, tsm, _, *initial_outputs = args
-    q = _fold(_to_front(q, dims[0], size))
+    q = fold(_to_front(q, dims[0], size))
     batch = q.shape[0] // size
     indices = _to_front(indices, dims[2], size)
     if dims[1] is NOT_MAPPED:  # one pool shared by every instance: indices are already global
-        pool, indices = k_cache, _fold(indices)
+        pool, indices = k_cache, fold(indices)
     else:
         per_instance = jnp.moveaxis(k_cache, dims[1], 0)
-        indices = _fold_indices(indices, per_instance.shape[1] * per_instance.shape[2])
-        pool = _fold(per_instance)
-    lengths = _fold(_to_front(lengths, dims[3], size))
+        indices = fold_indices(indices, per_instance.shape[1] * per_instance.shape[2])
+        pool = fold(per_instance)
+    lengths = fold(_to_front(lengths, dims[3], size))
     folded_tsm, folded_splits = mla_metadata_p.bind(lengths.reshape(-1),
                                                     num_sm_parts=tsm.shape[-2])
-    initial = [_fold(_to_front(x, d, size)) for x, d in zip(initial_outputs, dims[7:])]
+    initial = [fold(_to_front(x, d, size)) for x, d in zip(initial_outputs, dims[7:])]
     out, lse = mla_sparse_decode_p.bind(q, pool, indices, lengths, attn_sink, folded_tsm,
                                         folded_splits, *initial, **params)
     unfold = lambda x: x.reshape((size, batch) + x.shape[1:])

@@ -142,31 +142,29 @@ def partitioned_sparse_decode(*, softmax_scale: float, is_fp8_kvcache: bool, hea
     return decode
 
 
-def _decode_lowering(ctx, *operands, **params):
-    # jax.export lowers with no device assignment, which custom_partitioning cannot take: the
-    # exported module holds the one-device decode. Poisoned outputs (tests) are one-device too.
-    no_devices = getattr(ctx.module_context.axis_context, "device_assignment", ()) is None
-    if no_devices or len(operands) > FIRST_INITIAL_OUTPUT:
-        fun = functools.partial(decode_on_one_device, **params)
-    else:
-        fun = partitioned_decode(**params)
-    return mlir.lower_fun(fun, multiple_results=True)(ctx, *operands)
+def register_partitioned_lowering(primitive, on_one_device, partitioned, first_initial_output):
+    """Lowers `primitive` through its sharding rule (`partitioned(**params)`, a
+    custom_partitioning function) where jit gives the devices, else as one local call
+    (`on_one_device`). jax.export lowers with no device assignment, which custom_partitioning
+    cannot take: the exported module holds the one-device op. Poisoned outputs (tests: operands
+    from `first_initial_output` on) are one-device too."""
+
+    def lowering(ctx, *operands, **params):
+        no_devices = getattr(ctx.module_context.axis_context, "device_assignment", ()) is None
+        if no_devices or len(operands) > first_initial_output:
+            fun = functools.partial(on_one_device, **params)
+        else:
+            fun = partitioned(**params)
+        return mlir.lower_fun(fun, multiple_results=True)(ctx, *operands)
+
+    # The sharding rule needs the device assignment while lowering; jit provides it only to
+    # primitives that declare the need (JAX has no public API for this yet: custom_partitioning's
+    # own primitive is declared the same way), and only outside the lowering cache.
+    dispatch.prim_requires_devices_during_lowering.add(primitive)
+    mlir.register_lowering(primitive, lowering, cacheable=False)
 
 
-# The sharding rule (custom_partitioning) needs the device assignment while lowering; jit
-# provides it only to primitives that declare the need (JAX has no public API for this yet:
-# custom_partitioning's own primitive is declared the same way), and only outside the
-# lowering cache.
-def _sparse_decode_lowering(ctx, *operands, **params):
-    no_devices = getattr(ctx.module_context.axis_context, "device_assignment", ()) is None
-    if no_devices or len(operands) > SPARSE_FIRST_INITIAL_OUTPUT:
-        fun = functools.partial(sparse_decode_on_one_device, **params)
-    else:
-        fun = partitioned_sparse_decode(**params)
-    return mlir.lower_fun(fun, multiple_results=True)(ctx, *operands)
-
-
-dispatch.prim_requires_devices_during_lowering.add(mla_decode_p)
-dispatch.prim_requires_devices_during_lowering.add(mla_sparse_decode_p)
-mlir.register_lowering(mla_decode_p, _decode_lowering, cacheable=False)
-mlir.register_lowering(mla_sparse_decode_p, _sparse_decode_lowering, cacheable=False)
+register_partitioned_lowering(mla_decode_p, decode_on_one_device, partitioned_decode,
+                              FIRST_INITIAL_OUTPUT)
+register_partitioned_lowering(mla_sparse_decode_p, sparse_decode_on_one_device,
+                              partitioned_sparse_decode, SPARSE_FIRST_INITIAL_OUTPUT)

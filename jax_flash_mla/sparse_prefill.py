@@ -24,12 +24,12 @@ import numpy as np
 import jax
 import jax.numpy as jnp
 from jax.extend.core import Primitive
-from jax._src import dispatch
 from jax.experimental.custom_partitioning import custom_partitioning
 from jax.interpreters import ad, batching, mlir, xla
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from . import api, fp8_cache, validation
+from . import api, fp8_cache, sharding, validation
+from .batching import fold, fold_indices
 from ._constants import max_split_slots
 from ._registration import SPARSE_PREFILL_TARGET
 from .primitives import mla_metadata_p
@@ -102,10 +102,6 @@ def _jvp(primals, tangents, **params):
         "kernel. Differentiate jax_flash_mla.reference.flash_mla_sparse_fwd instead.")
 
 
-def _fold(x):
-    return x.reshape((x.shape[0] * x.shape[1],) + x.shape[2:])
-
-
 def _batching_rule(args, dims, **params):
     """Instances fold into prompt tokens; a vmapped sink (one per instance) runs the instances
     one after another (lax.map)."""
@@ -118,21 +114,14 @@ def _batching_rule(args, dims, **params):
     q, kv, indices, lengths, _, tsm, _ = fronted
     tokens = q.shape[1]
     if dims[1] is None:
-        pool, indices = args[1], _fold(indices)
+        pool, indices = args[1], fold(indices)
     else:
-        pool_tokens = kv.shape[1] * kv.shape[2]
-        if size * pool_tokens > np.iinfo(np.int32).max:
-            raise ValueError(f"kv: expected at most 2**31 - 1 tokens in the pool vmap folds its "
-                             f"{size} pools of {pool_tokens} tokens into (indices are int32), "
-                             f"got {size * pool_tokens}")
-        instance = jnp.arange(size, dtype=jnp.int32)[:, None, None, None]
-        valid = (indices >= 0) & (indices < pool_tokens)
-        indices = _fold(jnp.where(valid, indices + instance * pool_tokens, -1))
-        pool = _fold(kv)
-    lengths = _fold(lengths)
+        indices = fold_indices(indices, kv.shape[1] * kv.shape[2], "kv")
+        pool = fold(kv)
+    lengths = fold(lengths)
     folded_tsm, folded_splits = mla_metadata_p.bind(lengths.reshape(-1),
                                                     num_sm_parts=tsm.shape[-2])
-    outs = mla_sparse_prefill_p.bind(_fold(q), pool, indices, lengths, args[4], folded_tsm,
+    outs = mla_sparse_prefill_p.bind(fold(q), pool, indices, lengths, args[4], folded_tsm,
                                      folded_splits, **params)
     return tuple(x.reshape((size, tokens) + x.shape[1:]) for x in outs), (0, 0, 0)
 
@@ -181,19 +170,10 @@ def partitioned_prefill(*, softmax_scale: float, is_fp8_kvcache: bool, head_dim_
     return prefill
 
 
-def _lowering(ctx, *operands, **params):
-    # Poisoned outputs (tests) and export (no device assignment) take the one-device prefill.
-    no_devices = getattr(ctx.module_context.axis_context, "device_assignment", ()) is None
-    fun = (functools.partial(prefill_on_one_device, **params)
-           if no_devices or len(operands) > FIRST_INITIAL_OUTPUT
-           else partitioned_prefill(**params))
-    return mlir.lower_fun(fun, multiple_results=True)(ctx, *operands)
-
-
 ad.primitive_jvps[mla_sparse_prefill_p] = _jvp
 batching.primitive_batchers[mla_sparse_prefill_p] = _batching_rule
-dispatch.prim_requires_devices_during_lowering.add(mla_sparse_prefill_p)
-mlir.register_lowering(mla_sparse_prefill_p, _lowering, cacheable=False)
+sharding.register_partitioned_lowering(mla_sparse_prefill_p, prefill_on_one_device,
+                                       partitioned_prefill, FIRST_INITIAL_OUTPUT)
 mlir.register_lowering(mla_sparse_prefill_local_p, _cpu_lowering, platform="cpu")
 mlir.register_lowering(mla_sparse_prefill_local_p, _cuda_lowering, platform="cuda")
 

@@ -3,6 +3,7 @@
 // re-checking everything the Python wrapper checks, as decode_args.h does for dense decode.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <limits>
 #include <string>
@@ -145,20 +146,18 @@ inline ffi::Error sparse_prefill_max_params(ffi::Result<ffi::AnyBuffer>& max_log
                                             ffi::AnyBuffer::Dimensions lse_dims,
                                             ffi::AnyBuffer::Dimensions lse_accum_dims,
                                             DecodeParams* p) {
-  if (max_logits->element_type() != ffi::DataType::F32 ||
-      max_logits->dimensions().size() != lse_dims.size())
+  // float32 of exactly `dims` (lse's or lse_accum's, already checked).
+  const auto float32_of = [](ffi::Result<ffi::AnyBuffer>& buf, ffi::AnyBuffer::Dimensions dims) {
+    const auto got = buf->dimensions();
+    return buf->element_type() == ffi::DataType::F32 &&
+           std::equal(dims.begin(), dims.end(), got.begin(), got.end());
+  };
+  if (!float32_of(max_logits, lse_dims))
     return shape_error("max_logits", dims_to_string(lse_dims) + " float32 (as lse)",
                        max_logits->dimensions());
-  for (size_t i = 0; i < lse_dims.size(); ++i)
-    if (max_logits->dimensions()[i] != lse_dims[i])
-      return shape_error("max_logits", dims_to_string(lse_dims), max_logits->dimensions());
-  if (max_accum->element_type() != ffi::DataType::F32 ||
-      max_accum->dimensions().size() != lse_accum_dims.size())
+  if (!float32_of(max_accum, lse_accum_dims))
     return shape_error("max_accum", dims_to_string(lse_accum_dims) + " float32",
                        max_accum->dimensions());
-  for (size_t i = 0; i < lse_accum_dims.size(); ++i)
-    if (max_accum->dimensions()[i] != lse_accum_dims[i])
-      return shape_error("max_accum", dims_to_string(lse_accum_dims), max_accum->dimensions());
   p->max_logits = static_cast<float*>(max_logits->untyped_data());
   p->max_accum = static_cast<float*>(max_accum->untyped_data());
   return ffi::Error::Success();
@@ -210,6 +209,5 @@ auto bind_sparse_prefill_operands(Binding binding) {
       .template Ret<ffi::AnyBuffer>()   // lse_accum
       .template Ret<ffi::AnyBuffer>();  // max_accum
 }
-
 
 }  // namespace jax_flash_mla
