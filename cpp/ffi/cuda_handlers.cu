@@ -62,9 +62,9 @@ ffi::Error DecodeImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k_ca
   return ffi::Error::Success();
 }
 
-// Sparse decode over a bfloat16 pool: the dense split-KV kernels and combine run it unchanged
-// (params.h: one request per query token, one-token pages, so the cp.async key path gathers
-// exactly the selected tokens). The FP8 pool reaches this handler dequantized (primitives.py).
+// Sparse decode: the dense split-KV kernels and combine run it (params.h: one request per
+// query token, one-token pages, so the key producer gathers exactly the selected tokens; FP8
+// tokens are dequantized as they are gathered, key_tile_dequant.h).
 ffi::Error SparseDecodeImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k_cache,
                             ffi::AnyBuffer indices, ffi::AnyBuffer lengths,
                             ffi::AnyBuffer attn_sink, ffi::AnyBuffer tile_scheduler_metadata,
@@ -82,10 +82,6 @@ ffi::Error SparseDecodeImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffe
                                             lse_accum, &params);
       err.failure())
     return err;
-  if (params.key_format != KeyFormat::kSameAsQuery)
-    return ffi::Error::InvalidArgument(
-        "is_fp8_kvcache: the CUDA sparse target reads bfloat16 pools; an FP8 pool is "
-        "dequantized before it (jax_flash_mla.primitives)");
   cudaError_t err = launch_split_kv(params, SplitKvKernel::kDispatch, stream);
   if (err != cudaSuccess) return cuda_error("split-KV decode kernel (sparse)", err);
   err = launch_combine(params, stream);
