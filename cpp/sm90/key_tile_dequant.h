@@ -15,8 +15,11 @@
 // One store instruction of a warp then writes eight keys (eight swizzle rows) by four quarters:
 // each 16-byte bank group four times, the fewest a 512-byte store can take.
 //
-// A round's loads do not touch shared memory, so the first round of a tile is loaded before its
-// stage frees (the HBM round trip overlaps the math on that stage) and only stored after.
+// A round's loads do not touch shared memory, so a tile's first rounds are loaded before its
+// stage frees (their HBM round trip overlaps the math on that stage) and only stored after: as
+// many as the producer's registers hold (kRoundsAhead: one in the lockstep kernel, whose
+// producer gives registers to the math warpgroups; both in the transposed kernel, which is
+// bound by how many bytes are in flight).
 //
 // Dequantization: e4m3 -> f16 (exact) -> float, times the float scale, rounded once to bf16:
 // the rounding of jax_flash_mla.dequantize_fp8_kvcache, exact for the power-of-two scales
@@ -182,22 +185,41 @@ __device__ __forceinline__ void store_fp8_share(const Fp8TokenShare& share,
                     make_uint2(share.rope[i].z, share.rope[i].w));
 }
 
-// A tile by every producer thread into the stage at shared-memory address `stage`: the first
-// round's loads (`first`, issued before the stage freed), then the second round's, each
-// stored as it is converted; which keys exist goes to key_valid for the math warpgroups'
-// masks. The caller publishes the stores.
-template <typename KLayout>
+// The shares of a tile's first kRoundsAhead rounds, loaded before its stage frees.
+template <int kRoundsAhead>
+struct Fp8RoundsAhead {
+  Fp8TokenShare round[kRoundsAhead];
+};
+
+template <int kRoundsAhead>
+__device__ __forceinline__ Fp8RoundsAhead<kRoundsAhead> load_fp8_rounds_ahead(
+    const DecodeParams& p, const Fp8TileSources& sources, int thread) {
+  static_assert(kRoundsAhead >= 1 && kRoundsAhead <= kFp8Rounds, "rounds of one tile");
+  Fp8RoundsAhead<kRoundsAhead> ahead;
+  CUTE_UNROLL
+  for (int r = 0; r < kRoundsAhead; ++r)
+    ahead.round[r] = load_fp8_share(p, sources.token[r], fp8_quarter_of(thread));
+  return ahead;
+}
+
+// A tile by every producer thread into the stage at shared-memory address `stage`: the rounds
+// loaded before the stage freed (`ahead`), then the others, each stored as it is converted;
+// which keys exist goes to key_valid for the math warpgroups' masks. The caller publishes the
+// stores.
+template <typename KLayout, int kRoundsAhead>
 __device__ __forceinline__ void load_tile_fp8(const DecodeParams& p, const Fp8TileSources& sources,
-                                              const Fp8TokenShare& first,
+                                              const Fp8RoundsAhead<kRoundsAhead>& ahead,
                                               const Fp8StoreSlots& slots, uint32_t stage,
                                               uint8_t* key_valid, int thread) {
   constexpr KLayout layout{};
   const uint32_t round_step = static_cast<uint32_t>(
       (layout(kFp8TokensPerRound, 0) - layout(0, 0)) * sizeof(cutlass::bfloat16_t));
   const int quarter = fp8_quarter_of(thread);
-  store_fp8_share<KLayout>(first, slots, stage);
   CUTE_UNROLL
-  for (int r = 1; r < kFp8Rounds; ++r)
+  for (int r = 0; r < kRoundsAhead; ++r)
+    store_fp8_share<KLayout>(ahead.round[r], slots, stage + r * round_step);
+  CUTE_UNROLL
+  for (int r = kRoundsAhead; r < kFp8Rounds; ++r)
     store_fp8_share<KLayout>(load_fp8_share(p, sources.token[r], quarter), slots,
                              stage + r * round_step);
   if (quarter == 0) {

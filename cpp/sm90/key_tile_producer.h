@@ -36,7 +36,7 @@ namespace sm90 {
 // TMA, k_map is the map that order's boxes need).
 template <typename Element, int kHeadDim, int kQueryRows,
           KeyTileOrder kOrder = KeyTileOrder::kColumnBlocks,
-          KeyFormat kKeyFormat = KeyFormat::kSameAsQuery>
+          KeyFormat kKeyFormat = KeyFormat::kSameAsQuery, int kFp8RoundsAhead = 1>
 __device__ void produce_segment(const DecodeParams& p, const CUtensorMap& k_map, bool use_tma,
                                 const CUtensorMap& q_map, bool query_tma,
                                 const Segment& seg, int kv_head, int row_base,
@@ -52,9 +52,9 @@ __device__ void produce_segment(const DecodeParams& p, const CUtensorMap& k_map,
   const bool loads_keys = !use_tma || thread < 32;
   const bool loads_query = !query_tma || thread == 0;
   // FP8 keys (sparse calls: bf16 queries, d = 576; an instance of their own) by every producer
-  // thread through registers (key_tile_dequant.h): the tile's first round is loaded before its
-  // stage frees, then stored with the second; the stores reach wgmma (the async proxy) through
-  // a proxy fence before each thread's release arrival.
+  // thread through registers (key_tile_dequant.h): the tile's first kFp8RoundsAhead rounds are
+  // loaded before its stage frees, then stored with the others; the stores reach wgmma (the
+  // async proxy) through a proxy fence before each thread's release arrival.
   constexpr bool kFp8Keys = kKeyFormat == KeyFormat::kFp8Packed;
   static_assert(!kFp8Keys || (std::is_same_v<Element, cutlass::bfloat16_t> &&
                               kHeadDim == kSparseHeadDim),
@@ -64,10 +64,10 @@ __device__ void produce_segment(const DecodeParams& p, const CUtensorMap& k_map,
   const auto load_fp8_keys = [&](int tile) {
     const int tile_begin = tile_begin_of(seg, tile);
     const Fp8TileSources sources = lookup_fp8_tile(p, seg, tile_begin, thread);
-    const Fp8TokenShare first = load_fp8_share(p, sources.token[0], fp8_quarter_of(thread));
+    const auto ahead = load_fp8_rounds_ahead<kFp8RoundsAhead>(p, sources, thread);
     Barrier::wait(&smem.k_empty[ring.stage], ring.phase ^ 1);
     trace.mark(kTraceStageFree, tile);
-    load_tile_fp8<typename L::K>(p, sources, first, fp8_slots,
+    load_tile_fp8<typename L::K>(p, sources, ahead, fp8_slots,
                                  cute::cast_smem_ptr_to_uint(smem.k[ring.stage]),
                                  smem.key_valid[ring.stage], thread);
     cutlass::arch::fence_view_async_shared();

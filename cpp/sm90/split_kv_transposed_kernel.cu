@@ -35,6 +35,7 @@
 #include "instance_ladder.h"
 #include "kernels.h"
 #include "key_masking.h"
+#include "key_tile_dequant.h"
 #include "key_tile_producer.h"
 #include "once_per_device.h"
 #include "paged_kv_tensor_map.h"
@@ -289,7 +290,9 @@ __global__ void __launch_bounds__(kThreads, 1)
   // Both roles walk the same segments in the same order, so their ring positions agree.
   if (threadIdx.x < kProducerThreads) {
     for_each_segment(params, piece, [&](const Segment& seg) {
-      produce_segment<Element, kHeadDim, kRows, kKeyOrder, kKeyFormat>(
+      // FP8 keys: both rounds of a tile loaded before its stage frees (88 registers of a
+      // producer thread; this kernel gives none away), twice the bytes in flight of one.
+      produce_segment<Element, kHeadDim, kRows, kKeyOrder, kKeyFormat, kFp8Rounds>(
           params, k_map, use_tma, q_map, query_tma, seg, kv_head, row_base, smem, ring, q_phase,
           trace);
     });
