@@ -18,6 +18,7 @@ XLA_FFI_DECLARE_HANDLER_SYMBOL(jax_flash_mla_sparse_prefill_cpu);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(jax_flash_mla_get_mla_metadata_cuda);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(jax_flash_mla_decode_cuda);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(jax_flash_mla_sparse_decode_cuda);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(jax_flash_mla_sparse_prefill_cuda);
 #endif
 
 namespace nb = nanobind;
@@ -116,6 +117,7 @@ NB_MODULE(_jax_flash_mla, m) {
     cuda["jax_flash_mla_get_mla_metadata"] = as_capsule(jax_flash_mla_get_mla_metadata_cuda);
     cuda["jax_flash_mla_decode"] = as_capsule(jax_flash_mla_decode_cuda);
     cuda["jax_flash_mla_sparse_decode"] = as_capsule(jax_flash_mla_sparse_decode_cuda);
+    cuda["jax_flash_mla_sparse_prefill"] = as_capsule(jax_flash_mla_sparse_prefill_cuda);
     platforms["CUDA"] = cuda;
 #endif
     return platforms;

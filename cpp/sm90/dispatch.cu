@@ -89,8 +89,9 @@ cudaError_t launch_split_kv(const DecodeParams& p, SplitKvKernel kernel, cudaStr
   const bool forced = kernel != SplitKvKernel::kDispatch;
   if (!forced) kernel = choose_split_kv_kernel(in);
   // The seesaw kernel's first math warpgroup keeps no running max, so it has no lse to weigh an
-  // attention sink by (a sparse call, whose one-token pages never fit its TMA maps anyway).
-  if (is_seesaw(kernel) && p.attn_sink != nullptr) {
+  // attention sink by and no max_logits to write (sparse calls, whose one-token pages never fit
+  // its TMA maps anyway).
+  if (is_seesaw(kernel) && (p.attn_sink != nullptr || p.max_logits != nullptr)) {
     if (forced) return cudaErrorNotSupported;
     kernel = SplitKvKernel::kLockstep;
   }
