@@ -163,16 +163,23 @@ inline ffi::Error sparse_prefill_max_params(ffi::Result<ffi::AnyBuffer>& max_log
   return ffi::Error::Success();
 }
 
-// The sparse target's operands, in the order both platforms' handlers take them.
+// The inputs sparse decode and sparse prefill share, first in both targets' operand lists:
+// q, the pool (k_cache / kv), indices, lengths, attn_sink, tile_scheduler_metadata, num_splits.
 template <typename Binding>
-auto bind_sparse_decode_operands(Binding binding) {
+auto bind_sparse_inputs(Binding&& binding) {
   return std::move(binding).template Arg<ffi::AnyBuffer>()  // q
-      .template Arg<ffi::AnyBuffer>()            // k_cache
+      .template Arg<ffi::AnyBuffer>()            // k_cache (decode) or kv (prefill)
       .template Arg<ffi::AnyBuffer>()            // indices
       .template Arg<ffi::AnyBuffer>()            // lengths
       .template Arg<ffi::AnyBuffer>()            // attn_sink
       .template Arg<ffi::AnyBuffer>()            // tile_scheduler_metadata
-      .template Arg<ffi::AnyBuffer>()            // num_splits
+      .template Arg<ffi::AnyBuffer>();           // num_splits
+}
+
+// The sparse decode target's operands, in the order both platforms' handlers take them.
+template <typename Binding>
+auto bind_sparse_decode_operands(Binding binding) {
+  return bind_sparse_inputs(std::move(binding))
       .template OptionalArg<ffi::AnyBuffer>()    // initial_out
       .template OptionalArg<ffi::AnyBuffer>()    // initial_lse
       .template Attr<float>("softmax_scale")
@@ -189,13 +196,7 @@ auto bind_sparse_decode_operands(Binding binding) {
 // initial outputs, when given (tests poison them), are aliased to out, lse and max_logits.
 template <typename Binding>
 auto bind_sparse_prefill_operands(Binding binding) {
-  return std::move(binding).template Arg<ffi::AnyBuffer>()  // q
-      .template Arg<ffi::AnyBuffer>()            // kv
-      .template Arg<ffi::AnyBuffer>()            // indices
-      .template Arg<ffi::AnyBuffer>()            // lengths
-      .template Arg<ffi::AnyBuffer>()            // attn_sink
-      .template Arg<ffi::AnyBuffer>()            // tile_scheduler_metadata
-      .template Arg<ffi::AnyBuffer>()            // num_splits
+  return bind_sparse_inputs(std::move(binding))
       .template OptionalArg<ffi::AnyBuffer>()    // initial_out
       .template OptionalArg<ffi::AnyBuffer>()    // initial_lse
       .template OptionalArg<ffi::AnyBuffer>()    // initial_max_logits
