@@ -6,14 +6,8 @@
 // moved 656 + 2 x 1152.
 //
 // Neither TMA nor cp.async converts, so the bytes go through registers: 16-byte global loads,
-// conversion, 16-byte shared-memory stores into the tile's 128-byte swizzle. Four threads share
-// a token and a warp takes eight (32 a round of the warpgroup, two rounds a tile). Thread
-// `quarter` of a token holds
-//   NoPE bytes [64 c + 16 quarter, +16), c = 0..7: columns 64 c + 16 quarter .. +15,
-//   the four scales (bytes 512-527),
-//   RoPE bytes [528 + 16 (quarter + 4 i), +16), i = 0, 1: columns 512 + 8 (quarter + 4 i) .. +7.
-// One store instruction of a warp then writes eight keys (eight swizzle rows) by four quarters:
-// each 16-byte bank group four times, the fewest a 512-byte store can take.
+// conversion, 16-byte shared-memory stores into the tile's 128-byte swizzle. Which thread
+// holds which bytes, and where its chunks go in the tile, is fp8_tile_slots.h's.
 //
 // A round's loads do not touch shared memory, so a tile's first rounds are loaded before its
 // stage frees (their HBM round trip overlaps the math on that stage) and only stored after: as
@@ -37,19 +31,11 @@
 
 #include "../common/params.h"
 #include "../common/split_kv.h"
+#include "fp8_tile_slots.h"
 #include "pipeline_traits.h"
 
 namespace jax_flash_mla {
 namespace sm90 {
-
-constexpr int kFp8ThreadsPerToken = 4;
-constexpr int kFp8TokensPerRound = kProducerThreads / kFp8ThreadsPerToken;  // 32
-constexpr int kFp8Rounds = kBlockN / kFp8TokensPerRound;                     // 2
-constexpr int kFp8NopeColumns = 512;  // one byte a column, so also the scales' offset
-constexpr int kFp8ScaleBytes = 16;
-constexpr int kFp8RopeOffset = kFp8NopeColumns + kFp8ScaleBytes;  // 528
-constexpr int kFp8ColumnsPerScale = 128;
-static_assert(kFp8RopeOffset + 64 * 2 == kFp8BytesPerToken, "the V3.2 token layout");
 
 // One thread's share of one token, as loaded.
 struct Fp8TokenShare {
@@ -57,12 +43,6 @@ struct Fp8TokenShare {
   float4 scales;  // of columns 0-127, 128-255, 256-383, 384-511
   uint4 rope[2];  // 8 bf16 each
 };
-
-// The key of the tile that thread `thread` loads in `round`, and its quarter of the token.
-__device__ __forceinline__ int fp8_key_of(int thread, int round) {
-  return round * kFp8TokensPerRound + (thread / 32) * 8 + thread % 8;
-}
-__device__ __forceinline__ int fp8_quarter_of(int thread) { return (thread % 32) / 8; }
 
 // 16 bytes from global memory that no kernel writes while this one runs: the non-coherent path,
 // not kept in L1 (no CTA reads a token twice), with the rest of the 256-byte span prefetched
@@ -136,52 +116,26 @@ __device__ __forceinline__ void store_shared_16(uint32_t address, uint2 low, uin
                : "memory");
 }
 
-// Where a thread's 16-byte chunks go in a stage, as byte offsets from the stage's start, for
-// its first round's key: its two NoPE chunks of column block 0 and its two RoPE chunks. Every
-// other chunk is a constant away: the 128-byte swizzle permutes a row's chunks by the key's
-// row in its 8-key atom (bits 7-9 of the offset), and the steps from column block to column
-// block and from round to round are multiples of the 1 KiB atom, which leave those bits alone.
-struct Fp8StoreSlots {
-  uint32_t nope[2];  // columns 16 quarter and 16 quarter + 8
-  uint32_t rope[2];  // columns 512 + 8 quarter and 512 + 8 (quarter + 4)
-};
-
-template <typename KLayout>
-__device__ __forceinline__ Fp8StoreSlots fp8_store_slots(int thread) {
-  constexpr KLayout layout{};
-  const int key = fp8_key_of(thread, 0);
-  const int quarter = fp8_quarter_of(thread);
-  const auto bytes = [&](int column) {
-    return static_cast<uint32_t>(layout(key, column) * sizeof(cutlass::bfloat16_t));
-  };
-  return {{bytes(16 * quarter), bytes(16 * quarter + kChunkElems)},
-          {bytes(kFp8NopeColumns + kChunkElems * quarter),
-           bytes(kFp8NopeColumns + kChunkElems * (quarter + 4))}};
-}
-
-// This thread's share of one key, dequantized into a stage (`base`: the stage's shared-memory
-// address plus the round's step).
+// This thread's share of one key of `round`, dequantized into the stage at shared-memory
+// address `stage`.
 template <typename KLayout>
 __device__ __forceinline__ void store_fp8_share(const Fp8TokenShare& share,
-                                                const Fp8StoreSlots& slots, uint32_t base) {
-  constexpr KLayout layout{};
-  // The step between column blocks (8 KiB or 1 KiB by the tile's atom order), folded to a
-  // constant.
-  const uint32_t block_step =
-      static_cast<uint32_t>((layout(0, 64) - layout(0, 0)) * sizeof(cutlass::bfloat16_t));
+                                                const Fp8StoreSlots& slots, uint32_t stage,
+                                                int round) {
   const float scales[4] = {share.scales.x, share.scales.y, share.scales.z, share.scales.w};
   CUTE_UNROLL
   for (int c = 0; c < 8; ++c) {
     const float scale = scales[c * 64 / kFp8ColumnsPerScale];
     const uint4 codes = share.nope[c];
-    store_shared_16(base + slots.nope[0] + c * block_step, dequantize_quad(codes.x, scale),
-                    dequantize_quad(codes.y, scale));
-    store_shared_16(base + slots.nope[1] + c * block_step, dequantize_quad(codes.z, scale),
-                    dequantize_quad(codes.w, scale));
+    store_shared_16(stage + fp8_nope_chunk_offset<KLayout>(slots, round, c, 0),
+                    dequantize_quad(codes.x, scale), dequantize_quad(codes.y, scale));
+    store_shared_16(stage + fp8_nope_chunk_offset<KLayout>(slots, round, c, 1),
+                    dequantize_quad(codes.z, scale), dequantize_quad(codes.w, scale));
   }
   CUTE_UNROLL
   for (int i = 0; i < 2; ++i)
-    store_shared_16(base + slots.rope[i] + 8 * block_step, make_uint2(share.rope[i].x, share.rope[i].y),
+    store_shared_16(stage + fp8_rope_chunk_offset<KLayout>(slots, round, i),
+                    make_uint2(share.rope[i].x, share.rope[i].y),
                     make_uint2(share.rope[i].z, share.rope[i].w));
 }
 
@@ -211,17 +165,12 @@ __device__ __forceinline__ void load_tile_fp8(const DecodeParams& p, const Fp8Ti
                                               const Fp8RoundsAhead<kRoundsAhead>& ahead,
                                               const Fp8StoreSlots& slots, uint32_t stage,
                                               uint8_t* key_valid, int thread) {
-  constexpr KLayout layout{};
-  const uint32_t round_step = static_cast<uint32_t>(
-      (layout(kFp8TokensPerRound, 0) - layout(0, 0)) * sizeof(cutlass::bfloat16_t));
   const int quarter = fp8_quarter_of(thread);
   CUTE_UNROLL
-  for (int r = 0; r < kRoundsAhead; ++r)
-    store_fp8_share<KLayout>(ahead.round[r], slots, stage + r * round_step);
+  for (int r = 0; r < kRoundsAhead; ++r) store_fp8_share<KLayout>(ahead.round[r], slots, stage, r);
   CUTE_UNROLL
   for (int r = kRoundsAhead; r < kFp8Rounds; ++r)
-    store_fp8_share<KLayout>(load_fp8_share(p, sources.token[r], quarter), slots,
-                             stage + r * round_step);
+    store_fp8_share<KLayout>(load_fp8_share(p, sources.token[r], quarter), slots, stage, r);
   if (quarter == 0) {
     CUTE_UNROLL
     for (int r = 0; r < kFp8Rounds; ++r) key_valid[fp8_key_of(thread, r)] = sources.token[r] >= 0;

@@ -60,7 +60,7 @@ __device__ void produce_segment(const DecodeParams& p, const CUtensorMap& k_map,
                               kHeadDim == kSparseHeadDim),
                 "FP8 keys are DeepSeek-V3.2's 576-column latents, read with bf16 queries");
   Fp8StoreSlots fp8_slots{};
-  if constexpr (kFp8Keys) fp8_slots = fp8_store_slots<typename L::K>(thread);
+  if constexpr (kFp8Keys) fp8_slots = fp8_store_slots<typename L::K>(smem.k[0], thread);
   const auto load_fp8_keys = [&](int tile) {
     const int tile_begin = tile_begin_of(seg, tile);
     const Fp8TileSources sources = lookup_fp8_tile(p, seg, tile_begin, thread);
