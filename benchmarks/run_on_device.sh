@@ -8,6 +8,7 @@
 #   bash benchmarks/run_on_device.sh [readme] [wheel] [build] [flashmla] [test] [quicktest] [main] [sanitize]
 #                                    [profile] [devicetest] [detail] [timeline] [calls]
 #                                    [graphbench] [multigpu] [graphs] [demo] [bench] [quickbench] [sparsebench]
+#                                    [sparseprefillbench]
 #                                    [flashmla] [before] [probe] [ab] [smem] [pages] [trace] (last: it leaves the diagnostic build)
 #                                    [pack] (last: one archive of every log)
 #   (default: readme sanitize)
@@ -148,7 +149,7 @@ flashmla_state=none  # none, building (flashmla_pid), ready or failed
 wants_flashmla() {
   local s
   for s in "${steps[@]}"; do
-    case $s in flashmla|bench|quickbench|sparsebench) return 0 ;; esac
+    case $s in flashmla|bench|quickbench|sparsebench|sparseprefillbench) return 0 ;; esac
   done
   return 1
 }
@@ -234,6 +235,14 @@ step_before() {
 step_sparsebench() {
   step_flashmla || return 1
   bench_with_flashmla bench_sparse.log "${BENCH_TIMEOUT:-400}" --sparse ${SPARSE_ARGS---quick} | tail -40
+  return "${PIPESTATUS[0]}"
+}
+
+# Sparse prefill (DeepSeek-V3.2 flash_mla_sparse_fwd) beside FlashMLA's: --quick for two of its
+# performance rows, SPARSE_PREFILL_ARGS for more (e.g. "" for all six).
+step_sparseprefillbench() {
+  step_flashmla || return 1
+  bench_with_flashmla bench_sparse_prefill.log "${BENCH_TIMEOUT:-400}" --sparse-prefill ${SPARSE_PREFILL_ARGS---quick} | tail -40
   return "${PIPESTATUS[0]}"
 }
 

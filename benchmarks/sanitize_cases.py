@@ -4,7 +4,8 @@
 every cache slot no request may read, lengths past the table's capacity, negative lengths,
 zero-length requests, page sizes 1..256, causal s_q > 1, several splits; and sparse decode
 (bf16 and FP8 pools) over garbage indices (negative, INT32_MIN/MAX, just past the pool), garbage
-topk_length (negative, past topk) and NaN in every pool token no index may read."""
+topk_length (negative, past topk) and NaN in every pool token no index may read; and sparse
+prefill over garbage indices (its kernels also write max_logits and its split scratch)."""
 
 import numpy as np
 import jax
@@ -106,12 +107,38 @@ def run_sparse_case(rng, b, s_q, h_q, topk, page, num_blocks, with_sink):
                   f"sink={with_sink} parts={parts}: max |out - ref| = {err:.2e}")
 
 
+# Sparse prefill (s_q, h_q, s_kv, topk, with sink): its kernels add max_logits and its split
+# scratch to the sparse decode's writes.
+SPARSE_PREFILL_CASES = [
+    (40, 64, 300, 300, True),
+    (9, 128, 50, 600, False),
+    (17, 16, 1000, 64, True),
+]
+
+
+def run_sparse_prefill_case(rng, s_q, h_q, s_kv, topk, with_sink):
+    indices = garbage_indices(rng, (s_q, 1, topk), s_kv)
+    topk_length = rng.choice(np.array([-3, 0, topk // 2, topk, topk + 9], np.int32), s_q)
+    kv = jnp.asarray(rng.standard_normal((s_kv, 1, 576)), jnp.bfloat16)
+    q = jnp.asarray(rng.standard_normal((s_q, h_q, 576)), jnp.bfloat16)
+    sink = jnp.asarray(rng.standard_normal(h_q), jnp.float32) if with_sink else None
+    out, max_logits, lse = jax_flash_mla.flash_mla_sparse_fwd(
+        q, kv, jnp.asarray(indices), 576 ** -0.5, attn_sink=sink,
+        topk_length=jnp.asarray(topk_length))
+    jax.block_until_ready((out, max_logits, lse))
+    finite = np.isfinite(np.asarray(max_logits)) | np.isneginf(np.asarray(max_logits))
+    print(f"sparse prefill s_q={s_q} h_q={h_q} s_kv={s_kv} topk={topk} sink={with_sink}: "
+          f"max_logits finite or -inf everywhere: {bool(finite.all())}")
+
+
 def main():
     rng = np.random.default_rng(1)
     for case in CASES:
         run_case(rng, *case)
     for case in SPARSE_CASES:
         run_sparse_case(rng, *case)
+    for case in SPARSE_PREFILL_CASES:
+        run_sparse_prefill_case(rng, *case)
 
 
 if __name__ == "__main__":

@@ -4,9 +4,14 @@
 // that the two cannot drift apart.
 #include <nanobind/nanobind.h>
 
+#include <algorithm>
 #include <cstdint>
+#include <vector>
 
 #include "common/tile_scheduler.h"
+#ifdef JAX_FLASH_MLA_WITH_CUDA
+#include "sm90/fp8_tile_slots.h"
+#endif
 #include "sm90/heuristics.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -18,6 +23,7 @@ XLA_FFI_DECLARE_HANDLER_SYMBOL(jax_flash_mla_sparse_prefill_cpu);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(jax_flash_mla_get_mla_metadata_cuda);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(jax_flash_mla_decode_cuda);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(jax_flash_mla_sparse_decode_cuda);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(jax_flash_mla_sparse_prefill_cuda);
 #endif
 
 namespace nb = nanobind;
@@ -30,6 +36,53 @@ nb::capsule as_capsule(T* fn) {
                 "an XLA FFI handler must take an XLA_FFI_CallFrame*");
   return nb::capsule(reinterpret_cast<void*>(fn));
 }
+
+#ifdef JAX_FLASH_MLA_WITH_CUDA
+// Every 16-byte chunk of an FP8 key tile, placed by the producer's slot arithmetic
+// (sm90/fp8_tile_slots.h, as the kernels compose it) and by CuTe's tensor over the tile's
+// swizzled layout, on the host: {"mismatches": chunks the two place apart, "uncovered": chunks
+// no thread stores, "chunks": all of them}. CUDA builds only (the layout needs CuTe).
+nb::dict fp8_tile_slot_check() {
+  namespace s = jax_flash_mla::sm90;
+  using Element = cutlass::bfloat16_t;
+  using KLayout = s::TileLayouts<Element, jax_flash_mla::kSparseHeadDim, s::kRowBlock,
+                                 s::KeyTileOrder::kKeyGroups>::K;
+  constexpr int kChunksPerKey = jax_flash_mla::kSparseHeadDim / s::kChunkElems;
+  static std::vector<Element> buffer(s::kBlockN * jax_flash_mla::kSparseHeadDim + 1024);
+  Element* stage = reinterpret_cast<Element*>(
+      (reinterpret_cast<uintptr_t>(buffer.data()) + 1023) & ~uintptr_t{1023});
+  auto tile = cute::make_tensor(cute::make_smem_ptr(stage), KLayout{});
+  const auto address = [&](int key, int column) {
+    return static_cast<uint32_t>(reinterpret_cast<const char*>(&tile(key, column)) -
+                                 reinterpret_cast<const char*>(stage));
+  };
+  std::vector<bool> covered(s::kBlockN * kChunksPerKey, false);
+  int mismatches = 0;
+  const auto place = [&](int key, int column, uint32_t offset) {
+    mismatches += offset != address(key, column);
+    covered[key * kChunksPerKey + column / s::kChunkElems] = true;
+  };
+  for (int thread = 0; thread < s::kProducerThreads; ++thread) {
+    const s::Fp8StoreSlots slots = s::fp8_store_slots<KLayout>(stage, thread);
+    const int quarter = s::fp8_quarter_of(thread);
+    for (int round = 0; round < s::kFp8Rounds; ++round) {
+      const int key = s::fp8_key_of(thread, round);
+      for (int block = 0; block < 8; ++block)
+        for (int half = 0; half < 2; ++half)
+          place(key, 64 * block + 16 * quarter + s::kChunkElems * half,
+                s::fp8_nope_chunk_offset<KLayout>(slots, round, block, half));
+      for (int i = 0; i < 2; ++i)
+        place(key, s::kFp8NopeColumns + s::kChunkElems * (quarter + 4 * i),
+              s::fp8_rope_chunk_offset<KLayout>(slots, round, i));
+    }
+  }
+  nb::dict result;
+  result["mismatches"] = mismatches;
+  result["uncovered"] = static_cast<int>(std::count(covered.begin(), covered.end(), false));
+  result["chunks"] = static_cast<int>(covered.size());
+  return result;
+}
+#endif
 
 using jax_flash_mla::DispatchInputs;
 using jax_flash_mla::SplitKvKernel;
@@ -116,6 +169,7 @@ NB_MODULE(_jax_flash_mla, m) {
     cuda["jax_flash_mla_get_mla_metadata"] = as_capsule(jax_flash_mla_get_mla_metadata_cuda);
     cuda["jax_flash_mla_decode"] = as_capsule(jax_flash_mla_decode_cuda);
     cuda["jax_flash_mla_sparse_decode"] = as_capsule(jax_flash_mla_sparse_decode_cuda);
+    cuda["jax_flash_mla_sparse_prefill"] = as_capsule(jax_flash_mla_sparse_prefill_cuda);
     platforms["CUDA"] = cuda;
 #endif
     return platforms;
@@ -124,6 +178,11 @@ NB_MODULE(_jax_flash_mla, m) {
   // CMakeLists.txt): a runtime older than these rejects the handlers.
   m.attr("BUILT_WITH_JAXLIB") = JAX_FLASH_MLA_BUILT_WITH_JAXLIB;
   m.attr("XLA_FFI_API_VERSION") = nb::make_tuple(XLA_FFI_API_MAJOR, XLA_FFI_API_MINOR);
+#ifdef JAX_FLASH_MLA_WITH_CUDA
+  m.def("fp8_tile_slot_check", &fp8_tile_slot_check,
+        "Where the FP8 key producer stores each chunk of a tile against CuTe's swizzled layout "
+        "(CUDA builds only): {'mismatches', 'uncovered', 'chunks'}.");
+#endif
   m.def("built_with_cuda", []() {
 #ifdef JAX_FLASH_MLA_WITH_CUDA
     return true;

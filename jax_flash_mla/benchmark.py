@@ -2,7 +2,8 @@
 s_k sweep, through the public JAX API inside jax.jit; with --flashmla, DeepSeek's FlashMLA on the
 same rows, the same inputs, in the same run, by the same method (flashmla_baseline.py). Without a
 GPU it says so in one line on stderr and exits with status 2. With --sparse, the sparse decode
-rows (DeepSeek-V3.2 top-k) instead, by the same method (sparse_benchmark.py).
+rows (DeepSeek-V3.2 top-k) instead, by the same method (sparse_benchmark.py); with
+--sparse-prefill, the sparse prefill rows (sparse_prefill_benchmark.py).
 
 Timing (device_timing.py): the timed unit is a block of `calls` back-to-back decode calls,
 metadata precomputed: for ours one jitted function (make_many_calls), for FlashMLA one CUDA
@@ -234,19 +235,26 @@ def add_arguments(parser) -> None:
     parser.add_argument("--quick", action="store_true", help="target rows only, no reference")
     parser.add_argument("--batch", type=positive_int, default=None,
                         help="only the target rows of this batch size (with --quick; with "
-                             "--sparse, only the sparse rows of this batch size)")
+                             "--sparse, only the sparse rows of this batch size; not used by "
+                             "--sparse-prefill)")
     parser.add_argument("--tp", action="store_true",
                         help="also the h_q = 128 rows with heads split over every local device, "
                              "next to one device running one shard's heads")
     parser.add_argument("--flashmla", action="store_true",
                         help="also time DeepSeek's FlashMLA (import flash_mla; torch) on the same "
                              "inputs by the same method, on the page-64 one-device rows (with "
-                             "--sparse, the FP8 rows, q padded to 64 heads where it has fewer); "
-                             "sets XLA_PYTHON_CLIENT_PREALLOCATE=false unless set")
-    parser.add_argument("--sparse", action="store_true",
+                             "--sparse, the FP8 rows, q padded to 64 heads where it has fewer; "
+                             "with --sparse-prefill, every row); sets "
+                             "XLA_PYTHON_CLIENT_PREALLOCATE=false unless set")
+    sparse = parser.add_mutually_exclusive_group()
+    sparse.add_argument("--sparse", action="store_true",
                         help="the sparse decode rows (DeepSeek-V3.2 top-k, FP8 and bf16 cache; "
                              "sparse_benchmark.py) instead of the dense ones; with --quick, the "
                              "rows of DESIGN.md's FlashMLA sparse table and no reference")
+    sparse.add_argument("--sparse-prefill", action="store_true",
+                        help="the sparse prefill rows (DeepSeek-V3.2 flash_mla_sparse_fwd, s_q "
+                             "4096, topk 2048, bf16 kv; sparse_prefill_benchmark.py) instead of "
+                             "the dense ones; with --quick, two of them")
 
 
 def load_flashmla():
@@ -308,10 +316,11 @@ def run(args) -> int:
           f"bf16 matmul {mm_tflops:.0f} TFLOP/s; FlashMLA: "
           f"{'same inputs, same run' if flashmla else 'not timed (--flashmla)'}\n{method(args)}")
     rng = np.random.default_rng(0)
-    if args.sparse:
-        # Imported here: sparse_benchmark builds on this module's constants and timing helpers.
-        from jax_flash_mla import sparse_benchmark
-        sections = sparse_benchmark.measure_sections(rng, args, flashmla, copy_gbps, mm_tflops)
+    if args.sparse or args.sparse_prefill:
+        # Imported here: both build on this module's constants and timing helpers.
+        from jax_flash_mla import sparse_benchmark, sparse_prefill_benchmark
+        sparse_rows = sparse_benchmark if args.sparse else sparse_prefill_benchmark
+        sections = sparse_rows.measure_sections(rng, args, flashmla, copy_gbps, mm_tflops)
     else:
         sections = {}
         for title, section_jobs in jobs_for(args, len(jax.devices())).items():

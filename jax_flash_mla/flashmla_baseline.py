@@ -16,6 +16,10 @@ only 64 or 128 query heads, so a row with fewer runs with zero heads padded in, 
 must (a zero query attends uniformly and changes no other head); its time is what that caller
 pays, and the padded heads are sliced off the kept outputs.
 
+Sparse prefill (`bench --sparse-prefill`, sparse_prefill_benchmark.PrefillCase), the same way
+again: `flash_mla.flash_mla_sparse_fwd` on the same q, kv copies and indices, call i reading
+kv_copies[i % len(kv_copies)]; the first call's max_logits are kept beside out and lse.
+
 torch and flash_mla are imported only here, only for --flashmla: FlashMLA is built from source on
 the GPU machine (its Hopper kernels need sm_90a), never a dependency of the package.
 """
@@ -37,6 +41,10 @@ PAGE_BLOCK_SIZE = 64  # the only page size of FlashMLA's dense decode
 # any page size (it splits indices by division) but only the FP8 cache.
 SPARSE_HEADS = (64, 128)
 SPARSE_TOPK_BLOCK = 64
+# FlashMLA's sparse prefill on Hopper (csrc/api/sparse_fwd.h, sm90/prefill/sparse): h_q 64 or
+# 128 (no padding here: the benchmark's rows have one of them) and topk a multiple of 128, two
+# 64-token blocks a loop step (asserted in phase1.cuh "to save some boundary checkings").
+SPARSE_PREFILL_TOPK_BLOCK = 128
 BUILD_HINT = ("build FlashMLA from source on the GPU machine with the recipe of "
               "shared/flashmla/README.md (benchmarks/run_on_device.sh flashmla does it from a "
               "copy in .flashmla/) and put the folder holding its flash_mla package on PYTHONPATH")
@@ -48,9 +56,11 @@ class FlashMLAUnavailable(ImportError):
 
 class FlashMLARow(NamedTuple):
     seconds_per_call: float
-    # float32 [b, s_q, h_q, 512] of the first call (tables[0] or index_sets[0], scales[0])
+    # float32 [b, s_q, h_q, 512] of the first call (tables[0] or index_sets[0], scales[0]);
+    # sparse prefill: [s_q, h_q, 512] (kv_copies[0], scales[0])
     out: np.ndarray
-    lse: np.ndarray  # float32 [b, h_q, s_q] of the same call
+    lse: np.ndarray  # float32 [b, h_q, s_q] of the same call; sparse prefill: [s_q, h_q]
+    max_logits: np.ndarray | None = None  # float32 [s_q, h_q]: sparse prefill only
 
 
 def load() -> "FlashMLA":
@@ -115,6 +125,11 @@ class FlashMLA:
         sparse_heads(h_q))."""
         return fp8 and topk % SPARSE_TOPK_BLOCK == 0 and sparse_heads(h_q) is not None
 
+    @staticmethod
+    def runs_sparse_prefill(h_q: int, topk: int) -> bool:
+        """Whether a sparse prefill benchmark row is one FlashMLA's Hopper kernel can run."""
+        return h_q in SPARSE_HEADS and topk % SPARSE_PREFILL_TOPK_BLOCK == 0
+
     def measure(self, case, scales, causal, blocks, repeats) -> FlashMLARow:
         """Seconds per call of a CUDA graph of len(scales) calls on `case`
         (paged_inputs.RotatedCase), and the first call's outputs."""
@@ -160,16 +175,36 @@ class FlashMLA:
             torch.cuda.empty_cache()
         return FlashMLARow(seconds, out[:, :, :h_q], lse[:, :h_q])
 
+    def measure_sparse_prefill(self, case, scales, blocks, repeats) -> FlashMLARow:
+        """Seconds per call of a CUDA graph of len(scales) sparse prefill calls on `case`
+        (sparse_prefill_benchmark.PrefillCase), and the first call's out, lse and max_logits."""
+        torch, flash_mla = self.torch, self.flash_mla
+        q = to_torch(torch, case.q, self.device)
+        kvs = [to_torch(torch, kv, self.device) for kv in case.kv_copies]
+        indices = to_torch(torch, case.indices, self.device)
+
+        def call(i):
+            out, max_logits, lse = flash_mla.flash_mla_sparse_fwd(
+                q, kvs[i % len(kvs)], indices, scales[i], HEAD_DIM_V)
+            return out, lse, max_logits
+
+        try:
+            seconds, (out, lse, max_logits) = self._graph_time(call, len(scales), blocks,
+                                                               repeats)
+        finally:
+            del q, kvs, indices, call
+            torch.cuda.empty_cache()
+        return FlashMLARow(seconds, out, lse, max_logits)
+
     def _graph_time(self, call, calls, blocks, repeats):
         """(seconds per call of a CUDA graph of call(0), ..., call(calls - 1), call(0)'s
-        (out, lse) as float32 NumPy). call(0) first runs alone, outside the capture: it computes
-        FlashMLA's schedule, which the captured calls then reuse."""
+        outputs (out, lse, ...) as float32 NumPy). call(0) first runs alone, outside the
+        capture: it computes FlashMLA's schedule (where it has one), which the captured calls
+        then reuse."""
         torch = self.torch
         graph = None
         try:
-            out, lse = call(0)
-            first = (out.float().cpu().numpy(), lse.float().cpu().numpy())
-            del out, lse
+            first = tuple(x.float().cpu().numpy() for x in call(0))
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):

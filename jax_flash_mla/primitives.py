@@ -35,7 +35,6 @@ import jax.numpy as jnp
 from jax.extend.core import Primitive
 from jax.interpreters import ad, mlir, xla
 
-from . import fp8_cache
 from ._constants import METADATA_INTS, max_split_slots
 from ._registration import DECODE_TARGET, METADATA_TARGET, SPARSE_DECODE_TARGET
 
@@ -188,38 +187,5 @@ ad.primitive_jvps[mla_sparse_decode_p] = _decode_jvp
 for _platform in LOWERING_PLATFORMS:
     mlir.register_lowering(mla_metadata_p, _metadata_lowering, platform=_platform)
     mlir.register_lowering(mla_decode_local_p, _decode_local_lowering, platform=_platform)
-mlir.register_lowering(mla_sparse_decode_local_p, _sparse_decode_local_lowering, platform="cpu")
-
-
-def _sparse_decode_local_through_bf16(q, k_cache, indices, lengths, attn_sink,
-                                      tile_scheduler_metadata, num_splits, *initial_outputs,
-                                      softmax_scale, is_fp8_kvcache, head_dim_v):
-    """A GPU's sparse decode over an FP8 pool: the tokens the call counts, gathered and
-    dequantized into a bfloat16 pool of their own (one token per slot; exact for power-of-two
-    scales), then the bfloat16 sparse target over it. Selection is decided here, so the
-    compact pool's invalid slots are the call's (-1) and no NaN of an unselected token is
-    gathered."""
-    del is_fp8_kvcache
-    batch, seqlen_q, topk = indices.shape
-    pool_tokens = k_cache.shape[0] * k_cache.shape[1]
-    selected = (indices >= 0) & (indices < pool_tokens)
-    selected &= jnp.arange(topk, dtype=jnp.int32) < lengths[..., None]
-    rows = k_cache.reshape(pool_tokens, k_cache.shape[-1])
-    compact = fp8_cache.dequantize_fp8_kvcache(rows[jnp.where(selected, indices, 0)],
-                                               jnp.bfloat16)
-    slots = jnp.arange(batch * seqlen_q * topk, dtype=jnp.int32).reshape(indices.shape)
-    return mla_sparse_decode_local_p.bind(
-        q, compact.reshape(-1, 1, 1, compact.shape[-1]), jnp.where(selected, slots, -1),
-        lengths, attn_sink, tile_scheduler_metadata, num_splits, *initial_outputs,
-        softmax_scale=softmax_scale, is_fp8_kvcache=False, head_dim_v=head_dim_v)
-
-
-def _sparse_decode_local_cuda_lowering(ctx, *operands, is_fp8_kvcache, **params):
-    if is_fp8_kvcache:
-        return mlir.lower_fun(partial(_sparse_decode_local_through_bf16, is_fp8_kvcache=True,
-                                      **params), multiple_results=True)(ctx, *operands)
-    return _sparse_decode_local_lowering(ctx, *operands, is_fp8_kvcache=False, **params)
-
-
-mlir.register_lowering(mla_sparse_decode_local_p, _sparse_decode_local_cuda_lowering,
-                       platform="cuda")
+    mlir.register_lowering(mla_sparse_decode_local_p, _sparse_decode_local_lowering,
+                           platform=_platform)

@@ -10,9 +10,8 @@ split-KV step writes beside lse and the combine merges like it.
 tile_scheduler_metadata, num_splits) -> (out, lse, max_logits), with a vmap rule (instances fold
 into prompt tokens; indices into per-instance kv move to their slice of the folded one) and a
 sharding rule (sequence- and head-parallel, kv never moved) as sharding.py's for decode.
-`mla_sparse_prefill_local_p` is its one-device form with the split scratch, lowered to the CPU
-target; the CUDA kernels do not write max_logits yet, so a GPU refuses it at lowering with that
-said.
+`mla_sparse_prefill_local_p` is its one-device form with the split scratch, lowered to the
+target of either platform (the CUDA kernels write max_logits beside lse, the combine merges it).
 """
 
 from __future__ import annotations
@@ -78,21 +77,13 @@ def prefill_on_one_device(*operands, **params):
 FIRST_INITIAL_OUTPUT = 7  # operand index of initial_out; initial_lse, initial_max_logits follow
 
 
-def _cpu_lowering(ctx, *operands, softmax_scale, is_fp8_kvcache, head_dim_v):
+def _lowering(ctx, *operands, softmax_scale, is_fp8_kvcache, head_dim_v):
     aliases = None
     if len(operands) > FIRST_INITIAL_OUTPUT:
         aliases = {FIRST_INITIAL_OUTPUT + i: i for i in range(3)}
     return jax.ffi.ffi_lowering(SPARSE_PREFILL_TARGET, operand_output_aliases=aliases)(
         ctx, *operands, softmax_scale=np.float32(softmax_scale),
         is_fp8_kvcache=bool(is_fp8_kvcache), head_dim_v=np.int32(head_dim_v))
-
-
-def _cuda_lowering(ctx, *operands, **params):
-    del ctx, operands, params
-    raise NotImplementedError(
-        "jax_flash_mla.flash_mla_sparse_fwd has no CUDA kernel yet (the split-KV kernels do not "
-        "write max_logits): run it on the CPU, or use jax_flash_mla.reference.flash_mla_sparse_fwd "
-        "on the GPU")
 
 
 def _jvp(primals, tangents, **params):
@@ -174,8 +165,8 @@ ad.primitive_jvps[mla_sparse_prefill_p] = _jvp
 batching.primitive_batchers[mla_sparse_prefill_p] = _batching_rule
 sharding.register_partitioned_lowering(mla_sparse_prefill_p, prefill_on_one_device,
                                        partitioned_prefill, FIRST_INITIAL_OUTPUT)
-mlir.register_lowering(mla_sparse_prefill_local_p, _cpu_lowering, platform="cpu")
-mlir.register_lowering(mla_sparse_prefill_local_p, _cuda_lowering, platform="cuda")
+for _platform in ("cpu", "cuda"):
+    mlir.register_lowering(mla_sparse_prefill_local_p, _lowering, platform=_platform)
 
 
 def _check_fp8_pool(kv) -> None:

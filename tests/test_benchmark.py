@@ -1,7 +1,8 @@
 """The benchmark's machinery on tiny rows (CPU): it runs, times ours and (with fake timings)
 FlashMLA by one method on the same inputs, counts bytes and FLOPs by the documented formulas,
-and fails clearly without FlashMLA; the same for the sparse rows (bench --sparse), and
-FlashMLA's CUDA-graph timing driven through a fake torch; and the paged-input generator every
+and fails clearly without FlashMLA; the same for the sparse decode rows (bench --sparse) and the
+sparse prefill rows (bench --sparse-prefill), and FlashMLA's CUDA-graph timing driven through a
+fake torch; and the paged-input generator every
 user shares. Timings are reported, never asserted."""
 
 import argparse
@@ -17,8 +18,9 @@ import pytest
 
 from jax_flash_mla import __main__ as cli
 from jax_flash_mla import (benchmark, device_timing, dequantize_fp8_kvcache, flashmla_baseline,
-                           paged_inputs, reference, sparse_benchmark)
+                           paged_inputs, reference, sparse_benchmark, sparse_prefill_benchmark)
 from jax_flash_mla.sparse_benchmark import SparseRow
+from jax_flash_mla.sparse_prefill_benchmark import PrefillRow
 
 
 def test_traffic_formulas():
@@ -142,7 +144,8 @@ def test_flashmla_option_fails_clearly_without_flashmla(missing, monkeypatch, tm
     assert benchmark.os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] == "false"
 
 
-@pytest.mark.parametrize("section", [["--quick"], ["--sparse"], ["--sparse", "--quick"]])
+@pytest.mark.parametrize("section", [["--quick"], ["--sparse"], ["--sparse", "--quick"],
+                                     ["--sparse-prefill", "--quick"]])
 def test_bench_without_a_gpu_says_so_in_one_line(section, monkeypatch, tmp_path, capsys):
     """Not minutes of silence measuring a CPU's ceilings and rows, then nothing written."""
     def measured(*args):
@@ -151,6 +154,7 @@ def test_bench_without_a_gpu_says_so_in_one_line(section, monkeypatch, tmp_path,
     monkeypatch.setattr(benchmark, "measure_ceilings", measured)
     monkeypatch.setattr(benchmark, "measure", measured)
     monkeypatch.setattr(sparse_benchmark, "measure", measured)
+    monkeypatch.setattr(sparse_prefill_benchmark, "measure", measured)
     out = tmp_path / "results"
     assert cli.main(["bench", *section, "--out", str(out)]) == 2
     captured = capsys.readouterr()
@@ -196,6 +200,16 @@ class FakeFlashMLA:
         return flashmla_baseline.FlashMLARow(
             FLASHMLA_S, np.asarray(out, np.float32)[:, :, :h_q] + self.out_error,
             np.asarray(lse)[:, :h_q])
+
+    runs_sparse_prefill = staticmethod(flashmla_baseline.FlashMLA.runs_sparse_prefill)
+
+    def measure_sparse_prefill(self, case, scales, blocks, repeats):
+        self.got.append((case, scales))
+        out, max_logits, lse = reference.flash_mla_sparse_fwd(
+            case.q, case.kv_copies[0], jnp.asarray(case.indices), scales[0])
+        return flashmla_baseline.FlashMLARow(
+            FLASHMLA_S, np.asarray(out, np.float32) + self.out_error, np.asarray(lse),
+            np.asarray(max_logits))
 
 
 @pytest.fixture
@@ -516,6 +530,197 @@ def test_sparse_disagreement_fails_the_run(wrong, tiny_sparse_bench, monkeypatch
             "disagrees with the plain-JAX reference") in err
 
 
+# --- bench --sparse-prefill: the sparse prefill rows (sparse_prefill_benchmark.py) --------------
+
+def test_sparse_prefill_rows_are_flashmlas_performance_grid():
+    """s_q 4096, topk 2048, s_kv x h_q: FlashMLA's own sparse prefill cases, each once, all of
+    which its Hopper kernel runs; --quick two of them."""
+    rows = sparse_prefill_benchmark.GRID_ROWS
+    assert len(rows) == len(set(rows)) == 6
+    assert set(rows) == {(4096, s_kv, h_q, 2048) for s_kv in (8192, 32768, 131072)
+                         for h_q in (64, 128)}
+    quick = sparse_prefill_benchmark.QUICK_ROWS
+    assert set(quick) <= set(rows) and len(quick) == len(set(quick)) == 2
+    assert {row.h_q for row in quick} == {64, 128}
+    assert all(flashmla_baseline.FlashMLA.runs_sparse_prefill(row.h_q, row.topk) for row in rows)
+    runs = flashmla_baseline.FlashMLA.runs_sparse_prefill
+    assert not runs(32, 2048) and not runs(256, 2048)  # h_q 64 or 128 only
+    assert not runs(64, 2112) and runs(64, 2176)  # topk a multiple of 128, not only of 64
+
+
+def test_sparse_prefill_traffic_formulas():
+    nbytes, flops = sparse_prefill_benchmark.traffic(PrefillRow(4096, 8192, 128, 2048))
+    assert nbytes == 4096 * 2048 * 576 * 2 + 4096 * 128 * (576 + 512) * 2
+    assert flops == 2 * 4096 * 128 * 2048 * (576 + 512)
+    # FlashMLA's own count of the same row, in the H200 sparse anchors of shared/anchors.
+    assert flops / 4049.867685714454e-6 / 1e12 == pytest.approx(576.9230973312192)
+    nbytes, flops = sparse_prefill_benchmark.traffic(PrefillRow(4, 100, 64, 128))
+    assert nbytes == 4 * 128 * 1152 + 4 * 64 * 1088 * 2
+    assert flops == 2 * 4 * 64 * 128 * 1088
+
+
+def test_sparse_prefill_kv_copies_hold_4x_the_l2():
+    for s_kv in (8192, 32768, 131072):
+        copies = sparse_prefill_benchmark.kv_copies(s_kv, benchmark.L2_BYTES)
+        assert copies * s_kv * 1152 >= 4 * benchmark.L2_BYTES > (copies - 1) * s_kv * 1152
+    assert sparse_prefill_benchmark.kv_copies(131072, benchmark.L2_BYTES) == 2
+    assert sparse_prefill_benchmark.kv_copies(100, 0) == 1
+
+
+def test_sparse_prefill_case_draws_distinct_uniform_indices_and_rotates_kv(rng):
+    row, l2_bytes = PrefillRow(s_q=64, s_kv=256, h_q=16, topk=64), 1 << 17
+    case = sparse_prefill_benchmark.prefill_case(rng, row, l2_bytes)
+    assert case.q.shape == (64, 16, 576) and case.q.dtype == jnp.bfloat16
+    copies = len(case.kv_copies)
+    assert copies == sparse_prefill_benchmark.kv_copies(256, l2_bytes) == 2
+    for kv in case.kv_copies:
+        assert kv.shape == (256, 1, 576) and kv.dtype == jnp.bfloat16
+        latents = np.asarray(kv.astype(jnp.float32))
+        assert np.isfinite(latents).all() and 0 < np.abs(latents).max() < 10  # random normal
+    assert not np.array_equal(np.asarray(case.kv_copies[0]), np.asarray(case.kv_copies[1]))
+    indices = case.indices
+    assert indices.dtype == np.int32 and indices.shape == (64, 1, 64)
+    assert ((indices >= 0) & (indices < 256)).all()
+    assert all(len(set(query)) == 64 for query in indices.reshape(64, 64).tolist())
+    assert set(indices.ravel().tolist()) == set(range(256))  # drawn from the whole kv
+    assert len(sparse_prefill_benchmark.prefill_case(rng, row, 0).kv_copies) == 1
+
+
+def test_sparse_prefill_checks_first_last_and_middle_tokens():
+    assert sparse_prefill_benchmark.check_tokens(4096) == [0, 1, 2048, 4095]
+    assert sparse_prefill_benchmark.check_tokens(1) == [0]
+
+
+def test_bench_parses_the_sparse_prefill_option(capsys):
+    parser = argparse.ArgumentParser()
+    benchmark.add_arguments(parser)
+    args = parser.parse_args(["--sparse-prefill", "--quick", "--flashmla"])
+    assert args.sparse_prefill and args.quick and args.flashmla and not args.sparse
+    assert not parser.parse_args([]).sparse_prefill
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--sparse", "--sparse-prefill"])
+    assert "not allowed with argument" in capsys.readouterr().err
+    assert sparse_prefill_benchmark.rows_for(quick=True) == sparse_prefill_benchmark.QUICK_ROWS
+    assert sparse_prefill_benchmark.rows_for(quick=False) == sparse_prefill_benchmark.GRID_ROWS
+
+
+def test_one_sparse_prefill_row_runs_with_the_reference(rng):
+    args = argparse.Namespace(calls=2, repeats=1, blocks=2)
+    row = sparse_prefill_benchmark.measure(rng, PrefillRow(8, 256, 16, 64), args,
+                                           l2_bytes=1 << 17)
+    assert row["us"] > 0 and row["gbps"] > 0 and row["tflops"] > 0
+    assert row["reference_agrees"] is True and row["reference_out_diff"] < 2.0 ** -6
+    assert row["reference_lse_diff"] < 1e-4 and row["reference_max_logits_diff"] < 1e-4
+    assert row["us_span"] is None and row["flashmla_us"] is None and row["ratio"] is None
+    assert row["kind"] == "sparse_prefill" and row["kv_copies"] == 2
+
+
+# Tiny rows: FlashMLA's fake runs the h_q 64 one (topk a multiple of 128) and not the h_q 16
+# one, as the real one would. --quick takes the first.
+TINY_PREFILL = [PrefillRow(4, 256, 64, 128), PrefillRow(4, 128, 16, 64)]
+
+
+@pytest.fixture
+def tiny_prefill_bench(monkeypatch, tmp_path):
+    """`bench --sparse-prefill` on TINY_PREFILL as on a GPU, ours timed at OURS_S a call (SPAN_S
+    by the profiler), the plot stubbed; returns run(extra args) -> (exit code, bench.json,
+    stdout lines, stderr), and the inputs of each timing."""
+    monkeypatch.setattr(benchmark, "on_gpu", lambda: True)
+    monkeypatch.setattr(benchmark, "device_time_per_call", lambda *args: SPAN_S)
+    monkeypatch.setattr(benchmark, "L2_BYTES", 1 << 17)
+    monkeypatch.setattr(benchmark, "measure_ceilings", lambda blocks: (1000.0, 100.0))
+    monkeypatch.setattr(sparse_prefill_benchmark, "GRID_ROWS", TINY_PREFILL)
+    monkeypatch.setattr(sparse_prefill_benchmark, "QUICK_ROWS", TINY_PREFILL[:1])
+    monkeypatch.setattr(benchmark, "plot", lambda *args: None)
+    timed = []
+
+    def time_per_call(fn, args, calls, repeats, blocks):
+        timed.append((args, calls))
+        return OURS_S
+
+    monkeypatch.setattr(benchmark, "time_per_call", time_per_call)
+
+    def run(*extra, capsys):
+        code = cli.main(["bench", "--sparse-prefill", "--calls", "3", "--out", str(tmp_path),
+                         *extra])
+        with open(tmp_path / "bench.json") as f:
+            data = json.load(f)
+        captured = capsys.readouterr()
+        return code, data, captured.out.splitlines(), captured.err
+
+    return run, timed
+
+
+def prefill_table_cells(lines, row):
+    """The three |-separated groups of cells of `row`'s line in the sparse prefill table."""
+    line, = [l for l in lines if l.split()[:4] == [str(x) for x in row]]
+    return [group.split() for group in line.split("|")[1:]]
+
+
+def test_sparse_prefill_table_and_json_carry_flashmla_and_the_ratio(tiny_prefill_bench,
+                                                                    monkeypatch, capsys):
+    run, timed = tiny_prefill_bench
+    monkeypatch.setattr(benchmark, "load_flashmla", lambda: FakeFlashMLA())
+    code, data, lines, _ = run("--flashmla", capsys=capsys)
+    assert code == 0 and data["flashmla"] is True and len(data["rows"]) == len(TINY_PREFILL)
+    assert [calls for _, calls in timed] == [3, 3]
+    for r, row in zip(data["rows"], TINY_PREFILL):
+        assert r["kind"] == "sparse_prefill"
+        assert (r["s_q"], r["s_kv"], r["h_q"], r["topk"]) == tuple(row)
+        assert r["us"] == pytest.approx(OURS_S * 1e6)
+        assert r["us_span"] == pytest.approx(SPAN_S * 1e6) and r["reference_agrees"] is True
+        nbytes, flops = sparse_prefill_benchmark.traffic(row)
+        assert r["gbps"] == pytest.approx(nbytes / OURS_S / 1e9)
+        assert r["tflops"] == pytest.approx(flops / OURS_S / 1e12)
+        ours, flashmla = prefill_table_cells(lines, row)
+        assert ours == [f"{OURS_S * 1e6:.1f}", f"{SPAN_S * 1e6:.1f}", f"{r['tflops']:.1f}",
+                        f"{r['tflops'] / 100.0 * 100:.0f}"]  # %roof: of the matmul rate only
+        if row.h_q == 64:
+            assert r["flashmla_us"] == pytest.approx(FLASHMLA_S * 1e6)
+            assert r["ratio"] == pytest.approx(FLASHMLA_S / OURS_S)
+            assert r["flashmla_agrees"] is True
+            assert flashmla == [f"{FLASHMLA_S * 1e6:.1f}", f"{FLASHMLA_S / OURS_S:.2f}"]
+        else:  # h_q 16: not a FlashMLA sparse prefill
+            assert r["flashmla_us"] is r["ratio"] is None
+            assert "flashmla_agrees" not in r and flashmla == ["-", "-"]
+
+
+def test_sparse_prefill_flashmla_is_timed_on_the_very_inputs_of_ours(tiny_prefill_bench,
+                                                                    monkeypatch, capsys):
+    run, timed = tiny_prefill_bench
+    fake = FakeFlashMLA()
+    monkeypatch.setattr(benchmark, "load_flashmla", lambda: fake)
+    run("--flashmla", "--quick", capsys=capsys)
+    assert len(fake.got) == len(timed) == 1
+    (case, scales), ((q, kvs, indices), calls) = fake.got[0], timed[0]
+    assert scales == benchmark.call_scales(3) and calls == 3
+    same = lambda a, b: flashmla_baseline.host_bytes(a).tobytes() == np.asarray(b).tobytes()
+    assert same(case.q, q) and same(case.indices, indices)
+    assert len(case.kv_copies) == len(kvs) == 2 and all(map(same, case.kv_copies, kvs))
+
+
+@pytest.mark.parametrize("wrong", ["flashmla", "reference"])
+def test_sparse_prefill_disagreement_fails_the_run(wrong, tiny_prefill_bench, monkeypatch,
+                                                   capsys):
+    run, _ = tiny_prefill_bench
+    monkeypatch.setattr(benchmark, "load_flashmla",
+                        lambda: FakeFlashMLA(out_error=0.1 if wrong == "flashmla" else 0.0))
+    if wrong == "reference":
+        def off(*args, **kwargs):
+            out, max_logits, lse = reference.flash_mla_sparse_fwd(*args, **kwargs)
+            return out, max_logits + 1e-3, lse
+        monkeypatch.setattr(sparse_prefill_benchmark, "reference", types.SimpleNamespace(
+            flash_mla_sparse_fwd=off))
+    code, data, lines, err = run("--flashmla", "--quick", capsys=capsys)
+    assert code == 1
+    flag = "FlashMLA DISAGREES" if wrong == "flashmla" else "REFERENCE DISAGREES"
+    assert sum(flag in line for line in lines) == len(data["rows"]) == 1
+    key = "flashmla_agrees" if wrong == "flashmla" else "reference_agrees"
+    assert data["rows"][0][key] is False
+    assert ("FlashMLA and ours disagree" if wrong == "flashmla" else
+            "disagrees with the plain-JAX reference") in err
+
+
 # --- FlashMLA's CUDA-graph timing, through a fake torch ------------------------------------------
 
 class FakeTensor:
@@ -569,8 +774,19 @@ def fake_torch_and_flash_mla(events):
         return (FakeTensor(np.broadcast_to(head[:, None], (b, s_q, heads, 512))),
                 FakeTensor(np.broadcast_to(head[:, None], (b, heads, s_q))))
 
+    def flash_mla_sparse_fwd(q, kv, indices, sm_scale, d_v):
+        """(out, max_logits, lse) as FlashMLA orders them: each head's number, plus 1000 in
+        max_logits and 2000 in lse, to see which comes back as which."""
+        events.append(dict(q=q.array, kv=kv.array, indices=indices.array, sm_scale=sm_scale,
+                           d_v=d_v))
+        s_q, heads, _ = q.array.shape
+        head = np.broadcast_to(np.arange(heads, dtype=np.float32), (s_q, heads))
+        return (FakeTensor(np.broadcast_to(head[..., None], (s_q, heads, d_v))),
+                FakeTensor(head + 1000), FakeTensor(head + 2000))
+
     flash_mla = types.SimpleNamespace(get_mla_metadata=lambda: (schedule, None),
-                                      flash_mla_with_kvcache=flash_mla_with_kvcache)
+                                      flash_mla_with_kvcache=flash_mla_with_kvcache,
+                                      flash_mla_sparse_fwd=flash_mla_sparse_fwd)
     return torch, flash_mla, schedule
 
 
@@ -606,6 +822,35 @@ def test_flashmla_sparse_graph_times_padded_calls_after_one_warm_call(rng):
     np.testing.assert_array_equal(row.out[0, 0, :, 0], np.arange(16))
     np.testing.assert_array_equal(row.lse[0, :, 0], np.arange(16))
     assert row.seconds_per_call > 0
+
+
+def test_flashmla_sparse_prefill_graph_times_rotated_kv_after_one_warm_call(rng):
+    """One call outside the capture, then every call of the block captured, call i on kv copy
+    i % copies with scales[i], all through the same indices; out, lse and max_logits of the
+    first call kept by name (FlashMLA returns them as out, max_logits, lse)."""
+    events = []
+    torch, flash_mla, _ = fake_torch_and_flash_mla(events)
+    q, q_bits = random_finite_bf16_bits(rng, (3, 64, 8))
+    kvs = tuple(random_finite_bf16_bits(rng, (10, 1, 8))[0] for _ in range(2))
+    indices = rng.integers(0, 10, size=(3, 1, 4), dtype=np.int32)
+    case = sparse_prefill_benchmark.PrefillCase(q, kvs, indices)
+    scales = benchmark.call_scales(3)
+    row = flashmla_baseline.FlashMLA(torch, flash_mla).measure_sparse_prefill(
+        case, scales, blocks=2, repeats=1)
+    calls = [e for e in events if isinstance(e, dict)]
+    assert [e if isinstance(e, str) else "call" for e in events] == (
+        ["call", "capture"] + ["call"] * 3 + ["captured"] + ["replay"] * 4 + ["empty_cache"])
+    for i, call in enumerate(calls):
+        j = 0 if i == 0 else i - 1
+        assert call["sm_scale"] == scales[j] and call["d_v"] == 512
+        np.testing.assert_array_equal(call["kv"].view(np.int16),
+                                      flashmla_baseline.host_bytes(kvs[j % 2]))
+        np.testing.assert_array_equal(call["q"].view(np.int16), q_bits)
+        np.testing.assert_array_equal(call["indices"], indices)
+    assert row.out.shape == (3, 64, 512) and row.lse.shape == row.max_logits.shape == (3, 64)
+    np.testing.assert_array_equal(row.out[0, :, 0], np.arange(64))
+    np.testing.assert_array_equal(row.max_logits[0], np.arange(64) + 1000)
+    np.testing.assert_array_equal(row.lse[0], np.arange(64) + 2000)
 
 
 def test_flashmla_dense_graph_times_calls_after_one_warm_call(rng):

@@ -2,7 +2,8 @@
 kernel) against the naive model on the same weights, over several ragged steps: the tokens each
 layer picked must be a top-k of the naive model's own index scores, and its non-absorbed jnp
 attention over those tokens must give the step's logits. Every cache slot no request holds is
-poisoned, so that a token picked past a request's length shows up as NaN."""
+poisoned, so that a token picked past a request's length shows up as NaN. The prefill (a batch
+of prompts through the sparse prefill kernel) is checked the same way, token by token."""
 
 import jax
 import jax.numpy as jnp
@@ -180,3 +181,42 @@ def test_decode_step_names_what_is_wrong(bad, exception, pattern):
     tokens, active = jnp.zeros((2,), jnp.int32), jnp.ones((2,), bool)
     with pytest.raises(exception, match=pattern):
         jax.jit(lambda c: deepseek_v32.decode_step(params, c, tokens, active, CONFIG))(cache)
+
+
+def test_sparse_prefill_matches_naive_model(rng):
+    """prefill_forward runs a batch's prompts together, one sparse prefill kernel call a layer:
+    each prompt token's picks must be tokens of its own prompt up to it and a top-k of the
+    naive model's index scores over that prompt alone, and the naive model replaying those
+    picks must give its logits (the tolerances above: the same bf16 roundings of the absorbed
+    queries and outputs, the latents read as the FP8 cache stores them)."""
+    params = deepseek_v32.init_params(CONFIG, jax.random.key(0))
+    prompts = [list(rng.integers(0, CONFIG.vocab_size, size=n)) for n in (5, 40, 1, 13)]
+    got = jax.tree.map(np.asarray, deepseek_v32.prefill_forward(
+        params, *deepseek_v32.concatenated(prompts), CONFIG))
+    assert np.isfinite(got.logits).all()
+    reference = jax.jit(lambda tokens, picks: deepseek_v32.naive_forward(
+        params, tokens, CONFIG, picks))
+    start = 0
+    for prompt in prompts:
+        n = len(prompt)
+        own = got.indices[:, start:start + n]                 # [layers, n, topk], batch rows
+        used = own >= 0
+        assert ((own[used] >= start) & (own[used] < start + n)).all(), "another prompt's token"
+        positions = np.where(used, own - start, -1)
+        assert (positions <= np.arange(n)[None, :, None]).all(), "a token after the query"
+        picks = np.zeros((CONFIG.num_layers, PADDED_LENGTH, PADDED_LENGTH), bool)
+        for layer in range(CONFIG.num_layers):
+            for t in range(n):
+                picks[layer, t, positions[layer, t][positions[layer, t] >= 0]] = True
+        padded = jnp.asarray(prompt + [0] * (PADDED_LENGTH - n), jnp.int32)
+        want = jax.tree.map(np.asarray, reference(padded, jnp.asarray(picks)))
+        w = want.logits[:n]
+        bound = LOGITS_RTOL * np.abs(w).max(axis=-1, keepdims=True)
+        np.testing.assert_array_less(np.abs(got.logits[start:start + n] - w),
+                                     np.broadcast_to(bound, w.shape))
+        for layer in range(CONFIG.num_layers):
+            slack = INDEX_SLACK_FIRST_LAYER if layer == 0 else INDEX_SLACK
+            for t in range(n):
+                scores = want.index_scores[layer, t, :t + 1]
+                assert_top_k(positions[layer, t], scores, t + 1, slack * np.abs(scores).max())
+        start += n

@@ -10,9 +10,12 @@ names: an op that reads an invalid index, a slot past topk_length or an unused r
 and fails. Long top-k lists (300 to 600 slots) make the schedule split query tokens over
 pieces, so that the combine merges out, lse and max_logits.
 
+The grid runs on the C++ CPU path and, marked gpu, on the CUDA kernels (the kernels' bounds of
+tests/comparisons.py).
+
 Also: FlashMLA's corner cases (no counted slot, infinite sinks, a row named in every slot, NaN
-in a counted row), jax.jit with a traced topk_length, vmap, jax.export, sharding over 8 CPU
-devices, the argument checks, and the refusals of autodiff and of a CUDA lowering.
+in a counted row), jax.jit with a traced topk_length, vmap, jax.export (the CPU round trip and
+the CUDA module), sharding over 8 CPU devices, the argument checks, and the refusal of autodiff.
 """
 
 import dataclasses
@@ -27,6 +30,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+import comparisons
 import jax_flash_mla
 from jax_flash_mla import api, reference, testing
 
@@ -210,10 +214,41 @@ def assert_matches(got, want):
     assert (max_logits[saw] <= lse[saw]).all(), "max_logits > lse"
 
 
-def check_case(case, rng):
+def assert_matches_gpu(got, want):
+    """The GPU kernels' results against the reference's: out and lse within the kernels' bounds
+    (tests/comparisons.py: P rounded to bf16 before P V, as dense decode's kernels do; the
+    scores' float32 sums in another order), max_logits within lse's (it is one of those scores,
+    taken through the kernels' log2-domain running max and back: two more float32 roundings),
+    -inf exactly where no key is seen, and never above lse."""
+    (out, max_logits, lse), (want_out, want_max, want_lse) = got, want
+    comparisons.assert_attention_close(
+        jnp.asarray(out)[None], jnp.asarray(lse).T[None], jnp.asarray(want_out)[None],
+        jnp.asarray(want_lse).T[None], dtype=jnp.bfloat16,
+        out_roundings=comparisons.KERNEL_OUT_ROUNDINGS, lse_atol=comparisons.KERNEL_LSE_ATOL)
+    max_logits, lse = np.asarray(max_logits, np.float64), np.asarray(lse, np.float64)
+    want_max = np.asarray(want_max, np.float64)
+    assert not np.isnan(max_logits).any(), "NaN in max_logits"
+    sees_no_key = np.isposinf(np.asarray(want_lse))
+    np.testing.assert_array_equal(np.isneginf(max_logits), sees_no_key,
+                                  "max_logits == -inf rows differ")
+    saw = ~sees_no_key
+    np.testing.assert_allclose(max_logits[saw], want_max[saw], rtol=0,
+                               atol=comparisons.KERNEL_LSE_ATOL, err_msg="max_logits")
+    assert (max_logits[saw] <= lse[saw]).all(), "max_logits > lse"
+
+
+def check_case(case, rng, device=None):
+    """The poisoned op on `device` (the C++ CPU path if None) against the reference on the CPU
+    (its float32 matmuls exact), on fresh inputs of `case`."""
     inputs = make_inputs(case, rng)
-    got = run_op(inputs, case.sm_scale)
-    assert_matches(got, run_reference(inputs, case.sm_scale))
+    cpu_inputs = jax.device_put(inputs, jax.devices("cpu")[0])
+    want = run_reference(cpu_inputs, case.sm_scale)
+    if device is None:
+        got = run_op(cpu_inputs, case.sm_scale)
+        assert_matches(got, want)
+    else:
+        got = run_op(jax.device_put(inputs, device), case.sm_scale)
+        assert_matches_gpu(got, want)
     return inputs, got
 
 
@@ -257,6 +292,12 @@ GRID = [
     Case(s_q=9, h_q=128, s_kv=96, unused=16, page=16, topk=600, invalid=0.1, sink="infinite",
          topk_length=(600, 1, 0, 599, 300, INT32_MAX, -1, 7, 64)),
 ]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", GRID, ids=str)
+def test_gpu_sparse_prefill_matches_reference(case, rng):
+    check_case(case, rng, jax.devices("gpu")[0])
 
 
 @pytest.mark.parametrize("case", GRID, ids=str)
@@ -740,18 +781,16 @@ def test_differentiating_raises_a_clear_error(rng):
         jax.grad(loss)(jnp.asarray(inputs.q))
 
 
-@pytest.mark.parametrize("how", ["lower", "export"])
 @pytest.mark.parametrize("page", [None, 16], ids=["bf16", "fp8"])
-def test_cuda_lowering_raises_a_clear_error(page, how, rng):
-    """No CUDA kernel writes max_logits yet: lowering for CUDA (here, on a machine without a
-    GPU) refuses, saying so, instead of running something else."""
+def test_cuda_export_names_the_target(page, rng):
+    """Lowered for CUDA (here, on a machine without a GPU), the op is its CUDA target over kv as
+    given: bf16, or the FP8 pool read in place (no dequantized copy of it in the module)."""
     inputs = make_inputs(Case(s_q=2, s_kv=64, topk=64, page=page, sink="random"), rng)
-    args = export_args(inputs)
-    with pytest.raises(NotImplementedError, match=r"no CUDA kernel.*max_logits"):
-        if how == "lower":
-            jax.jit(prefill_step).trace(*args).lower(lowering_platforms=("cuda",))
-        else:
-            allowed = [jax.export.DisabledSafetyCheck.custom_call(t)
-                       for t in (METADATA_TARGET, TARGET)]
-            jax.export.export(jax.jit(prefill_step), platforms=["cuda"],
-                              disabled_checks=allowed)(*args)
+    shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), export_args(inputs))
+    allowed = [jax.export.DisabledSafetyCheck.custom_call(t) for t in (METADATA_TARGET, TARGET)]
+    module = jax.export.export(jax.jit(prefill_step), platforms=["cuda"],
+                               disabled_checks=allowed)(*shapes).mlir_module()
+    calls = [line for line in module.splitlines() if f"@{TARGET}(" in line]
+    assert len(calls) == 1, calls
+    kv_type = "ui8" if page else "bf16"
+    assert f"x{kv_type}>" in calls[0], calls[0]

@@ -62,9 +62,9 @@ ffi::Error DecodeImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k_ca
   return ffi::Error::Success();
 }
 
-// Sparse decode over a bfloat16 pool: the dense split-KV kernels and combine run it unchanged
-// (params.h: one request per query token, one-token pages, so the cp.async key path gathers
-// exactly the selected tokens). The FP8 pool reaches this handler dequantized (primitives.py).
+// Sparse decode: the dense split-KV kernels and combine run it (params.h: one request per
+// query token, one-token pages, so the key producer gathers exactly the selected tokens; FP8
+// tokens are dequantized as they are gathered, key_tile_dequant.h).
 ffi::Error SparseDecodeImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k_cache,
                             ffi::AnyBuffer indices, ffi::AnyBuffer lengths,
                             ffi::AnyBuffer attn_sink, ffi::AnyBuffer tile_scheduler_metadata,
@@ -82,14 +82,40 @@ ffi::Error SparseDecodeImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffe
                                             lse_accum, &params);
       err.failure())
     return err;
-  if (params.key_format != KeyFormat::kSameAsQuery)
-    return ffi::Error::InvalidArgument(
-        "is_fp8_kvcache: the CUDA sparse target reads bfloat16 pools; an FP8 pool is "
-        "dequantized before it (jax_flash_mla.primitives)");
   cudaError_t err = launch_split_kv(params, SplitKvKernel::kDispatch, stream);
   if (err != cudaSuccess) return cuda_error("split-KV decode kernel (sparse)", err);
   err = launch_combine(params, stream);
   if (err != cudaSuccess) return cuda_error("combine kernel (sparse)", err);
+  return ffi::Error::Success();
+}
+
+// Sparse prefill (flash_mla_sparse_fwd): sparse decode with each prompt token a request, and
+// every row's largest scaled score written beside its lse (segment_output.h, the combine).
+ffi::Error SparsePrefillImpl(
+    cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer kv, ffi::AnyBuffer indices,
+    ffi::AnyBuffer lengths, ffi::AnyBuffer attn_sink, ffi::AnyBuffer tile_scheduler_metadata,
+    ffi::AnyBuffer num_splits, std::optional<ffi::AnyBuffer> /*initial_out*/,
+    std::optional<ffi::AnyBuffer> /*initial_lse*/,
+    std::optional<ffi::AnyBuffer> /*initial_max_logits*/, float softmax_scale,
+    bool is_fp8_kvcache, int32_t head_dim_v, ffi::Result<ffi::AnyBuffer> out,
+    ffi::Result<ffi::AnyBuffer> lse, ffi::Result<ffi::AnyBuffer> max_logits,
+    ffi::Result<ffi::AnyBuffer> o_accum, ffi::Result<ffi::AnyBuffer> lse_accum,
+    ffi::Result<ffi::AnyBuffer> max_accum) {
+  DecodeParams params;
+  if (ffi::Error err = sparse_decode_params(q, kv, indices, lengths, attn_sink,
+                                            tile_scheduler_metadata, num_splits, softmax_scale,
+                                            is_fp8_kvcache, head_dim_v, out, lse, o_accum,
+                                            lse_accum, &params);
+      err.failure())
+    return err;
+  if (ffi::Error err = sparse_prefill_max_params(max_logits, max_accum, lse->dimensions(),
+                                                 lse_accum->dimensions(), &params);
+      err.failure())
+    return err;
+  cudaError_t err = launch_split_kv(params, SplitKvKernel::kDispatch, stream);
+  if (err != cudaSuccess) return cuda_error("split-KV kernel (sparse prefill)", err);
+  err = launch_combine(params, stream);
+  if (err != cudaSuccess) return cuda_error("combine kernel (sparse prefill)", err);
   return ffi::Error::Success();
 }
 
@@ -111,5 +137,11 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     jax_flash_mla_sparse_decode_cuda, jax_flash_mla::SparseDecodeImpl,
     jax_flash_mla::bind_sparse_decode_operands(
+        xla::ffi::Ffi::Bind().Ctx<xla::ffi::PlatformStream<cudaStream_t>>()),
+    {xla::ffi::Traits::kCmdBufferCompatible});
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    jax_flash_mla_sparse_prefill_cuda, jax_flash_mla::SparsePrefillImpl,
+    jax_flash_mla::bind_sparse_prefill_operands(
         xla::ffi::Ffi::Bind().Ctx<xla::ffi::PlatformStream<cudaStream_t>>()),
     {xla::ffi::Traits::kCmdBufferCompatible});

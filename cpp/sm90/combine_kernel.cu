@@ -1,4 +1,5 @@
-// Combine step: merges the float32 partials of split requests into (out, lse).
+// Combine step: merges the float32 partials of split requests into (out, lse), and for sparse
+// prefill their largest scaled scores into max_logits.
 //
 // Split requests: out = sum_j exp(lse_j - lse) * o_j with lse = log(sum_j exp(lse_j)), taken
 // relative to the largest lse_j so that no exp overflows. Requests with no keys (or whose
@@ -61,6 +62,11 @@ __device__ __forceinline__ float4 fma4(float w, float4 v, float4 acc) {
                      fmaf(w, v.w, acc.w));
 }
 
+// The larger of a and b, a NaN in either kept (fmaxf would drop it).
+__device__ __forceinline__ float nan_max(float a, float b) {
+  return isnan(a) || a > b ? a : b;
+}
+
 template <bool kMax>
 __device__ __forceinline__ float warp_reduce(float x) {
   for (int offset = 16; offset > 0; offset /= 2) {
@@ -78,6 +84,7 @@ struct CombineRow {
   float first_lse;  // lane i: the lse of split slot_begin + i (-inf past the row's splits)
   float lse;        // log of the merged denominator; +inf when no split saw a key
   float out_scale = 1.f;  // the attention sink's factor on the merged output (split_kv.h)
+  float max_logit = -INFINITY;  // the splits' largest scaled score, NaN kept (max_logits only)
 
   __device__ __forceinline__ CombineRow(const DecodeParams& p, int64_t global_row) {
     const int64_t rows_per_request = static_cast<int64_t>(p.num_heads_k) * p.rows_per_kv;
@@ -109,6 +116,18 @@ struct CombineRow {
     out_scale = sink_scale(p, kv_head, row, lse);
   }
 
+  // Sparse prefill's max_logits: the largest of the splits' (a NaN in any stays NaN, as the
+  // CPU path keeps it). By every lane of a warp; read only where the call asks for it.
+  __device__ __forceinline__ void merge_max_logit(const DecodeParams& p) {
+    const int lane = threadIdx.x % 32;
+    float m = -INFINITY;
+    for (int s = slot_begin + lane; s < slot_end; s += 32)
+      m = nan_max(m, p.max_accum[accum_row_index(p, s, kv_head, row)]);
+    for (int offset = 16; offset > 0; offset /= 2)
+      m = nan_max(m, __shfl_xor_sync(0xffffffffu, m, offset));
+    max_logit = m;
+  }
+
   // Weight of split `slot` in the merged output (0 when no split saw a key). Uniform `slot`.
   __device__ __forceinline__ float weight(const DecodeParams& p, int slot) const {
     const int i = slot - slot_begin;
@@ -127,7 +146,9 @@ struct CombineRow {
   }
 
   __device__ __forceinline__ void store_lse(const DecodeParams& p) const {
-    p.lse[lse_offset(p, batch_idx, kv_head, row)] = lse;
+    const int64_t at = lse_offset(p, batch_idx, kv_head, row);
+    p.lse[at] = lse;
+    if (p.max_logits != nullptr) p.max_logits[at] = max_logit;
   }
 };
 
@@ -137,6 +158,7 @@ __device__ void combine_row_per_warp(const DecodeParams& params, int64_t global_
   CombineRow r(params, global_row);
   if (r.splits == 1) return;  // uniform over the warp
   r.merge_lse(params);
+  if (params.max_logits != nullptr) r.merge_max_logit(params);
   float4 o[kRowVecsPerLane];
 #pragma unroll
   for (int k = 0; k < kRowVecsPerLane; ++k) o[k] = make_float4(0.f, 0.f, 0.f, 0.f);
@@ -166,6 +188,7 @@ __device__ void combine_quarter_per_cta(const DecodeParams& params, int64_t item
   CombineRow r(params, item / kQuarters);
   if (r.splits == 1) return;  // uniform over the CTA
   r.merge_lse(params);
+  if (params.max_logits != nullptr && warp == 0) r.merge_max_logit(params);
   const int vec = quarter * 32 + lane;
   float4 o = make_float4(0.f, 0.f, 0.f, 0.f);
 #pragma unroll 4

@@ -76,6 +76,11 @@ cudaError_t launch_split_kv(const DecodeParams& p, SplitKvKernel kernel, cudaStr
   if ((p.head_dim != 576 && p.head_dim != 512) || p.head_dim_v != kSupportedHeadDimV ||
       p.num_sm_parts <= 0 || p.num_heads_k <= 0)
     return cudaErrorInvalidValue;
+  // FP8 keys are DeepSeek-V3.2's sparse tokens: bf16 queries of 576 columns
+  // (key_tile_producer.h reads them only there).
+  if (p.key_format == KeyFormat::kFp8Packed &&
+      (p.dtype != ElementType::kBF16 || p.head_dim != kSparseHeadDim))
+    return cudaErrorInvalidValue;
   if (p.batch <= 0 || p.rows_per_kv <= 0) return cudaSuccess;  // no query row, nothing to attend
   if (p.num_heads_k > 65535 || row_blocks_per_kv_head(p.rows_per_kv) > 65535)
     return cudaErrorInvalidConfiguration;
@@ -84,8 +89,9 @@ cudaError_t launch_split_kv(const DecodeParams& p, SplitKvKernel kernel, cudaStr
   const bool forced = kernel != SplitKvKernel::kDispatch;
   if (!forced) kernel = choose_split_kv_kernel(in);
   // The seesaw kernel's first math warpgroup keeps no running max, so it has no lse to weigh an
-  // attention sink by (a sparse call, whose one-token pages never fit its TMA maps anyway).
-  if (is_seesaw(kernel) && p.attn_sink != nullptr) {
+  // attention sink by and no max_logits to write (sparse calls, whose one-token pages never fit
+  // its TMA maps anyway).
+  if (is_seesaw(kernel) && (p.attn_sink != nullptr || p.max_logits != nullptr)) {
     if (forced) return cudaErrorNotSupported;
     kernel = SplitKvKernel::kLockstep;
   }

@@ -1,8 +1,9 @@
 // The producer warpgroup of the lockstep and transposed kernels (split_kv_lockstep_kernel.cu,
 // split_kv_transposed_kernel.cu): it stages a segment's query rows (query_row_copies.h) and
 // gathers its 64-key tiles into the 2-stage shared-memory ring (72 KiB a stage at d = 576),
-// with TMA boxes through the block table (its first warp; see paged_kv_tensor_map.h) or, for
-// page sizes TMA cannot box, with cp.async one token row at a time (key_tile_copies.h). A
+// with TMA boxes through the block table (its first warp; see paged_kv_tensor_map.h), for
+// page sizes TMA cannot box with cp.async one token row at a time (key_tile_copies.h), or,
+// for DeepSeek-V3.2's FP8 tokens, through registers, dequantized (key_tile_dequant.h). A
 // stage's "full" mbarrier completes when its bytes have landed; the stage is refilled as soon
 // as every math warp has arrived on its "empty" mbarrier.
 //
@@ -16,10 +17,12 @@
 #include <cute/tensor.hpp>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "../common/split_kv.h"
 #include "kernel_trace.h"
 #include "key_tile_copies.h"
+#include "key_tile_dequant.h"
 #include "key_tile_lookup.h"
 #include "pipeline_sync.h"
 #include "pipeline_traits.h"
@@ -32,7 +35,8 @@ namespace sm90 {
 // with the previous ones), then its key tiles, each as soon as a stage frees, in kOrder (with
 // TMA, k_map is the map that order's boxes need).
 template <typename Element, int kHeadDim, int kQueryRows,
-          KeyTileOrder kOrder = KeyTileOrder::kColumnBlocks>
+          KeyTileOrder kOrder = KeyTileOrder::kColumnBlocks,
+          KeyFormat kKeyFormat = KeyFormat::kSameAsQuery, int kFp8RoundsAhead = 1>
 __device__ void produce_segment(const DecodeParams& p, const CUtensorMap& k_map, bool use_tma,
                                 const CUtensorMap& q_map, bool query_tma,
                                 const Segment& seg, int kv_head, int row_base,
@@ -47,7 +51,35 @@ __device__ void produce_segment(const DecodeParams& p, const CUtensorMap& k_map,
   // thread with cp.async.
   const bool loads_keys = !use_tma || thread < 32;
   const bool loads_query = !query_tma || thread == 0;
+  // FP8 keys (sparse calls: bf16 queries, d = 576; an instance of their own) by every producer
+  // thread through registers (key_tile_dequant.h): the tile's first kFp8RoundsAhead rounds are
+  // loaded before its stage frees, then stored with the others; the stores reach wgmma (the
+  // async proxy) through a proxy fence before each thread's release arrival.
+  constexpr bool kFp8Keys = kKeyFormat == KeyFormat::kFp8Packed;
+  static_assert(!kFp8Keys || (std::is_same_v<Element, cutlass::bfloat16_t> &&
+                              kHeadDim == kSparseHeadDim),
+                "FP8 keys are DeepSeek-V3.2's 576-column latents, read with bf16 queries");
+  Fp8StoreSlots fp8_slots{};
+  if constexpr (kFp8Keys) fp8_slots = fp8_store_slots<typename L::K>(smem.k[0], thread);
+  const auto load_fp8_keys = [&](int tile) {
+    const int tile_begin = tile_begin_of(seg, tile);
+    const Fp8TileSources sources = lookup_fp8_tile(p, seg, tile_begin, thread);
+    const auto ahead = load_fp8_rounds_ahead<kFp8RoundsAhead>(p, sources, thread);
+    Barrier::wait(&smem.k_empty[ring.stage], ring.phase ^ 1);
+    trace.mark(kTraceStageFree, tile);
+    load_tile_fp8<typename L::K>(p, sources, ahead, fp8_slots,
+                                 cute::cast_smem_ptr_to_uint(smem.k[ring.stage]),
+                                 smem.key_valid[ring.stage], thread);
+    cutlass::arch::fence_view_async_shared();
+    Barrier::arrive(&smem.k_full[ring.stage]);
+    trace.mark(kTraceKeysIssued, tile);
+    ring.advance();
+  };
   const auto load_keys = [&](int tile) {
+    if constexpr (kFp8Keys) {
+      load_fp8_keys(tile);
+      return;
+    }
     const int tile_begin = tile_begin_of(seg, tile);
     TmaTileLookup lookup{};
     if (use_tma) lookup = lookup_tile_tma<kOrder>(p, seg, tile_begin);

@@ -104,7 +104,9 @@ inline bool encode_swizzled_tensor_map(ElementType dtype, const void* base,
 // be). Otherwise the caller gathers with cp.async.
 inline bool paged_kv_fits_tma(const DecodeParams& p) {
   const int64_t token_slots = paged_kv_token_slots(p);
-  return tma_tokens_per_box(p.page_block_size) >= kKeyGroup && token_slots < INT32_MAX &&
+  // FP8 tokens need converting on their way in (key_tile_dequant.h), which TMA cannot do.
+  return p.key_format == KeyFormat::kSameAsQuery &&
+         tma_tokens_per_box(p.page_block_size) >= kKeyGroup && token_slots < INT32_MAX &&
          token_slots > 0 && reinterpret_cast<uintptr_t>(p.k_cache) % 16 == 0;
 }
 

@@ -7,6 +7,7 @@
 
 #include <cstdint>
 
+#include "../common/params.h"
 #include "kernel_trace.h"
 #include "pipeline_traits.h"
 
@@ -78,14 +79,22 @@ __device__ __forceinline__ void wait_tile_keys(Storage& smem, const RingPosition
 
 // mbarrier arrivals of a stage's "full" barrier: with TMA, one arrival that also expects the
 // tile's bytes; with cp.async, every producer thread's copies plus one plain arrival that
-// publishes the key offsets. The query's "full" barrier: one arrival expecting the rows' bytes
-// with TMA (query_tma), every producer thread's copies with cp.async. "Empty" barriers: one
-// arrival per math warp. By thread 0, before the CTA's first __syncthreads.
+// publishes the key offsets; with FP8 keys (key_tile_dequant.h), every producer thread's plain
+// arrival after its stores.
+__device__ __forceinline__ uint32_t key_tile_arrivals(const DecodeParams& p, bool use_tma) {
+  if (use_tma) return 1;
+  return p.key_format == KeyFormat::kFp8Packed ? kProducerThreads : kProducerThreads + 1;
+}
+
+// The ring's barriers: "full" as key_tile_arrivals says. The query's "full" barrier: one
+// arrival expecting the rows' bytes with TMA (query_tma), every producer thread's copies with
+// cp.async. "Empty" barriers: one arrival per math warp. By thread 0, before the CTA's first
+// __syncthreads.
 template <typename Storage>
-__device__ __forceinline__ void init_pipeline_barriers(Storage& smem, bool use_tma,
+__device__ __forceinline__ void init_pipeline_barriers(Storage& smem, uint32_t key_arrivals,
                                                        bool query_tma, uint32_t math_warps) {
   for (int s = 0; s < kStages; ++s) {
-    ClusterBarrier::init(&smem.k_full[s], use_tma ? 1 : kProducerThreads + 1);
+    ClusterBarrier::init(&smem.k_full[s], key_arrivals);
     ClusterBarrier::init(&smem.k_empty[s], math_warps);
   }
   ClusterBarrier::init(&smem.q_full, query_tma ? 1 : kProducerThreads);
@@ -118,11 +127,13 @@ __device__ __forceinline__ void start_pipeline(const CUtensorMap& k_map, bool us
 
 // The same with PipelineStorage's barriers.
 template <typename Storage>
-__device__ __forceinline__ void start_pipeline(Storage& smem, const CUtensorMap& k_map,
-                                               bool use_tma, const CUtensorMap& q_map,
-                                               bool query_tma, uint32_t math_warps) {
-  start_pipeline(k_map, use_tma, q_map, query_tma,
-                 [&] { init_pipeline_barriers(smem, use_tma, query_tma, math_warps); });
+__device__ __forceinline__ void start_pipeline(const DecodeParams& p, Storage& smem,
+                                               const CUtensorMap& k_map, bool use_tma,
+                                               const CUtensorMap& q_map, bool query_tma,
+                                               uint32_t math_warps) {
+  start_pipeline(k_map, use_tma, q_map, query_tma, [&] {
+    init_pipeline_barriers(smem, key_tile_arrivals(p, use_tma), query_tma, math_warps);
+  });
 }
 
 }  // namespace sm90

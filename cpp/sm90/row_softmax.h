@@ -57,16 +57,20 @@ __device__ __forceinline__ MaxStep step_running_max(float running_max, float til
   return {new_max, reference, exp2f(running_max - reference)};
 }
 
-// What a segment's row ends with: its weight for the output and its log-sum-exp (natural log).
+// What a segment's row ends with: its weight for the output, its log-sum-exp (natural log) and
+// its largest scaled score (sparse prefill's max_logits).
 struct RowResult {
-  bool saw_key;   // some key was visible to the row
-  float inv_sum;  // 1 / denominator (0 when no key was seen)
+  bool saw_key;     // some key was visible to the row
+  float inv_sum;    // 1 / denominator (0 when no key was seen)
   float lse;
+  float max_logit;  // -inf when no key was seen; NaN when a score was (the running max skips
+                    // NaN, the denominator does not)
 };
 
 // `max`: the row's final running max; `total`: its denominator, every thread's share added up.
 __device__ __forceinline__ RowResult finish_row(bool saw_key, float max, float total) {
-  return {saw_key, saw_key ? 1.f / total : 0.f, (max + log2f(total)) * kLn2};
+  return {saw_key, saw_key ? 1.f / total : 0.f, (max + log2f(total)) * kLn2,
+          isnan(total) ? total : max * kLn2};
 }
 
 struct RowSoftmax {

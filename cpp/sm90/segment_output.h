@@ -55,14 +55,21 @@ struct SegmentOutput {
     return r;
   }
 
-  // By one thread per row.
+  // By one thread per row: lse, and the largest scaled score where the call asks for it
+  // (sparse prefill's max_logits, laid out as lse; a split's in max_accum, as lse_accum).
   __device__ __forceinline__ void store_lse(const DecodeParams& p, int row,
                                             const RowResult& r) const {
     if (row >= p.rows_per_kv) return;
-    if (seg.is_only_split)
-      p.lse[lse_offset(p, seg.batch_idx, kv_head, row)] = r.saw_key ? r.lse : INFINITY;
-    else if (write_partial)
-      p.lse_accum[accum_row_index(p, seg.slot, kv_head, row)] = r.saw_key ? r.lse : -INFINITY;
+    const float max_logit = r.saw_key ? r.max_logit : -INFINITY;
+    if (seg.is_only_split) {
+      const int64_t at = lse_offset(p, seg.batch_idx, kv_head, row);
+      p.lse[at] = r.saw_key ? r.lse : INFINITY;
+      if (p.max_logits != nullptr) p.max_logits[at] = max_logit;
+    } else if (write_partial) {
+      const int64_t at = accum_row_index(p, seg.slot, kv_head, row);
+      p.lse_accum[at] = r.saw_key ? r.lse : -INFINITY;
+      if (p.max_accum != nullptr) p.max_accum[at] = max_logit;
+    }
   }
 };
 

@@ -77,8 +77,12 @@ constexpr int kThreads = kProducerThreads + kMathThreads;
 // scores and addresses. The CTA starts at 65536 / 384 = 168 a thread and setmaxnreg.inc only
 // takes what .dec gave back, so 128 (168 - p) >= 256 (m - 168), i.e. p + 2m <= 504 (more and
 // the math warpgroups would wait forever for registers).
-constexpr uint32_t kProducerRegisters = 72;
-constexpr uint32_t kMathRegisters = 216;
+// A producer of FP8 keys holds a round of its tokens' bytes in registers (44 a thread,
+// key_tile_dequant.h): 88, and the math warpgroups then fit in 208 (ptxas spills neither).
+template <KeyFormat kKeyFormat>
+constexpr uint32_t kProducerRegisters = kKeyFormat == KeyFormat::kFp8Packed ? 88 : 72;
+template <KeyFormat kKeyFormat>
+constexpr uint32_t kMathRegisters = kKeyFormat == KeyFormat::kFp8Packed ? 208 : 216;
 
 constexpr KeyTileOrder kKeyOrder = KeyTileOrder::kKeyGroups;
 
@@ -346,14 +350,14 @@ __device__ void attend_segment(const DecodeParams& p, bool use_tma, const Segmen
   trace.mark(kTraceSegmentEnd, num_tiles);
 }
 
-template <typename Element, int kHeadDim>
+template <typename Element, int kHeadDim, KeyFormat kKeyFormat>
 __global__ void __launch_bounds__(kThreads, 1)
     split_kv_lockstep_kernel(const __grid_constant__ DecodeParams params,
                                  const __grid_constant__ CUtensorMap k_map, bool use_tma,
                                  const __grid_constant__ CUtensorMap q_map, bool query_tma) {
   extern __shared__ __align__(1024) unsigned char smem_bytes[];
   auto& smem = *reinterpret_cast<SharedStorage<Element, kHeadDim>*>(smem_bytes);
-  start_pipeline(smem, k_map, use_tma, q_map, query_tma, kMathThreads / 32);
+  start_pipeline(params, smem, k_map, use_tma, q_map, query_tma, kMathThreads / 32);
 
   const int32_t* piece =
       params.tile_scheduler_metadata + static_cast<int64_t>(blockIdx.x) * kMetadataInts;
@@ -364,16 +368,16 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int row_base = blockIdx.z * kBlockM;
   // Both roles walk the same segments in the same order, so their ring positions agree.
   if (threadIdx.x < kProducerThreads) {
-    cutlass::arch::warpgroup_reg_dealloc<kProducerRegisters>();
+    cutlass::arch::warpgroup_reg_dealloc<kProducerRegisters<kKeyFormat>>();
     for_each_segment(params, piece, [&](const Segment& seg) {
-      produce_segment<Element, kHeadDim, kBlockM, kKeyOrder>(params, k_map, use_tma, q_map,
-                                                             query_tma, seg, kv_head, row_base,
-                                                             smem, ring, q_phase, trace);
+      produce_segment<Element, kHeadDim, kBlockM, kKeyOrder, kKeyFormat>(
+          params, k_map, use_tma, q_map, query_tma, seg, kv_head, row_base, smem, ring, q_phase,
+          trace);
     });
     // Copies still in flight must land before their issuing threads exit.
     cp_async_wait<0>();
   } else {
-    cutlass::arch::warpgroup_reg_alloc<kMathRegisters>();
+    cutlass::arch::warpgroup_reg_alloc<kMathRegisters<kKeyFormat>>();
     for_each_segment(params, piece, [&](const Segment& seg) {
       attend_segment(params, use_tma, seg, kv_head, row_base, smem, ring, q_phase, trace);
     });
@@ -387,18 +391,17 @@ cudaError_t launch_split_kv_lockstep(const DecodeParams& params, const SplitKvMa
                                      cudaStream_t stream) {
   const dim3 grid(params.num_sm_parts, params.num_heads_k,
                   static_cast<unsigned>(row_blocks_per_kv_head(params.rows_per_kv)));
-  return with_element_type(params.dtype, [&](auto element) {
+  return with_key_instance(params, [&](auto element, auto head_dim, auto key_format) {
     using Element = decltype(element);
-    return with_head_dim(params.head_dim, [&](auto head_dim) {
-      constexpr int kHeadDim = decltype(head_dim)::value;
-      static_assert(cosize_v<typename Layouts<Element, kHeadDim>::P> * sizeof(Element) ==
-                        kPartialFloats * sizeof(float),
-                    "P and one warpgroup's partial scores share a buffer");
-      return launch_decode_kernel<split_kv_lockstep_kernel<Element, kHeadDim>,
-                                  sizeof(SharedStorage<Element, kHeadDim>)>(
-          grid, kThreads, stream, params, maps.keys, maps.keys_by_tma, maps.query,
-          maps.query_by_tma);
-    });
+    constexpr int kHeadDim = decltype(head_dim)::value;
+    static_assert(cosize_v<typename Layouts<Element, kHeadDim>::P> * sizeof(Element) ==
+                      kPartialFloats * sizeof(float),
+                  "P and one warpgroup's partial scores share a buffer");
+    return launch_decode_kernel<
+        split_kv_lockstep_kernel<Element, kHeadDim, decltype(key_format)::value>,
+        sizeof(SharedStorage<Element, kHeadDim>)>(grid, kThreads, stream, params, maps.keys,
+                                                  maps.keys_by_tma, maps.query,
+                                                  maps.query_by_tma);
   });
 }
 

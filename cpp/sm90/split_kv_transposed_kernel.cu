@@ -35,6 +35,7 @@
 #include "instance_ladder.h"
 #include "kernels.h"
 #include "key_masking.h"
+#include "key_tile_dequant.h"
 #include "key_tile_producer.h"
 #include "once_per_device.h"
 #include "paged_kv_tensor_map.h"
@@ -270,14 +271,14 @@ __device__ void attend_segment_transposed(const DecodeParams& p, bool use_tma, c
   trace.mark(kTraceSegmentEnd, num_tiles);
 }
 
-template <typename Element, int kHeadDim, int kRows>
+template <typename Element, int kHeadDim, int kRows, KeyFormat kKeyFormat>
 __global__ void __launch_bounds__(kThreads, 1)
     split_kv_transposed_kernel(const __grid_constant__ DecodeParams params,
                                   const __grid_constant__ CUtensorMap k_map, bool use_tma,
                                   const __grid_constant__ CUtensorMap q_map, bool query_tma) {
   extern __shared__ __align__(1024) unsigned char smem_bytes[];
   auto& smem = *reinterpret_cast<TransposedStorage<Element, kHeadDim, kRows>*>(smem_bytes);
-  start_pipeline(smem, k_map, use_tma, q_map, query_tma, kMathWarps);
+  start_pipeline(params, smem, k_map, use_tma, q_map, query_tma, kMathWarps);
 
   const int32_t* piece =
       params.tile_scheduler_metadata + static_cast<int64_t>(blockIdx.x) * kMetadataInts;
@@ -289,9 +290,11 @@ __global__ void __launch_bounds__(kThreads, 1)
   // Both roles walk the same segments in the same order, so their ring positions agree.
   if (threadIdx.x < kProducerThreads) {
     for_each_segment(params, piece, [&](const Segment& seg) {
-      produce_segment<Element, kHeadDim, kRows, kKeyOrder>(params, k_map, use_tma, q_map,
-                                                           query_tma, seg, kv_head, row_base,
-                                                           smem, ring, q_phase, trace);
+      // FP8 keys: both rounds of a tile loaded before its stage frees (88 registers of a
+      // producer thread; this kernel gives none away), twice the bytes in flight of one.
+      produce_segment<Element, kHeadDim, kRows, kKeyOrder, kKeyFormat, kFp8Rounds>(
+          params, k_map, use_tma, q_map, query_tma, seg, kv_head, row_base, smem, ring, q_phase,
+          trace);
     });
     // Copies still in flight must land before their issuing threads exit.
     cp_async_wait<0>();
@@ -309,20 +312,19 @@ __global__ void __launch_bounds__(kThreads, 1)
 cudaError_t launch_split_kv_transposed(const DecodeParams& params, const SplitKvMaps& maps,
                                        cudaStream_t stream) {
   const dim3 grid(params.num_sm_parts, params.num_heads_k, 1);
-  return with_element_type(params.dtype, [&](auto element) {
+  return with_key_instance(params, [&](auto element, auto head_dim, auto key_format) {
     using Element = decltype(element);
-    return with_head_dim(params.head_dim, [&](auto head_dim) {
-      constexpr int kHeadDim = decltype(head_dim)::value;
-      auto launch = [&](auto rows) {
-        constexpr int kRows = decltype(rows)::value;
-        return launch_decode_kernel<split_kv_transposed_kernel<Element, kHeadDim, kRows>,
-                                    sizeof(TransposedStorage<Element, kHeadDim, kRows>)>(
-            grid, kThreads, stream, params, maps.keys, maps.keys_by_tma, maps.query,
-            maps.query_by_tma);
-      };
-      return transposed_rows_per_cta(params.rows_per_kv) == 16 ? launch(IntConstant<16>{})
-                                                                : launch(IntConstant<32>{});
-    });
+    constexpr int kHeadDim = decltype(head_dim)::value;
+    auto launch = [&](auto rows) {
+      constexpr int kRows = decltype(rows)::value;
+      return launch_decode_kernel<
+          split_kv_transposed_kernel<Element, kHeadDim, kRows, decltype(key_format)::value>,
+          sizeof(TransposedStorage<Element, kHeadDim, kRows>)>(
+          grid, kThreads, stream, params, maps.keys, maps.keys_by_tma, maps.query,
+          maps.query_by_tma);
+    };
+    return transposed_rows_per_cta(params.rows_per_kv) == 16 ? launch(IntConstant<16>{})
+                                                              : launch(IntConstant<32>{});
   });
 }
 

@@ -22,11 +22,11 @@ table and one set of lengths serve both.
 Decode is deepseek.decode_step's absorbed MLA (W_UK folded into the query, W_UV applied to the
 kernel's 512-wide output) with attention over the indexer's picks: the selected positions go
 through the request's block table to pool indices (page_id * page + offset) for
-flash_mla_with_kvcache(..., indices=...). Prefill runs in plain jnp, non-absorbed, with the
-same sparse selection (each position over the top-k of the positions up to it; V3.2 prefills
-with the sparse kernel, which this does not use) and writes the latents and the index keys.
-`naive_forward` is that jnp path over a whole sequence: the reference the decode is tested
-against. It attends over its latents as the cache stores them (quantized to FP8 and read
+flash_mla_with_kvcache(..., indices=...). Prefill is the same absorbed MLA on the sparse prefill
+kernel (flash_mla_sparse_fwd), the batch's prompts concatenated into one call a layer, each
+token over the top-k of its prompt's tokens up to it; it writes the latents and the index keys.
+`naive_forward` is a plain-jnp, non-absorbed path over one whole sequence with the same sparse
+selection: the reference both are tested against. It attends over its latents as the cache stores them (quantized to FP8 and read
 back) and scores with index keys rounded to bf16, so that what it is compared with differs by
 the kernel path's bf16 queries and outputs, not by the storage both share.
 """
@@ -254,33 +254,89 @@ def _write_layer(cache: SparseCache, layer: int, latent, keys, counts):
     return SparseCache(latent_cache, key_view.pool), ok & keys_ok
 
 
+class PrefillForward(NamedTuple):
+    logits: jax.Array  # [N, vocab]
+    latents: jax.Array  # [layers, N, 576], before FP8
+    index_keys: jax.Array  # [layers, N, index_head_dim], before bf16
+    indices: jax.Array  # int32 [layers, N, topk]: the tokens each attended over, -1 unused
+
+
+@functools.partial(jax.jit, static_argnames="c")
+def prefill_forward(params, tokens, segments, positions, c: Config) -> PrefillForward:
+    """A batch of prompts, concatenated (tokens, segments and positions int32 [N]: the token
+    ids, which prompt each belongs to, its position in that prompt), through the model with
+    each layer's attention on the sparse prefill kernel: each token over the indexer's top-k of
+    its prompt's tokens up to it, indices into the batch's concatenated latents, one
+    flash_mla_sparse_fwd call a layer for every prompt. The latents are read as the FP8 cache
+    stores them (exact in bf16) and the index keys as bf16, as naive_forward reads them."""
+    n = tokens.shape[0]
+    h = params["embed"][tokens]
+    visible = (segments[:, None] == segments[None, :]) & (positions[None, :] <= positions[:, None])
+    topk = min(c.index_topk, n)
+    outputs = []
+    for layer in params["layers"]:
+        x = rms_norm(h, layer["attn_norm"], c.rms_eps)
+        latent = deepseek.latents(layer, x, positions, c)
+        keys = indexer_keys(layer, x, positions, c)
+        index_q, weights = indexer_queries(layer, x, positions, c)
+        stored_keys = keys.astype(INDEX_KEY_DTYPE).astype(jnp.float32)
+        scores = indexer_scores(index_q, weights, stored_keys[None])  # [N, N]
+        picked, valid = top_k(scores, visible, topk)
+        indices = jnp.where(valid, picked, -1)
+        q_nope, q_pe = deepseek._queries(layer, x, positions, c)         # [N, H, 128], [N, H, 64]
+        q_latent = jnp.einsum("thd,rhd->thr", q_nope, layer["w_uk"])      # W_UK absorbed
+        q = jnp.concatenate([q_latent, q_pe], axis=-1).astype(jnp.bfloat16)
+        kv = _as_stored(latent).astype(jnp.bfloat16)[:, None]
+        out, _, _ = jax_flash_mla.flash_mla_sparse_fwd(q, kv, indices[:, None], c.softmax_scale,
+                                                       d_v=c.kv_lora_rank)
+        o = jnp.einsum("thr,rhd->thd", out.astype(jnp.float32), layer["w_uv"])  # W_UV
+        h = h + jnp.einsum("thd,hdo->to", o, layer["w_o"])
+        h = h + deepseek._mlp(layer, h, c)
+        outputs.append((latent, keys, indices))
+    logits = rms_norm(h, params["final_norm"], c.rms_eps) @ params["head"]
+    return PrefillForward(logits, *(jnp.stack(x) for x in zip(*outputs)))
+
+
+def concatenated(prompts):
+    """(tokens, segments, positions) int32 [N] of prompts (lists of token ids) one after
+    another, N their total length (at least 1: an all-idle batch runs one token of prompt -1)."""
+    tokens = [t for p in prompts for t in p]
+    segments = [r for r, p in enumerate(prompts) for _ in p]
+    positions = [i for p in prompts for i in range(len(p))]
+    if not tokens:
+        tokens, segments, positions = [0], [-1], [0]
+    return tuple(jnp.asarray(x, jnp.int32) for x in (tokens, segments, positions))
+
+
 def prefill(params, cache: SparseCache, prompts, c: Config):
-    """deepseek.prefill for the sparse model: each prompt (a list of token ids, one per request;
-    empty for idle requests, which must be empty in the cache otherwise) runs through the jnp
-    path, which writes its latents (quantized to FP8) and index keys. Returns the cache and the
-    last logits of each request (of token 0 for an idle one). Not jittable: it checks the
-    prompts against the cache on the host first."""
+    """deepseek.prefill for the sparse model: the prompts (lists of token ids, one per request;
+    empty for idle requests, which must be empty in the cache otherwise) run together through
+    prefill_forward, whose attention is the sparse prefill kernel, and their latents (quantized
+    to FP8) and index keys are written. Returns the cache and the last logits of each request
+    (of the batch's first token for an idle one). Not jittable: it checks the prompts against
+    the cache on the host first."""
     _check_cache_matches(params, cache, c)
     deepseek._check_prompts(cache.latents, prompts, c)
     lengths = jnp.asarray([len(p) for p in prompts], jnp.int32)
     latent_cache, ok = paged.reserve(cache.latents, lengths)
     paged.check(ok, "prefill: reserve")
     cache = cache._replace(latents=latent_cache)
+    forward = prefill_forward(params, *concatenated(prompts), c)
+    starts = np.concatenate([[0], np.cumsum([len(p) for p in prompts])])
     longest = max(1, max(len(p) for p in prompts))
-    last_logits, layer_latents, layer_keys = [], [], []
-    for prompt in prompts:
-        tokens = jnp.asarray(list(prompt) + [0] * (longest - len(prompt)), jnp.int32)
-        forward = naive_forward(params, tokens, c)
-        last_logits.append(forward.logits[max(len(prompt) - 1, 0)])
-        layer_latents.append(forward.latents)
-        layer_keys.append(forward.index_keys)
+    # Each request's rows of the batch, padded to the longest prompt (the padding is not
+    # written: write_latents takes `lengths` tokens of each).
+    rows = jnp.asarray([[min(start + i, forward.logits.shape[0] - 1) for i in range(longest)]
+                        for start in starts[:-1]], jnp.int32)
     for i in range(len(params["layers"])):
-        cache, ok = _write_layer(cache, i, jnp.stack([x[i] for x in layer_latents]),
-                                 jnp.stack([k[i] for k in layer_keys]), lengths)
+        cache, ok = _write_layer(cache, i, forward.latents[i][rows], forward.index_keys[i][rows],
+                                 lengths)
         paged.check(ok, "prefill: write")
     latent_cache, ok = paged.advance(cache.latents, lengths)
     paged.check(ok, "prefill: advance")
-    return cache._replace(latents=latent_cache), jnp.stack(last_logits)
+    last = jnp.asarray([start + len(p) - 1 if len(p) else 0 for start, p in zip(starts, prompts)],
+                       jnp.int32)
+    return cache._replace(latents=latent_cache), forward.logits[last]
 
 
 def _check_step_inputs(params, cache: SparseCache, tokens, active, c: Config) -> None:
