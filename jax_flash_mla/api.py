@@ -120,11 +120,12 @@ def _sparse_metadata(cache_seqlens, num_q_tokens_per_head_k, num_heads_k, num_he
 
 
 def _decode(q, k_cache, block_table, cache_seqlens, head_dim_v, metadata, softmax_scale, causal,
-            initial_outputs=(), kernel=DISPATCH):
+            is_fp8_kvcache=False, initial_outputs=(), kernel=DISPATCH):
     """The decode primitive's call; `kernel` (a _constants.SPLIT_KV_KERNELS value) is DISPATCH
-    for every call of the public API, another only through jax_flash_mla.testing."""
+    for every call of the public API, another only through jax_flash_mla.testing. The
+    primitive needs no flag for an FP8 cache: its dtype (uint8 or float8_e4m3fn) says it."""
     validation.check_decode_args(q, k_cache, block_table, cache_seqlens, head_dim_v, metadata,
-                                 softmax_scale, causal)
+                                 softmax_scale, causal, is_fp8_kvcache)
     _, seqlen_q, num_heads_q, head_dim = q.shape
     num_heads_k = k_cache.shape[2]
     if metadata is None:
@@ -176,8 +177,10 @@ def flash_mla_with_kvcache(q, k_cache, block_table=None, cache_seqlens=None,
       q: [batch, seqlen_q, num_heads_q, head_dim], bfloat16 or float16, head_dim 576 or 512
         (sparse: bfloat16, 576).
       k_cache: [num_blocks, page_block_size, num_heads_k, head_dim], q's dtype; V is the first
-        head_dim_v columns. Sparse: num_heads_k 1, and with is_fp8_kvcache the 656-byte FP8
-        layout (uint8 or float8_e4m3fn, last axis 656; quantize_fp8_kvcache writes it).
+        head_dim_v columns. With is_fp8_kvcache (dense or sparse): [num_blocks,
+        page_block_size, 1, 656] in the FP8 layout (uint8 or float8_e4m3fn;
+        quantize_fp8_kvcache writes it), read by bfloat16 q of head_dim 576. Sparse: num_heads_k
+        1.
       block_table: int32 [batch, max_blocks_per_seq]: page of each request's i-th block.
         Unused by sparse decode (the indices hold the pages).
       cache_seqlens: int32 [batch]: cached tokens per request. Unused by sparse decode.
@@ -186,7 +189,7 @@ def flash_mla_with_kvcache(q, k_cache, block_table=None, cache_seqlens=None,
         topk_length); computed here when None.
       softmax_scale: a finite float; defaults to head_dim ** -0.5.
       causal: for seqlen_q > 1, query j sees keys [0, L - seqlen_q + j]. Dense only.
-      is_fp8_kvcache: k_cache is in the FP8 layout. Sparse only.
+      is_fp8_kvcache: k_cache is in DeepSeek-V3.2's FP8 layout, dequantized as it is read.
       indices: int32 [batch, seqlen_q, topk], topk >= 1: sparse decode. Query token (b, s)
         attends over the tokens indices[b, s, :topk_length[b]], each page_id *
         page_block_size + offset into the pool; an index < 0 or past the pool counts nothing
@@ -205,7 +208,6 @@ def flash_mla_with_kvcache(q, k_cache, block_table=None, cache_seqlens=None,
     if indices is not None:
         return _sparse_decode(q, k_cache, head_dim_v, metadata, softmax_scale, causal,
                               is_fp8_kvcache, indices, topk_length, attn_sink)
-    validation.check_dense_decode_only(block_table, cache_seqlens, is_fp8_kvcache, topk_length,
-                                       attn_sink)
+    validation.check_dense_decode_only(block_table, cache_seqlens, topk_length, attn_sink)
     return _decode(q, k_cache, block_table, cache_seqlens, head_dim_v, metadata, softmax_scale,
-                   causal)
+                   causal, is_fp8_kvcache)

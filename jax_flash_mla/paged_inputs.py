@@ -6,7 +6,8 @@ Two layouts, built from the same helpers (lengths, pages laid out into a block t
 - hostile (`make_paged_inputs`, on the host with NumPy), so that a kernel reading what it must
   not shows it: a request's pages are taken from a shuffled permutation of a pool larger than
   needed; every cache slot that holds no live token is NaN (pages no request uses, tokens past
-  a request's length inside its last page, pages behind masked table entries); block_table
+  a request's length inside its last page, pages behind masked table entries; all bytes 0xFF
+  in an FP8 pool, quantized_pool); block_table
   entries past a request's last page are garbage int32 (negative, huge, just past the pool, or
   ids of other pages, NaN ones and other requests' live ones).
 - the benchmark's (`rotated_case`): every request's pages permuted within one copy of the page
@@ -23,6 +24,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from . import fp8_cache
 
 INT32_MIN = np.iinfo(np.int32).min
 INT32_MAX = np.iinfo(np.int32).max
@@ -145,6 +148,15 @@ def make_paged_inputs(rng, seqlens, *, s_q, h_q, h_kv, d, page, dtype, extra_col
     return overflow_lengths(rng, inputs) if overflow else inputs
 
 
+def quantized_pool(k_cache) -> np.ndarray:
+    """The FP8 (656-byte, uint8) form of a hostile float pool [num_blocks, page, 1, 576]: live
+    tokens quantized, every dead one (holding NaN) all bytes 0xFF, NaN codes and NaN scales, so
+    that reading one shows in the output."""
+    packed = np.array(fp8_cache.quantize_fp8_kvcache(jnp.asarray(k_cache, jnp.float32)))
+    packed[np.isnan(np.asarray(k_cache, np.float32)).any(axis=-1)] = 0xFF
+    return packed
+
+
 def overflow_lengths(rng, inputs):
     """Out-of-contract lengths that clamp back to the true ones: a request that fills the
     table's capacity gets a length beyond it, an empty one a negative length."""
@@ -159,17 +171,26 @@ def overflow_lengths(rng, inputs):
 
 def stack_instances(instances):
     """Stacks (q, k_cache, block_table, seqlens) instances whose pools and tables differ in
-    size along a new leading axis: pools are padded with NaN pages (never referenced), tables
-    with -1 columns (past every length). Page ids stay local to each instance's pool."""
+    size along a new leading axis: pools are padded with NaN pages (never referenced; all bytes
+    0xFF in an FP8 pool), tables with -1 columns (past every length). Page ids stay local to
+    each instance's pool; ids past it stay past the padded pool."""
     blocks = max(x[1].shape[0] for x in instances)
     columns = max(x[2].shape[1] for x in instances)
+    poison = lambda dtype: 0xFF if np.dtype(dtype) == np.uint8 else np.nan
     pad_pool = lambda k: np.concatenate(
-        [np.asarray(k), np.full((blocks - k.shape[0],) + k.shape[1:], np.nan, k.dtype)])
-    pad_table = lambda t: np.pad(np.asarray(t), ((0, 0), (0, columns - t.shape[1])),
-                                 constant_values=-1)
+        [np.asarray(k), np.full((blocks - k.shape[0],) + k.shape[1:], poison(k.dtype), k.dtype)])
+
+    def pad_table(table, own_blocks):
+        # An entry past the instance's own pool must stay past the padded one: shifted by the
+        # padding (saturating), it still names no page instead of a NaN padding page.
+        table = np.asarray(table).astype(np.int64)
+        table = np.where(table >= own_blocks, np.minimum(table + blocks - own_blocks, INT32_MAX),
+                         table).astype(np.int32)
+        return np.pad(table, ((0, 0), (0, columns - table.shape[1])), constant_values=-1)
+
     return (np.stack([np.asarray(x[0]) for x in instances]),
             np.stack([pad_pool(x[1]) for x in instances]),
-            np.stack([pad_table(x[2]) for x in instances]),
+            np.stack([pad_table(x[2], x[1].shape[0]) for x in instances]),
             np.stack([np.asarray(x[3]) for x in instances]))
 
 

@@ -2,7 +2,8 @@
 
 Dense decode: the signature and the rules of `jax_flash_mla.flash_mla_with_kvcache` (lengths
 clamped to the table's capacity, invalid pages masked, out = 0 and lse = +inf for a query that
-sees no key), computed in float32 with full-precision matmuls. It gathers every request's pages
+sees no key), computed in float32 with full-precision matmuls; an FP8 cache (is_fp8_kvcache)
+is dequantized to float32 first. It gathers every request's pages
 into a dense [batch, capacity, ...] array, so it is also the plain-JAX baseline of the
 benchmark.
 
@@ -34,19 +35,19 @@ def flash_mla_with_kvcache(q, k_cache, block_table=None, cache_seqlens=None, hea
     folded into the indices). See sparse_decode for the sparse arguments."""
     del metadata  # the reference needs no schedule
     if indices is None:
-        validation.check_dense_decode_only(block_table, cache_seqlens, is_fp8_kvcache,
-                                           topk_length, attn_sink)
+        validation.check_dense_decode_only(block_table, cache_seqlens, topk_length, attn_sink)
         return _dense_decode(q, k_cache, block_table, cache_seqlens, head_dim_v, softmax_scale,
-                             causal)
+                             causal, is_fp8_kvcache)
     validation.check_sparse_decode_args(q, k_cache, head_dim_v, softmax_scale, causal,
                                         is_fp8_kvcache, indices, topk_length, attn_sink)
     return sparse_decode(q, k_cache, head_dim_v, softmax_scale, is_fp8_kvcache, indices,
                           topk_length, attn_sink)
 
 
-def _dense_decode(q, k_cache, block_table, cache_seqlens, head_dim_v, softmax_scale, causal):
+def _dense_decode(q, k_cache, block_table, cache_seqlens, head_dim_v, softmax_scale, causal,
+                  is_fp8_kvcache=False):
     validation.check_decode_args(q, k_cache, block_table, cache_seqlens, head_dim_v, None,
-                                 softmax_scale, causal)
+                                 softmax_scale, causal, is_fp8_kvcache)
     batch, seqlen_q, num_heads_q, head_dim = q.shape
     num_blocks, page_block_size, num_heads_k, _ = k_cache.shape
     heads_per_kv = num_heads_q // num_heads_k
@@ -60,8 +61,10 @@ def _dense_decode(q, k_cache, block_table, cache_seqlens, head_dim_v, softmax_sc
     page_ok = (pages >= 0) & (pages < num_blocks)
     key_ok = page_ok & (token[None, :] < seqlens[:, None])
     keys = k_cache[jnp.where(page_ok, pages, 0), token % page_block_size]  # [b, t, h_kv, d]
+    keys = (fp8_cache.dequantize_fp8_kvcache(keys, jnp.float32) if is_fp8_kvcache
+            else keys.astype(jnp.float32))
     # Zero what may not be read: masked tokens may hold NaN, and 0 * NaN is NaN.
-    keys = jnp.where(key_ok[:, :, None, None], keys.astype(jnp.float32), 0.0)
+    keys = jnp.where(key_ok[:, :, None, None], keys, 0.0)
 
     qf = q.astype(jnp.float32).reshape(batch, seqlen_q, num_heads_k, heads_per_kv, head_dim)
     scores = jnp.einsum("bqhgd,bthd->bhgqt", qf, keys, precision=_HIGHEST) * softmax_scale

@@ -41,17 +41,19 @@ def split_kv_kernel_value(kernel: str) -> int:
 
 
 def flash_mla_with_kvcache_poisoned(q, k_cache, block_table, cache_seqlens, head_dim_v=512,
-                                    metadata=None, softmax_scale=None, causal=False, *,
-                                    kernel: str = "dispatch"):
-    """flash_mla_with_kvcache with NaN-filled outputs, run by the split-KV kernel `kernel`."""
+                                    metadata=None, softmax_scale=None, causal=False,
+                                    is_fp8_kvcache=False, *, kernel: str = "dispatch"):
+    """flash_mla_with_kvcache (dense) with NaN-filled outputs, run by the split-KV kernel
+    `kernel`."""
     kernel_value = split_kv_kernel_value(kernel)
     validation.check_decode_args(q, k_cache, block_table, cache_seqlens, head_dim_v, metadata,
-                                 softmax_scale, causal)
+                                 softmax_scale, causal, is_fp8_kvcache)
     batch, seqlen_q, num_heads_q, _ = q.shape
     initial_out = jnp.full((batch, seqlen_q, num_heads_q, head_dim_v), jnp.nan, q.dtype)
     initial_lse = jnp.full((batch, num_heads_q, seqlen_q), jnp.nan, jnp.float32)
     return _decode(q, k_cache, block_table, cache_seqlens, head_dim_v, metadata, softmax_scale,
-                   causal, initial_outputs=(initial_out, initial_lse), kernel=kernel_value)
+                   causal, is_fp8_kvcache, initial_outputs=(initial_out, initial_lse),
+                   kernel=kernel_value)
 
 
 def sparse_decode_poisoned(q, k_cache, indices, *, head_dim_v=512, metadata=None,

@@ -62,22 +62,30 @@ def check_positive_int(name: str, value) -> None:
 
 
 def check_decode_args(q, k_cache, block_table, cache_seqlens, head_dim_v, metadata,
-                      softmax_scale, causal) -> None:
+                      softmax_scale, causal, is_fp8_kvcache=False) -> None:
+    """Dense decode; with is_fp8_kvcache the cache holds DeepSeek-V3.2's 656-byte FP8 tokens,
+    read by bfloat16 queries of 576 columns through one KV head."""
+    check_bool("is_fp8_kvcache", is_fp8_kvcache)
     check_rank("q", q, 4, "[batch, seqlen_q, num_heads_q, head_dim]")
     check_rank("k_cache", k_cache, 4, "[num_blocks, page_block_size, num_heads_k, head_dim]")
     if np.dtype(q.dtype) not in [np.dtype(d) for d in SUPPORTED_DTYPES]:
         raise TypeError(f"q: expected dtype bfloat16 or float16, got {_dtype_name(q)}")
-    if np.dtype(k_cache.dtype) != np.dtype(q.dtype):
-        raise TypeError(
-            f"k_cache: expected dtype {_dtype_name(q)} (the dtype of q), got "
-            f"{_dtype_name(k_cache)}")
     batch, _, num_heads_q, head_dim = q.shape
     _, page_block_size, num_heads_k, cache_head_dim = k_cache.shape
-    if head_dim not in SUPPORTED_HEAD_DIMS:
-        raise ValueError(f"q: expected head_dim 576 or 512 (last axis), got {head_dim}")
-    if cache_head_dim != head_dim:
-        raise ValueError(
-            f"k_cache: expected head_dim {head_dim} (as q), got {cache_head_dim}")
+    if is_fp8_kvcache:
+        check_fp8_cache(q, k_cache, "decode")
+    else:
+        if np.dtype(k_cache.dtype) != np.dtype(q.dtype):
+            hint = (" (an FP8 cache needs is_fp8_kvcache=True)"
+                    if np.dtype(k_cache.dtype) in fp8_cache.PACKED_DTYPES else "")
+            raise TypeError(
+                f"k_cache: expected dtype {_dtype_name(q)} (the dtype of q), got "
+                f"{_dtype_name(k_cache)}{hint}")
+        if head_dim not in SUPPORTED_HEAD_DIMS:
+            raise ValueError(f"q: expected head_dim 576 or 512 (last axis), got {head_dim}")
+        if cache_head_dim != head_dim:
+            raise ValueError(
+                f"k_cache: expected head_dim {head_dim} (as q), got {cache_head_dim}")
     if isinstance(head_dim_v, bool) or head_dim_v != SUPPORTED_HEAD_DIM_V:
         raise ValueError(f"head_dim_v: expected {SUPPORTED_HEAD_DIM_V}, got {head_dim_v!r}")
     if page_block_size < 1:
@@ -102,14 +110,31 @@ def check_decode_args(q, k_cache, block_table, cache_seqlens, head_dim_v, metada
     check_bool("causal", causal)
 
 
-def check_dense_decode_only(block_table, cache_seqlens, is_fp8_kvcache, topk_length,
-                            attn_sink) -> None:
+def check_fp8_cache(q, k_cache, what: str) -> None:
+    """An FP8 cache (is_fp8_kvcache=True) of `what` (decode, sparse decode): 656-byte tokens
+    of one KV head, read by bfloat16 queries of 576 columns."""
+    if np.dtype(q.dtype) != np.dtype(SPARSE_DTYPE):
+        raise TypeError(f"q: expected dtype bfloat16 with is_fp8_kvcache=True, got "
+                        f"{_dtype_name(q)}")
+    if q.shape[3] != SPARSE_HEAD_DIM:
+        raise ValueError(f"q: expected head_dim {SPARSE_HEAD_DIM} (last axis; the FP8 cache holds "
+                         f"DeepSeek-V3.2's latents), got {q.shape[3]}")
+    if np.dtype(k_cache.dtype) not in fp8_cache.PACKED_DTYPES:
+        raise TypeError(f"k_cache: expected dtype uint8 or float8_e4m3fn with "
+                        f"is_fp8_kvcache=True, got {_dtype_name(k_cache)}")
+    if k_cache.shape[2] != 1:
+        raise ValueError(f"k_cache: expected num_heads_k 1 (axis 2; the FP8 cache holds one "
+                         f"latent per token) for {what}, got {k_cache.shape[2]}")
+    if k_cache.shape[3] != fp8_cache.FP8_BYTES_PER_TOKEN:
+        raise ValueError(f"k_cache: expected {fp8_cache.FP8_BYTES_PER_TOKEN} bytes per token "
+                         f"(last axis, the FP8 layout) with is_fp8_kvcache=True, got "
+                         f"{k_cache.shape[3]}")
+    check_sparse_pool(k_cache)
+
+
+def check_dense_decode_only(block_table, cache_seqlens, topk_length, attn_sink) -> None:
     """Without indices the decode is dense: it reads pages through block_table, and the
     arguments of sparse decode must be left unset rather than silently ignored."""
-    check_bool("is_fp8_kvcache", is_fp8_kvcache)
-    if is_fp8_kvcache:
-        raise ValueError("is_fp8_kvcache: expected False without indices (only sparse decode "
-                         "reads the FP8 cache), got True")
     for name, value in (("topk_length", topk_length), ("attn_sink", attn_sink)):
         if value is not None:
             raise ValueError(f"{name}: expected None without indices (it belongs to sparse "
@@ -145,13 +170,7 @@ def check_sparse_decode_args(q, k_cache, head_dim_v, softmax_scale, causal, is_f
         raise ValueError(f"k_cache: expected num_blocks >= 1 and page_block_size >= 1 (axes 0 "
                          f"and 1), got shape {tuple(k_cache.shape)}")
     if is_fp8_kvcache:
-        if np.dtype(k_cache.dtype) not in fp8_cache.PACKED_DTYPES:
-            raise TypeError(f"k_cache: expected dtype uint8 or float8_e4m3fn with "
-                            f"is_fp8_kvcache=True, got {_dtype_name(k_cache)}")
-        if token_width != fp8_cache.FP8_BYTES_PER_TOKEN:
-            raise ValueError(f"k_cache: expected {fp8_cache.FP8_BYTES_PER_TOKEN} bytes per token "
-                             f"(last axis, the FP8 layout) with is_fp8_kvcache=True, got "
-                             f"{token_width}")
+        check_fp8_cache(q, k_cache, "sparse decode")
     else:
         if np.dtype(k_cache.dtype) != np.dtype(q.dtype):
             hint = (" (an FP8 cache needs is_fp8_kvcache=True)"
@@ -252,12 +271,13 @@ def check_softmax_scale(softmax_scale) -> None:
 
 
 def check_sparse_pool(k_cache, name: str = "k_cache") -> None:
-    """The sparse kernels address the pool by int32 token index: it must fit one. `name`: the
-    argument the pool came as."""
+    """The sparse kernels, and every kernel over the FP8 cache, address the pool by int32 token
+    index: it must fit one. `name`: the argument the pool came as."""
     pool_tokens = k_cache.shape[0] * k_cache.shape[1]
     if pool_tokens > np.iinfo(np.int32).max:
         raise ValueError(f"{name}: expected at most 2**31 - 1 tokens in the pool (num_blocks * "
-                         f"page_block_size; indices are int32), got {pool_tokens}")
+                         f"page_block_size; the kernels address its tokens as int32), got "
+                         f"{pool_tokens}")
 
 
 def check_metadata(metadata, batch: int, sparse: bool = False) -> None:

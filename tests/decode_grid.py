@@ -17,7 +17,7 @@ import jax.numpy as jnp
 
 import jax_flash_mla
 from jax_flash_mla import reference, testing
-from jax_flash_mla.paged_inputs import make_paged_inputs, random_seqlens
+from jax_flash_mla.paged_inputs import make_paged_inputs, quantized_pool, random_seqlens
 
 from comparisons import KERNEL_LSE_ATOL, KERNEL_OUT_ROUNDINGS, assert_attention_close
 
@@ -43,6 +43,7 @@ class Case:
     overflow: bool = False  # lengths beyond the table's capacity and negative ones
     q_scale: float = 1.0
     softmax_scale: float | None = None
+    fp8: bool = False  # the 656-byte FP8 cache (bf16 q, d = 576, h_kv = 1), is_fp8_kvcache
 
     def __str__(self):
         always = {"s_q", "h_q", "h_kv", "page", "dtype", "d"}
@@ -58,10 +59,14 @@ class Case:
         else:
             seqlens = random_seqlens(rng, self.b, self.s_k, varlen="varlen" in self.lengths,
                                      with_zeros="zeros" in self.lengths)
-        return make_paged_inputs(
+        inputs = make_paged_inputs(
             rng, seqlens, s_q=self.s_q, h_q=self.h_q, h_kv=self.h_kv, d=self.d, page=self.page,
-            dtype=jnp.dtype(self.dtype), invalid_pages=self.invalid_pages, q_scale=self.q_scale,
-            overflow=self.overflow)
+            dtype=jnp.float32 if self.fp8 else jnp.dtype(self.dtype),
+            invalid_pages=self.invalid_pages, q_scale=self.q_scale, overflow=self.overflow)
+        if not self.fp8:
+            return inputs
+        return inputs._replace(q=inputs.q.astype(jnp.bfloat16),
+                               k_cache=quantized_pool(inputs.k_cache))
 
 
 def covering_cases(axes, *, max_cost, cost, seed=0, tries=20):
@@ -156,6 +161,31 @@ CORNER_CASES = [
 
 CPU_GRID = _grid(CPU_AXES, max_cost=1.5e9, samples=64) + CORNER_CASES
 
+# The FP8 cache (DeepSeek-V3.2's 656-byte tokens, dense decode through block_table): one KV
+# head and bf16 queries of 576 columns; every other axis as above.
+FP8_CPU_AXES = {
+    "heads": [(1, 1), (3, 1), (16, 1), (64, 1), (128, 1)],
+    "b": [1, 2, 5],
+    "s_q": [1, 2, 4],
+    "s_k": [1, 20, 63, 64, 65, 140, 1000],
+    "page": [16, 64, 1, 7, 32, 128, 256],
+    "causal": [False, True],
+    "lengths": list(LENGTHS),
+    "num_sm_parts": [1, 3, 16, 132],
+    "fp8": [True],
+}
+
+FP8_CORNER_CASES = [
+    Case(seqlens=(0, 0, 0), s_q=2, causal=True, fp8=True),
+    Case(seqlens=(128, 0, 128, 40), page=64, overflow=True, fp8=True),
+    Case(seqlens=(300, 70, 5), page=16, invalid_pages=6, num_sm_parts=3, fp8=True),
+    Case(seqlens=(2000, 1), h_q=16, s_q=2, causal=True, num_sm_parts=132, fp8=True),
+    Case(seqlens=(200, 500), h_q=32, q_scale=8.0, num_sm_parts=16, fp8=True),
+    Case(seqlens=(150, 90), softmax_scale=0.3, num_sm_parts=3, fp8=True),
+]
+
+FP8_CPU_GRID = _grid(FP8_CPU_AXES, max_cost=1e9, samples=16) + FP8_CORNER_CASES
+
 # FlashMLA's own test grid (tests/test_flash_mla_decoding.py), on the GPU.
 FLASHMLA_AXES = {
     "heads": [(1, 1), (3, 3), (9, 1), (63, 3), (64, 8), (126, 2), (128, 1), (128, 8)],
@@ -180,9 +210,9 @@ FLASHMLA_GRID = _grid(FLASHMLA_AXES, max_cost=1.0, cost=_gpu_cost)
 
 
 @functools.partial(jax.jit, static_argnames=("num_sm_parts", "softmax_scale", "causal",
-                                             "kernel"))
+                                             "kernel", "fp8"))
 def poisoned_decode(q, k_cache, block_table, cache_seqlens, *, num_sm_parts, softmax_scale,
-                    causal, kernel="dispatch"):
+                    causal, kernel="dispatch", fp8=False):
     """The kernel with NaN-filled outputs; num_sm_parts None leaves the metadata to it, and
     `kernel` names the split-KV kernel (testing.SPLIT_KV_KERNELS) a test forces."""
     metadata = None
@@ -192,14 +222,15 @@ def poisoned_decode(q, k_cache, block_table, cache_seqlens, *, num_sm_parts, sof
             cache_seqlens, q.shape[1] * q.shape[2] // h_kv, h_kv, num_sm_parts=num_sm_parts)
     return testing.flash_mla_with_kvcache_poisoned(
         q, k_cache, block_table, cache_seqlens, HEAD_DIM_V, metadata=metadata,
-        softmax_scale=softmax_scale, causal=causal, kernel=kernel)
+        softmax_scale=softmax_scale, causal=causal, is_fp8_kvcache=fp8, kernel=kernel)
 
 
-@functools.partial(jax.jit, static_argnames=("softmax_scale", "causal"))
+@functools.partial(jax.jit, static_argnames=("softmax_scale", "causal", "fp8"))
 def reference_decode(q, k_cache, block_table, cache_seqlens, *, softmax_scale=None,
-                     causal=False):
+                     causal=False, fp8=False):
     return reference.flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, HEAD_DIM_V,
-                                            softmax_scale=softmax_scale, causal=causal)
+                                            softmax_scale=softmax_scale, causal=causal,
+                                            is_fp8_kvcache=fp8)
 
 
 def check_case(case, rng, device, kernel="dispatch"):
@@ -208,8 +239,8 @@ def check_case(case, rng, device, kernel="dispatch"):
     args = jax.device_put(tuple(case.make_inputs(rng)), device)
     out, lse = poisoned_decode(*args, num_sm_parts=case.num_sm_parts,
                                softmax_scale=case.softmax_scale, causal=case.causal,
-                               kernel=kernel)
+                               kernel=kernel, fp8=case.fp8)
     ref_out, ref_lse = reference_decode(*args, softmax_scale=case.softmax_scale,
-                                        causal=case.causal)
+                                        causal=case.causal, fp8=case.fp8)
     assert_attention_close(out, lse, ref_out, ref_lse, dtype=jnp.dtype(case.dtype),
                            out_roundings=KERNEL_OUT_ROUNDINGS, lse_atol=KERNEL_LSE_ATOL)

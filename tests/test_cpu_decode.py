@@ -4,11 +4,19 @@ set of the decode axes plus the corner cases (see decode_grid.py)."""
 import jax
 import pytest
 
-from decode_grid import CPU_GRID, Case, check_case, poisoned_decode
+from decode_grid import CPU_GRID, FP8_CPU_GRID, Case, check_case, poisoned_decode
 
 
 @pytest.mark.parametrize("case", CPU_GRID, ids=str)
 def test_cpu_decode_matches_reference(case, rng):
+    check_case(case, rng, jax.devices("cpu")[0])
+
+
+@pytest.mark.parametrize("case", FP8_CPU_GRID, ids=str)
+def test_cpu_fp8_decode_matches_reference(case, rng):
+    """Dense decode over the FP8 cache, against the reference over the dequantized cache (the
+    kernels' dequantization is exact for quantize_fp8_kvcache's power-of-two scales, so the
+    bf16 tolerances hold)."""
     check_case(case, rng, jax.devices("cpu")[0])
 
 

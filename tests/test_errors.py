@@ -67,6 +67,46 @@ BAD_INPUTS = {
 }
 
 
+# Dense decode over the FP8 cache (is_fp8_kvcache=True): 656-byte tokens, one KV head, bf16 q
+# of 576 columns.
+VALID_FP8 = dict(VALID, k_cache=zeros((4, 16, 1, 656), jnp.uint8))
+
+BAD_FP8_INPUTS = {
+    "bf16_cache": (dict(k_cache=zeros((4, 16, 1, 576))), TypeError, "k_cache", "bfloat16"),
+    "int8_cache": (dict(k_cache=zeros((4, 16, 1, 656), jnp.int8)), TypeError, "k_cache", "int8"),
+    "576_bytes": (dict(k_cache=zeros((4, 16, 1, 576), jnp.uint8)), ValueError, "k_cache",
+                  r"\b576\b"),
+    "two_kv_heads": (dict(k_cache=zeros((4, 16, 2, 656), jnp.uint8)), ValueError, "k_cache",
+                     r"\b2\b"),
+    "fp16_q": (dict(q=zeros((2, 1, 16, 576), jnp.float16)), TypeError, "q", "float16"),
+    "q_head_dim_512": (dict(q=zeros((2, 1, 16, 512))), ValueError, "q", r"\b512\b"),
+    "pool_past_int32": (dict(k_cache=jax.ShapeDtypeStruct((2 ** 26, 64, 1, 656), jnp.uint8)),
+                        ValueError, "k_cache", str(2 ** 32)),
+}
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+@pytest.mark.parametrize("bad", BAD_FP8_INPUTS, ids=str)
+def test_fp8_dense_decode_rejects(bad, jit):
+    overrides, exception, argument, given = BAD_FP8_INPUTS[bad]
+    args = {**VALID_FP8, **overrides}
+    decode = functools.partial(jax_flash_mla.flash_mla_with_kvcache,
+                               head_dim_v=args.pop("head_dim_v"), is_fp8_kvcache=True)
+    with pytest.raises(exception) as error:
+        if isinstance(args["k_cache"], jax.ShapeDtypeStruct):  # a pool too large to allocate
+            jax.eval_shape(decode, **args)
+        else:
+            (jax.jit(decode) if jit else decode)(**args)
+    assert_names(error.value, argument, given)
+
+
+def test_fp8_cache_without_the_flag_says_so():
+    """A uint8 cache without is_fp8_kvcache: the error names k_cache and points at the flag."""
+    args = {**VALID_FP8}
+    with pytest.raises(TypeError, match=r"k_cache.*expected.*uint8.*is_fp8_kvcache=True"):
+        jax_flash_mla.flash_mla_with_kvcache(**args)
+
+
 def assert_names(error, argument, given):
     """The message names the argument, then says what was expected, then what was given."""
     pattern = rf"\b{argument}\b.*\bexpected\b.*(?:{given})"

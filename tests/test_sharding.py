@@ -11,7 +11,8 @@ import jax_flash_mla
 from jax_flash_mla import api
 from jax_flash_mla._constants import METADATA_INTS, SPLIT_KV_KERNELS
 
-from jax_flash_mla.paged_inputs import make_paged_inputs, random_seqlens, stack_instances
+from jax_flash_mla.paged_inputs import (make_paged_inputs, quantized_pool, random_seqlens,
+                                        stack_instances)
 
 DEVICES = 8
 COLLECTIVES = ("all-gather", "all-reduce", "all-to-all", "collective-permute", "reduce-scatter")
@@ -25,9 +26,22 @@ def cpu_mesh(shape, names):
 
 
 def decode_step(q, k_cache, block_table, seqlens):
+    """One layer's decode; a uint8 cache is the FP8 one."""
     metadata = jax_flash_mla.get_mla_metadata(seqlens, q.shape[1] * q.shape[2], 1, num_sm_parts=4)
     return jax_flash_mla.flash_mla_with_kvcache(q, k_cache, block_table, seqlens, 512, metadata,
-                                                causal=True)
+                                                causal=True,
+                                                is_fp8_kvcache=k_cache.dtype == jnp.uint8)
+
+
+def layer_inputs(rng, seqlens, *, fp8, **kwargs):
+    """make_paged_inputs with h_kv = 1, d = 576 and bf16 q; with fp8 the pool in the FP8
+    layout."""
+    inputs = make_paged_inputs(rng, seqlens, h_kv=1, d=576,
+                               dtype=jnp.float32 if fp8 else jnp.bfloat16, q_scale=1.0, **kwargs)
+    if fp8:
+        inputs = inputs._replace(q=inputs.q.astype(jnp.bfloat16),
+                                 k_cache=quantized_pool(inputs.k_cache))
+    return inputs
 
 
 def run_sharded(mesh, specs, args):
@@ -65,12 +79,12 @@ def assert_no_collectives(hlo):
     assert not found, f"the sharded decode communicates: {found}"
 
 
-def test_head_parallel(rng):
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
+def test_head_parallel(rng, fp8):
     """q/out/lse split on heads, cache and tables replicated: 16 heads, 2 per device."""
     seqlens = random_seqlens(rng, 3, 300, varlen=True, with_zeros=True)
-    args = [jnp.asarray(x) for x in make_paged_inputs(
-        rng, seqlens, s_q=2, h_q=16, h_kv=1, d=576, page=16, dtype=jnp.bfloat16,
-        extra_columns=2, invalid_pages=1, q_scale=1.0)]
+    args = [jnp.asarray(x) for x in layer_inputs(
+        rng, seqlens, fp8=fp8, s_q=2, h_q=16, page=16, extra_columns=2, invalid_pages=1)]
     mesh = cpu_mesh((DEVICES,), ("tp",))
     sharded, hlo = run_sharded(mesh, (P(None, None, "tp", None), P(), P(), P()), args)
     assert sharded[0].sharding.spec[2] == "tp"
@@ -78,13 +92,13 @@ def test_head_parallel(rng):
     assert_same(sharded, unsharded(*args))
 
 
-def test_batch_parallel_with_shard_local_pools(rng):
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
+def test_batch_parallel_with_shard_local_pools(rng, fp8):
     """q, tables, lengths, out, lse split on the batch; each device owns a page pool and its
     tables hold local page ids. Checked against one global pool with global ids."""
-    per_shard = [make_paged_inputs(
-        rng, random_seqlens(rng, 2, 200, varlen=True, with_zeros=True), s_q=1, h_q=16, h_kv=1,
-        d=576, page=32, dtype=jnp.bfloat16, extra_columns=1, invalid_pages=0, q_scale=1.0)
-        for _ in range(DEVICES)]
+    per_shard = [layer_inputs(
+        rng, random_seqlens(rng, 2, 200, varlen=True, with_zeros=True), fp8=fp8, s_q=1, h_q=16,
+        page=32, extra_columns=1, invalid_pages=0) for _ in range(DEVICES)]
     # Side by side along the batch (and the pool's block axis): one shard's slice each.
     q, k_cache, local_tables, seqlens = (
         jnp.asarray(x.reshape((-1,) + x.shape[2:])) for x in stack_instances(per_shard))

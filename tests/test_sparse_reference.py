@@ -312,14 +312,15 @@ DENSE = dict(q=zeros((2, 1, 16, D)), k_cache=zeros((4, 16, 1, D)),
 
 @pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
 @pytest.mark.parametrize("overrides, exception, argument, given", [
-    (dict(is_fp8_kvcache=True), ValueError, "is_fp8_kvcache", "True"),
+    (dict(is_fp8_kvcache=True), TypeError, "k_cache", "bfloat16"),
     (dict(topk_length=zeros((2,), jnp.int32)), ValueError, "topk_length", "int32"),
     (dict(attn_sink=zeros((16,), jnp.float32)), ValueError, "attn_sink", "float32"),
     (dict(block_table=None), TypeError, "block_table", "None"),
 ], ids=["is_fp8_kvcache", "topk_length", "attn_sink", "no_block_table"])
 def test_sparse_arguments_without_indices_are_rejected(overrides, exception, argument, given,
                                                        jit):
-    """Without indices the decode is dense: a sparse-only argument is an error, not ignored."""
+    """Without indices the decode is dense: a sparse-only argument is an error, not ignored
+    (is_fp8_kvcache is dense decode's too: a bf16 cache is then the wrong dtype)."""
     with pytest.raises(exception) as error:
         call_reference(jit, **{**DENSE, **overrides})
     assert_names(error.value, argument, given)

@@ -9,25 +9,32 @@ import jax_flash_mla
 from jax_flash_mla.testing import SPLIT_KV_KERNELS, flash_mla_with_kvcache_poisoned
 
 from comparisons import KERNEL_LSE_ATOL, KERNEL_OUT_ROUNDINGS, assert_attention_close
-from jax_flash_mla.paged_inputs import make_paged_inputs, random_seqlens, stack_instances
+from jax_flash_mla.paged_inputs import (make_paged_inputs, quantized_pool, random_seqlens,
+                                        stack_instances)
 
 S_Q, H_Q, D, PAGE = 2, 16, 576, 16
 
 
-def instance(rng, b=3, s_k=150):
+def instance(rng, b=3, s_k=150, fp8=False):
+    """One instance's inputs; with fp8 its pool in the 656-byte FP8 layout."""
     seqlens = random_seqlens(rng, b, s_k, varlen=True, with_zeros=True)
-    return make_paged_inputs(rng, seqlens, s_q=S_Q, h_q=H_Q, h_kv=1, d=D, page=PAGE,
-                             dtype=jnp.bfloat16, extra_columns=2, invalid_pages=1, q_scale=1.0)
+    inputs = make_paged_inputs(rng, seqlens, s_q=S_Q, h_q=H_Q, h_kv=1, d=D, page=PAGE,
+                               dtype=jnp.float32 if fp8 else jnp.bfloat16, extra_columns=2,
+                               invalid_pages=1, q_scale=1.0)
+    if fp8:
+        inputs = inputs._replace(q=inputs.q.astype(jnp.bfloat16),
+                                 k_cache=quantized_pool(inputs.k_cache))
+    return inputs
 
 
 def stacked(instances):
     return tuple(jnp.asarray(x) for x in stack_instances(instances))
 
 
-def check_against_loop(out, lse, instances, causal):
+def check_against_loop(out, lse, instances, causal, fp8=False):
     for v, (q, k, table, seqlens) in enumerate(instances):
         ref_out, ref_lse = jax_flash_mla.reference.flash_mla_with_kvcache(
-            q, k, table, seqlens, 512, causal=causal)
+            q, k, table, seqlens, 512, causal=causal, is_fp8_kvcache=fp8)
         assert_attention_close(out[v], lse[v], ref_out, ref_lse, dtype=jnp.dtype(jnp.bfloat16),
                                out_roundings=KERNEL_OUT_ROUNDINGS, lse_atol=KERNEL_LSE_ATOL)
 
@@ -43,6 +50,17 @@ def test_vmap_over_instances_with_their_own_pools(rng, causal):
     out, lse = decode(q, k_cache, tables, seqlens)
     assert out.shape == (3,) + instances[0][0].shape[:3] + (512,)
     check_against_loop(out, lse, instances, causal)
+
+
+def test_vmap_over_fp8_pools(rng):
+    """The same over FP8 pools (is_fp8_kvcache): the padding pages are all 0xFF, NaN if read."""
+    instances = [instance(rng, fp8=True) for _ in range(3)]
+    q, k_cache, tables, seqlens = stacked(instances)
+    assert k_cache.dtype == jnp.uint8
+    decode = jax.jit(jax.vmap(lambda q, k, t, s: flash_mla_with_kvcache_poisoned(
+        q, k, t, s, 512, causal=True, is_fp8_kvcache=True)))
+    out, lse = decode(q, k_cache, tables, seqlens)
+    check_against_loop(out, lse, instances, True, fp8=True)
 
 
 def test_vmap_with_a_shared_pool_and_vmapped_metadata(rng):

@@ -9,11 +9,12 @@ namespace jax_flash_mla {
 enum class ElementType : int { kBF16 = 0, kFP16 = 1 };
 
 // How a key row is stored: in the dtype of q (head_dim elements), or as DeepSeek-V3.2's
-// 656-byte FP8 token (sparse decode only; jax_flash_mla/fp8_cache.py has the layout).
+// 656-byte FP8 token (bf16 queries of 576 columns, one KV head; jax_flash_mla/fp8_cache.py has
+// the layout).
 enum class KeyFormat : int { kSameAsQuery = 0, kFp8Packed = 1 };
 
-// DeepSeek-V3.2's latent, what sparse decode takes: 576 columns (V the first 512), stored in
-// 656 bytes a token in the FP8 layout.
+// DeepSeek-V3.2's latent, what sparse decode and the FP8 cache take: 576 columns (V the first
+// 512), stored in 656 bytes a token in the FP8 layout.
 constexpr int kSparseHeadDim = 576;
 constexpr int kFp8BytesPerToken = 656;
 

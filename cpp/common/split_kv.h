@@ -52,6 +52,15 @@ FMLA_HOST_DEVICE int page_of_token(const DecodeParams& p, int batch_idx, int tok
   return is_valid_page(p, page) ? page : -1;
 }
 
+// Token `token` of request `batch_idx` as a token of the whole pool (page * page_block_size +
+// its slot in the page), or -1 when its table entry is invalid: how the FP8 cache, one 656-byte
+// row a token and one KV head, is addressed. Sparse calls have one-token pages, so there the
+// table entry is the pool token itself.
+FMLA_HOST_DEVICE int32_t pool_token_of(const DecodeParams& p, int batch_idx, int token) {
+  const int page = page_of_token(p, batch_idx, token);
+  return page < 0 ? -1 : page * p.page_block_size + token % p.page_block_size;
+}
+
 FMLA_HOST_DEVICE int64_t k_offset(const DecodeParams& p, int page, int token, int kv_head) {
   const int slot = token % p.page_block_size;
   return ((static_cast<int64_t>(page) * p.page_block_size + slot) * p.num_heads_k + kv_head) *

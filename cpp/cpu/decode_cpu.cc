@@ -50,12 +50,12 @@ void load_segment_keys(const DecodeParams& p, const Segment& seg, int kv_head, S
     const int page = page_of_token(p, seg.batch_idx, t);
     if (page < 0) continue;
     keys->token.push_back(t);
-    if (p.key_format == KeyFormat::kFp8Packed) {  // one token a page: `page` is the token
+    if (p.key_format == KeyFormat::kFp8Packed) {  // 656-byte rows, one KV head
       const size_t at = keys->values.size();
       keys->values.resize(at + p.head_dim);
+      const int64_t token = pool_token_of(p, seg.batch_idx, t);
       dequantize_fp8_token(
-          static_cast<const uint8_t*>(p.k_cache) + static_cast<int64_t>(page) * kFp8BytesPerToken,
-          &keys->values[at]);
+          static_cast<const uint8_t*>(p.k_cache) + token * kFp8BytesPerToken, &keys->values[at]);
       continue;
     }
     const int64_t base = k_offset(p, page, t, kv_head);

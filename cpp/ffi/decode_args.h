@@ -78,8 +78,13 @@ inline ffi::Error decode_params(ffi::AnyBuffer q, ffi::AnyBuffer k_cache,
   const auto dtype = q.element_type();
   if (dtype != ffi::DataType::BF16 && dtype != ffi::DataType::F16)
     return ffi::Error::InvalidArgument("q: expected dtype bfloat16 or float16");
-  if (k_cache.element_type() != dtype)
-    return ffi::Error::InvalidArgument("k_cache: expected the dtype of q");
+  // The cache's dtype says its layout: q's dtype, or DeepSeek-V3.2's 656-byte FP8 tokens
+  // (uint8 or float8_e4m3fn; bf16 queries of 576 columns, one KV head, checked below).
+  const bool fp8_keys = k_cache.element_type() == ffi::DataType::U8 ||
+                        k_cache.element_type() == ffi::DataType::F8E4M3FN;
+  if (k_cache.element_type() != dtype && !fp8_keys)
+    return ffi::Error::InvalidArgument(
+        "k_cache: expected the dtype of q, or uint8 or float8_e4m3fn (the FP8 layout)");
   for (auto [name, buf] : {std::pair<const char*, ffi::AnyBuffer*>{"block_table", &block_table},
                            {"cache_seqlens", &cache_seqlens},
                            {"tile_scheduler_metadata", &tile_scheduler_metadata},
@@ -95,9 +100,21 @@ inline ffi::Error decode_params(ffi::AnyBuffer q, ffi::AnyBuffer k_cache,
   if (head_dim != 576 && head_dim != 512)
     return ffi::Error::InvalidArgument("q: expected head dim 576 or 512, got " +
                                        std::to_string(head_dim));
-  if (kd[3] != head_dim)
+  if (fp8_keys) {
+    if (dtype != ffi::DataType::BF16 || head_dim != kSparseHeadDim)
+      return ffi::Error::InvalidArgument(
+          "q: expected bfloat16 with head dim 576 for an FP8 k_cache, got head dim " +
+          std::to_string(head_dim));
+    if (kd[3] != kFp8BytesPerToken || heads_k != 1)
+      return shape_error("k_cache", shape_string({num_blocks, page, 1, kFp8BytesPerToken}), kd);
+    // Pool tokens are addressed as int32 (pool_token_of).
+    if (num_blocks * page > INT32_MAX)
+      return ffi::Error::InvalidArgument("k_cache: expected at most 2^31 - 1 tokens, got " +
+                                         std::to_string(num_blocks * page));
+  } else if (kd[3] != head_dim) {
     return ffi::Error::InvalidArgument("k_cache: expected head dim " + std::to_string(head_dim) +
                                        " (as q), got " + std::to_string(kd[3]));
+  }
   if (head_dim_v != 512)
     return ffi::Error::InvalidArgument("head_dim_v: expected 512, got " +
                                        std::to_string(head_dim_v));
@@ -152,7 +169,7 @@ inline ffi::Error decode_params(ffi::AnyBuffer q, ffi::AnyBuffer k_cache,
   p->dtype = dtype == ffi::DataType::BF16 ? ElementType::kBF16 : ElementType::kFP16;
   p->softmax_scale = softmax_scale;
   p->causal = causal;
-  p->key_format = KeyFormat::kSameAsQuery;
+  p->key_format = fp8_keys ? KeyFormat::kFp8Packed : KeyFormat::kSameAsQuery;
   p->attn_sink = nullptr;
   p->q = q.untyped_data();
   p->k_cache = k_cache.untyped_data();

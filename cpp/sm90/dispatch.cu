@@ -76,10 +76,10 @@ cudaError_t launch_split_kv(const DecodeParams& p, SplitKvKernel kernel, cudaStr
   if ((p.head_dim != 576 && p.head_dim != 512) || p.head_dim_v != kSupportedHeadDimV ||
       p.num_sm_parts <= 0 || p.num_heads_k <= 0)
     return cudaErrorInvalidValue;
-  // FP8 keys are DeepSeek-V3.2's sparse tokens: bf16 queries of 576 columns
+  // FP8 keys are DeepSeek-V3.2's 656-byte latents: bf16 queries of 576 columns, one KV head
   // (key_tile_producer.h reads them only there).
   if (p.key_format == KeyFormat::kFp8Packed &&
-      (p.dtype != ElementType::kBF16 || p.head_dim != kSparseHeadDim))
+      (p.dtype != ElementType::kBF16 || p.head_dim != kSparseHeadDim || p.num_heads_k != 1))
     return cudaErrorInvalidValue;
   if (p.batch <= 0 || p.rows_per_kv <= 0) return cudaSuccess;  // no query row, nothing to attend
   if (p.num_heads_k > 65535 || row_blocks_per_kv_head(p.rows_per_kv) > 65535)

@@ -1,7 +1,8 @@
 // The run-time to compile-time ladder every kernel launcher climbs: the element type, the head
 // dim and the key format of a call become template arguments, written once here instead of as
 // a chain of launch_for_element / launch_instance functions in each kernel file. The dispatch
-// has checked them (bf16 or fp16; d = 576 or 512; FP8 keys only with bf16 and d = 576).
+// has checked them (bf16 or fp16; d = 576 or 512; FP8 keys only with bf16, d = 576 and one KV
+// head).
 #pragma once
 
 #include <cutlass/numeric_types.h>
@@ -31,8 +32,8 @@ template <KeyFormat kFormat>
 using KeyFormatConstant = std::integral_constant<KeyFormat, kFormat>;
 
 // f(element, head dim, key format) for a call of the kernels that gather through the key
-// producer (key_tile_producer.h). FP8 keys come only with bf16 queries of 576 columns (sparse
-// calls), so they add one instance, not four: an instance of its own, so that the producer's
+// producer (key_tile_producer.h). FP8 keys come only with bf16 queries of 576 columns, so
+// they add one instance, not four: an instance of its own, so that the producer's
 // FP8 path and its other paths do not share one register budget.
 template <typename F>
 auto with_key_instance(const DecodeParams& p, F&& f) {

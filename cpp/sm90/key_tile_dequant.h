@@ -55,8 +55,8 @@ __device__ __forceinline__ uint4 load_stream_16(const void* address) {
   return v;
 }
 
-// The pool token each key of this thread's rounds reads; -1 for a key that must not be read.
-// Sparse calls only: one-token pages and one KV head, so a valid page is a pool token.
+// The pool token each key of this thread's rounds reads (through the block table, whose pages
+// are one token long in sparse calls); -1 for a key that must not be read.
 struct Fp8TileSources {
   int32_t token[kFp8Rounds];
 };
@@ -67,7 +67,7 @@ __device__ __forceinline__ Fp8TileSources lookup_fp8_tile(const DecodeParams& p,
   CUTE_UNROLL
   for (int r = 0; r < kFp8Rounds; ++r) {
     const int token = tile_begin + fp8_key_of(thread, r);
-    sources.token[r] = token < seg.token_end ? page_of_token(p, seg.batch_idx, token) : -1;
+    sources.token[r] = token < seg.token_end ? pool_token_of(p, seg.batch_idx, token) : -1;
   }
   return sources;
 }

@@ -51,7 +51,7 @@ __device__ void produce_segment(const DecodeParams& p, const CUtensorMap& k_map,
   // thread with cp.async.
   const bool loads_keys = !use_tma || thread < 32;
   const bool loads_query = !query_tma || thread == 0;
-  // FP8 keys (sparse calls: bf16 queries, d = 576; an instance of their own) by every producer
+  // FP8 keys (bf16 queries, d = 576, one KV head; an instance of their own) by every producer
   // thread through registers (key_tile_dequant.h): the tile's first kFp8RoundsAhead rounds are
   // loaded before its stage frees, then stored with the others; the stores reach wgmma (the
   // async proxy) through a proxy fence before each thread's release arrival.
