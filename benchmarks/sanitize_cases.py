@@ -2,7 +2,8 @@
 (jax_flash_mla/paged_inputs.py): garbage block-table entries past each request's pages
 (negative, huge, just past the pool, other pages), invalid pages inside the length, NaN in
 every cache slot no request may read, lengths past the table's capacity, negative lengths,
-zero-length requests, page sizes 1..256, causal s_q > 1, several splits; and sparse decode
+zero-length requests, page sizes 1..256, causal s_q > 1, several splits, bf16 and FP8 pools
+(dead tokens of an FP8 one all bytes 0xFF); and sparse decode
 (bf16 and FP8 pools) over garbage indices (negative, INT32_MIN/MAX, just past the pool), garbage
 topk_length (negative, past topk) and NaN in every pool token no index may read; and sparse
 prefill over garbage indices (its kernels also write max_logits and its split scratch)."""
@@ -12,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 import jax_flash_mla
-from jax_flash_mla.paged_inputs import make_paged_inputs
+from jax_flash_mla.paged_inputs import make_paged_inputs, quantized_pool
 
 # b, s_q, h_q, h_kv, d, page, lengths, invalid in-length pages, overflow: the requests that
 # fill the table (extra columns 0) get lengths past its capacity, the empty ones negative ones.
@@ -34,25 +35,36 @@ CASES = [
 
 
 def run_case(rng, b, s_q, h_q, h_kv, d, page, lengths, invalid_pages, overflow):
+    """The bf16 pool, and where the FP8 layout holds it (one KV head, d = 576) the same pool
+    quantized (dead tokens all bytes 0xFF)."""
     assert len(lengths) == b
     inputs = make_paged_inputs(rng, lengths, s_q=s_q, h_q=h_q, h_kv=h_kv, d=d, page=page,
-                               dtype=jnp.bfloat16, invalid_pages=invalid_pages,
+                               dtype=jnp.float32, invalid_pages=invalid_pages,
                                overflow=overflow)
-    q, cache, table, seqlens = (jnp.asarray(x) for x in inputs)
-    for parts in (1, 7, 132):
-        meta = jax_flash_mla.get_mla_metadata(seqlens, s_q * h_q // h_kv, h_kv, num_sm_parts=parts)
-        out, lse = jax_flash_mla.flash_mla_with_kvcache(
-            q, cache, table, seqlens, 512, meta, causal=s_q > 1)
-        jax.block_until_ready((out, lse))
-        # The reference runs on the CPU: under memcheck, XLA's GPU autotuning of its matmuls
-        # would take minutes.
-        cpu_args = jax.device_put((q, cache, table, seqlens), jax.devices("cpu")[0])
-        ref_out, _ = jax_flash_mla.reference.flash_mla_with_kvcache(
-            *cpu_args, 512, causal=s_q > 1)
-        # NaN if a kernel read a dead slot.
-        err = float(np.max(np.abs(np.asarray(out, np.float32) - np.asarray(ref_out, np.float32))))
-        print(f"b={b} s_q={s_q} h_q={h_q} h_kv={h_kv} d={d} page={page} "
-              f"lengths={np.asarray(seqlens).tolist()} parts={parts}: max |out - ref| = {err:.2e}")
+    q, table, seqlens = (jnp.asarray(x) for x in (inputs.q, inputs.block_table,
+                                                  inputs.cache_seqlens))
+    q = q.astype(jnp.bfloat16)
+    pools = {False: jnp.asarray(inputs.k_cache, jnp.bfloat16)}
+    if h_kv == 1 and d == 576:
+        pools[True] = jnp.asarray(quantized_pool(inputs.k_cache))
+    for fp8, cache in pools.items():
+        for parts in (1, 7, 132):
+            meta = jax_flash_mla.get_mla_metadata(seqlens, s_q * h_q // h_kv, h_kv,
+                                                  num_sm_parts=parts)
+            out, lse = jax_flash_mla.flash_mla_with_kvcache(
+                q, cache, table, seqlens, 512, meta, causal=s_q > 1, is_fp8_kvcache=fp8)
+            jax.block_until_ready((out, lse))
+            # The reference runs on the CPU: under memcheck, XLA's GPU autotuning of its
+            # matmuls would take minutes.
+            cpu_args = jax.device_put((q, cache, table, seqlens), jax.devices("cpu")[0])
+            ref_out, _ = jax_flash_mla.reference.flash_mla_with_kvcache(
+                *cpu_args, 512, causal=s_q > 1, is_fp8_kvcache=fp8)
+            # NaN if a kernel read a dead slot.
+            err = float(np.max(np.abs(np.asarray(out, np.float32) -
+                                      np.asarray(ref_out, np.float32))))
+            print(f"b={b} s_q={s_q} h_q={h_q} h_kv={h_kv} d={d} page={page} fp8={fp8} "
+                  f"lengths={np.asarray(seqlens).tolist()} parts={parts}: "
+                  f"max |out - ref| = {err:.2e}")
 
 
 # b, s_q, h_q, topk, page, num_blocks, attn_sink

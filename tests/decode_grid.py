@@ -186,6 +186,19 @@ FP8_CORNER_CASES = [
 
 FP8_CPU_GRID = _grid(FP8_CPU_AXES, max_cost=1e9, samples=16) + FP8_CORNER_CASES
 
+# The FP8 cache on the GPU, at FlashMLA-grid sizes (DeepSeek's 128 heads, long requests).
+FP8_GPU_AXES = {
+    "heads": [(1, 1), (9, 1), (16, 1), (63, 1), (64, 1), (128, 1)],
+    "b": [1, 2, 6, 64],
+    "s_q": [1, 2, 4],
+    "s_k": [20, 140, 4096],
+    "page": [64, 16, 1, 7, 256],
+    "causal": [False, True],
+    "lengths": ["fixed", "varlen"],
+    "num_sm_parts": [None, 16, 132],
+    "fp8": [True],
+}
+
 # FlashMLA's own test grid (tests/test_flash_mla_decoding.py), on the GPU.
 FLASHMLA_AXES = {
     "heads": [(1, 1), (3, 3), (9, 1), (63, 3), (64, 8), (126, 2), (128, 1), (128, 8)],
@@ -207,6 +220,7 @@ def _gpu_cost(case):
 
 
 FLASHMLA_GRID = _grid(FLASHMLA_AXES, max_cost=1.0, cost=_gpu_cost)
+FP8_GPU_GRID = _grid(FP8_GPU_AXES, max_cost=1.0, cost=_gpu_cost)
 
 
 @functools.partial(jax.jit, static_argnames=("num_sm_parts", "softmax_scale", "causal",

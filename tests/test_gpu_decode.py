@@ -12,7 +12,8 @@ from jax_flash_mla import api, device_timing
 from jax_flash_mla._constants import ROWS_PER_CTA
 from jax_flash_mla.testing import choose_split_kv_kernel, runnable_split_kv_kernels
 
-from decode_grid import CPU_GRID, FLASHMLA_GRID, Case, check_case, poisoned_decode
+from decode_grid import (CPU_GRID, FLASHMLA_GRID, FP8_CPU_GRID, FP8_GPU_GRID, Case,
+                         check_case, poisoned_decode)
 
 pytestmark = pytest.mark.gpu
 
@@ -28,6 +29,13 @@ def test_gpu_decode_cpu_grid(case, rng):
 
 @pytest.mark.parametrize("case", FLASHMLA_GRID, ids=str)
 def test_gpu_decode_flashmla_grid(case, rng):
+    check_case(case, rng, gpu())
+
+
+@pytest.mark.parametrize("case", FP8_CPU_GRID + FP8_GPU_GRID, ids=str)
+def test_gpu_fp8_decode(case, rng):
+    """Dense decode over the FP8 cache: the CPU's FP8 grid and larger cases (the FP8 key
+    producer of the lockstep and transposed kernels)."""
     check_case(case, rng, gpu())
 
 
@@ -78,14 +86,23 @@ FORCED_GRID = [
     Case(b=2, s_q=3, h_q=64, s_k=300, page=16, dtype="float16", num_sm_parts=7),
     Case(b=3, s_q=2, h_q=64, s_k=200, page=12, d=512, causal=True, lengths="varlen+zeros",
          num_sm_parts=7),
+    # FP8 keys (the lockstep and transposed kernels' FP8 instances): 16 and 32 rows, one and
+    # two row blocks, pages 1, 7, 16, 64, masked pages.
+    Case(b=3, s_q=1, h_q=16, s_k=300, page=16, lengths="varlen+zeros", num_sm_parts=7,
+         fp8=True),
+    Case(b=2, s_q=2, h_q=16, s_k=500, page=7, causal=True, num_sm_parts=132, fp8=True),
+    Case(b=2, s_q=1, h_q=64, s_k=700, page=1, num_sm_parts=1, fp8=True),
+    Case(seqlens=(301, 77, 1500), h_q=128, page=64, invalid_pages=5, num_sm_parts=7, fp8=True),
+    Case(b=2, s_q=2, h_q=64, s_k=400, page=16, causal=True, lengths="varlen", num_sm_parts=7,
+         fp8=True),
 ]
 FORCED_KERNELS = ("transposed", "lockstep", "seesaw_alone", "seesaw_paired")
 
 
-def keys_fit_tma(page_block_size):
+def keys_fit_tma(case):
     """paged_kv_fits_tma (paged_kv_tensor_map.h) for XLA's aligned buffers: a box of 8 keys
-    must not cross a page."""
-    return page_block_size % 8 == 0
+    must not cross a page, and FP8 keys go through registers, never TMA."""
+    return case.page % 8 == 0 and not case.fp8
 
 
 def query_fits_tma(heads_per_kv):
@@ -99,7 +116,7 @@ def dispatch_inputs(case, *, batch, max_blocks_per_seq, num_sm_parts, sms, max_r
     return dict(rows_per_kv=case.s_q * case.h_q // case.h_kv, head_dim=case.d, batch=batch,
                 max_blocks_per_seq=max_blocks_per_seq, page_block_size=case.page,
                 num_sm_parts=num_sm_parts, num_heads_k=case.h_kv,
-                keys_fit_tma=keys_fit_tma(case.page),
+                keys_fit_tma=keys_fit_tma(case),
                 query_fits_tma=query_fits_tma(case.h_q // case.h_kv), sms=sms,
                 max_resident_pairs=max_resident_pairs)
 
@@ -140,7 +157,8 @@ def profiled_kernels(case, rng, kernel):
     """(the case's inputs on the GPU, the split-KV kernels that ran one call of it)."""
     args = jax.device_put(tuple(case.make_inputs(rng)), gpu())
     call = functools.partial(poisoned_decode, num_sm_parts=case.num_sm_parts,
-                             softmax_scale=case.softmax_scale, causal=case.causal, kernel=kernel)
+                             softmax_scale=case.softmax_scale, causal=case.causal, kernel=kernel,
+                             fp8=case.fp8)
     events = device_timing.traced_kernel_events(call, args, runs=1)
     return args, kernels_that_ran(name for name, _, _ in events)
 
