@@ -4,7 +4,8 @@ a progress bar, and tokens/s and per-step latency at the end.
 
 `--parallel tp` splits the heads over every local device, `--parallel dp` gives each device its
 own requests and page pool (see models/parallel.py); `--check` compares the first step's
-logits with one device decoding the same batch. `--sparse` runs DeepSeek-V3.2 instead
+logits with one device decoding the same batch. `--fp8-cache` keeps the dense model's latents
+in DeepSeek-V3.2's FP8 layout. `--sparse` runs DeepSeek-V3.2 instead
 (models/deepseek_v32.py): each layer's lightning indexer picks the top `--topk` tokens, which
 the sparse kernel reads from the FP8 cache; one device only."""
 
@@ -43,6 +44,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--sparse", action="store_true",
                         help="DeepSeek-V3.2: attention over the indexer's top-k tokens through "
                              "the sparse kernel, FP8 latent cache (one device)")
+    parser.add_argument("--fp8-cache", action="store_true",
+                        help="the dense model's latents in DeepSeek-V3.2's 656-byte FP8 layout "
+                             "(--sparse always uses it)")
     parser.add_argument("--topk", type=positive_int, default=None,
                         help=f"tokens each query attends to with --sparse (default "
                              f"{deepseek_v32.Config.index_topk}; V3.2 itself uses 2048)")
@@ -67,7 +71,8 @@ def _init_cache(args, config, num_blocks, requests, blocks_per_seq):
         return deepseek_v32.init_cache(config, num_blocks, args.page_size, requests,
                                        blocks_per_seq)
     return paged.init_cache(config.num_layers, num_blocks, args.page_size, requests,
-                            blocks_per_seq, config.latent_dim, jnp.bfloat16)
+                            blocks_per_seq, config.latent_dim,
+                            jnp.uint8 if args.fp8_cache else jnp.bfloat16)
 
 
 def _progress(step, total, latency_ms, width=30):
@@ -158,6 +163,8 @@ def _check_against_one_device(args, config, params, cache, tokens, active, logit
 def run(args) -> int:
     if args.topk is not None and not args.sparse:
         raise SystemExit("--topk: only with --sparse (the dense model attends to every token)")
+    if args.fp8_cache and args.sparse:
+        raise SystemExit("--fp8-cache: for the dense model (--sparse always reads the FP8 cache)")
     if args.sparse and args.parallel != "none":
         raise SystemExit(f"--sparse: one device only (--parallel none); the sparse model has "
                          f"no {args.parallel} layout")
@@ -175,6 +182,8 @@ def run(args) -> int:
     device = jax.devices()[0]
     print(f"device: {device.device_kind} ({device.platform}); model: {config.num_layers} layers, "
           f"{config.num_heads} heads, hidden {config.hidden}, MLA latent {config.latent_dim}")
+    if args.fp8_cache:
+        print("FP8 latent cache (656 bytes a token), dequantized by the kernel as it reads")
     if args.sparse:
         print(f"DeepSeek-V3.2 sparse attention: each query over the top {config.index_topk} "
               f"tokens of its layer's indexer ({config.index_n_heads} index heads), FP8 "

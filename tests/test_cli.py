@@ -64,16 +64,21 @@ def compile_and_clock_events(monkeypatch):
     logging.getLogger("jax").removeHandler(handler)
 
 
-@pytest.mark.parametrize("layout", ["none", "tp", "dp", "sparse"])
+@pytest.mark.parametrize("layout", ["none", "tp", "dp", "sparse", "fp8_tp", "fp8_dp"])
 def test_demo_latencies_exclude_every_compile(layout, compile_and_clock_events, capsys):
     """The demo's last 2 x tokens clock reads bracket its timed steps: no compile may fall
     between a step's two (the step's own, a second one for shardings that changed, the
     --check reference's). `sparse`: DeepSeek-V3.2 on one device, top-4 of prompts up to 6
-    tokens, so that its indexer drops tokens."""
-    if layout in ("tp", "dp") and len(jax.devices()) < 2:
+    tokens, so that its indexer drops tokens. `fp8_*`: the dense model over the FP8 cache."""
+    if layout.endswith(("tp", "dp")) and len(jax.devices()) < 2:
         pytest.skip("needs several devices")
     tokens = 3
-    model = ["--sparse", "--topk", "4"] if layout == "sparse" else ["--parallel", layout]
+    if layout == "sparse":
+        model = ["--sparse", "--topk", "4"]
+    elif layout.startswith("fp8_"):
+        model = ["--fp8-cache", "--parallel", layout[4:]]
+    else:
+        model = ["--parallel", layout]
     assert cli.main(["demo", *model, "--check", "--tokens", str(tokens), *SMALL_DEMO]) == 0
     events = compile_and_clock_events
     clocks = [i for i, e in enumerate(events) if e == "clock"]
@@ -84,11 +89,13 @@ def test_demo_latencies_exclude_every_compile(layout, compile_and_clock_events, 
     assert "compilation excluded" in out and ": OK" in out, out
     assert ("DeepSeek-V3.2 sparse attention: each query over the top 4 tokens" in out) == (
         layout == "sparse"), out
+    assert ("FP8 latent cache (656 bytes a token)" in out) == layout.startswith("fp8_"), out
 
 
 @pytest.mark.parametrize("argv, message", [
     (["--sparse", "--parallel", "tp"], "--sparse: one device only"),
     (["--topk", "8"], "--topk: only with --sparse"),
+    (["--sparse", "--fp8-cache"], "--fp8-cache: for the dense model"),
 ])
 def test_demo_refuses_options_the_sparse_model_lacks(argv, message, monkeypatch):
     monkeypatch.setattr(demo.deepseek, "init_params", lambda *args: pytest.fail("demo ran"))

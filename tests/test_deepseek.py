@@ -39,6 +39,36 @@ def test_absorbed_paged_decode_matches_naive_model(rng):
                                        rtol=0)
 
 
+def test_fp8_cache_decode_matches_the_bf16_cache_model(rng):
+    """The same model over the FP8 cache (write_latents quantizes, the kernel dequantizes as
+    it reads) against the bf16 cache, over four ragged steps. An e4m3 code rounds a latent's
+    NoPE part by up to 2^-4 of its group's scale; through the scores, the softmax and W_UV it
+    moved the logits by 1.7-2.5% of max |logits| here, so the bound is 2^-4 of it (a scale off
+    by 2x, or a token read from the wrong page, moves them by far more)."""
+    params = deepseek.init_params(CONFIG, jax.random.key(0))
+    prompts = [list(rng.integers(0, CONFIG.vocab_size, size=n)) for n in (5, 17, 1, 40)]
+    tokens = jnp.asarray(rng.integers(0, CONFIG.vocab_size, size=(4, 4)), jnp.int32)
+
+    def run(dtype):
+        cache = paged.init_cache(CONFIG.num_layers, num_blocks=48, page_block_size=8,
+                                 max_requests=4, max_blocks_per_seq=12,
+                                 head_dim=CONFIG.latent_dim, dtype=dtype)
+        cache, _ = deepseek.prefill(params, cache, prompts, CONFIG)
+        assert cache.is_fp8 == (dtype == jnp.uint8)
+        step = jax.jit(lambda cache, tokens: deepseek.decode_step(
+            params, cache, tokens, jnp.ones((4,), bool), CONFIG), donate_argnums=0)
+        steps = []
+        for t in tokens:
+            cache, logits, ok = step(cache, t)
+            assert bool(jnp.all(ok))
+            steps.append(np.asarray(logits))
+        return steps
+
+    for want, got in zip(run(jnp.bfloat16), run(jnp.uint8)):
+        scale = float(np.max(np.abs(want)))
+        np.testing.assert_allclose(got, want, atol=2.0**-4 * scale, rtol=0)
+
+
 def prefilled(rng, prompt_lengths=(5, 17, 1), num_blocks=32, page=8, max_blocks=8):
     params = deepseek.init_params(CONFIG, jax.random.key(0))
     prompts = [list(rng.integers(0, CONFIG.vocab_size, size=n)) for n in prompt_lengths]

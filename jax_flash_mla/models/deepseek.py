@@ -3,7 +3,9 @@
 Attention is MLA as DeepSeek-V3 defines it: a low-rank query (q_lora_rank, RMSNorm), a
 compressed KV latent c_kv (kv_lora_rank = 512, RMSNorm) plus one rotary key k_pe shared by
 all heads (qk_rope_head_dim = 64), per-head up-projections to qk_nope_head_dim = 128 keys
-and v_head_dim = 128 values. The cache keeps [c_kv, k_pe] (576 numbers a token).
+and v_head_dim = 128 values. The cache keeps [c_kv, k_pe] (576 numbers a token), in bf16 or
+float32, or in DeepSeek-V3.2's 656-byte FP8 layout (a uint8 pool: write_latents quantizes, the
+kernel dequantizes as it reads).
 
 Decode uses the weight-absorbed form: W_UK folds into the query (q_nope @ W_UK gives a
 512-wide query against c_kv), so attention is MQA over the 576-wide latent, the kernel's
@@ -156,9 +158,9 @@ def _check_cache_matches(params, cache: paged.PagedLatentCache, c: Config) -> No
     if cache.pool.shape[0] != layers:
         raise ValueError(f"cache: expected {layers} layers (one per layer of params), got "
                          f"{cache.pool.shape[0]} (pool shape {tuple(cache.pool.shape)})")
-    if cache.pool.shape[4] != c.latent_dim:
+    if cache.head_dim != c.latent_dim:
         raise ValueError(f"cache: expected head_dim {c.latent_dim} (kv_lora_rank + "
-                         f"qk_rope_head_dim of the config), got {cache.pool.shape[4]}")
+                         f"qk_rope_head_dim of the config), got {cache.head_dim}")
 
 
 def _check_prompts(cache: paged.PagedLatentCache, prompts, c: Config) -> None:
@@ -285,9 +287,11 @@ def decode_step(params, cache: paged.PagedLatentCache, tokens, active, c: Config
         q_nope, q_pe = _queries(layer, x, positions, c)                   # [R, H, 128], [R, H, 64]
         q_latent = jnp.einsum("bhd,rhd->bhr", q_nope, layer["w_uk"])      # W_UK absorbed
         q = jnp.concatenate([q_latent, q_pe], axis=-1)[:, None].astype(jnp.bfloat16)
+        # A bf16 pool, or the FP8 one the kernel dequantizes as it reads.
+        pool = cache.pool[i] if cache.is_fp8 else cache.pool[i].astype(jnp.bfloat16)
         out, _ = jax_flash_mla.flash_mla_with_kvcache(
-            q, cache.pool[i].astype(jnp.bfloat16), cache.block_table, seqlens_after,
-            c.kv_lora_rank, metadata, softmax_scale=c.softmax_scale)
+            q, pool, cache.block_table, seqlens_after, c.kv_lora_rank, metadata,
+            softmax_scale=c.softmax_scale, is_fp8_kvcache=cache.is_fp8)
         o = jnp.einsum("bhr,rhd->bhd", out[:, 0].astype(jnp.float32), layer["w_uv"])  # W_UV
         h = h + jnp.einsum("bhd,hdo->bo", o, layer["w_o"])
         h = h + _mlp(layer, h, c)
