@@ -8,7 +8,7 @@
 #   bash benchmarks/run_on_device.sh [readme] [wheel] [build] [flashmla] [test] [quicktest] [main] [sanitize]
 #                                    [profile] [devicetest] [detail] [timeline] [calls]
 #                                    [graphbench] [multigpu] [graphs] [demo] [bench] [quickbench] [sparsebench]
-#                                    [sparseprefillbench]
+#                                    [sparseprefillbench] [fp8bench]
 #                                    [flashmla] [before] [probe] [ab] [smem] [pages] [trace] (last: it leaves the diagnostic build)
 #                                    [pack] (last: one archive of every log)
 #   (default: readme sanitize)
@@ -149,7 +149,7 @@ flashmla_state=none  # none, building (flashmla_pid), ready or failed
 wants_flashmla() {
   local s
   for s in "${steps[@]}"; do
-    case $s in flashmla|bench|quickbench|sparsebench|sparseprefillbench) return 0 ;; esac
+    case $s in flashmla|bench|quickbench|sparsebench|sparseprefillbench|fp8bench) return 0 ;; esac
   done
   return 1
 }
@@ -243,6 +243,14 @@ step_sparsebench() {
 step_sparseprefillbench() {
   step_flashmla || return 1
   bench_with_flashmla bench_sparse_prefill.log "${BENCH_TIMEOUT:-400}" --sparse-prefill ${SPARSE_PREFILL_ARGS---quick} | tail -40
+  return "${PIPESTATUS[0]}"
+}
+
+# Dense decode over the FP8 cache beside our bf16 and FlashMLA's: --quick for three rows,
+# FP8_ARGS for more (e.g. "" for all of them).
+step_fp8bench() {
+  step_flashmla || return 1
+  bench_with_flashmla bench_fp8.log "${BENCH_TIMEOUT:-400}" --fp8-cache ${FP8_ARGS---quick} | tail -30
   return "${PIPESTATUS[0]}"
 }
 

@@ -3,7 +3,8 @@ s_k sweep, through the public JAX API inside jax.jit; with --flashmla, DeepSeek'
 same rows, the same inputs, in the same run, by the same method (flashmla_baseline.py). Without a
 GPU it says so in one line on stderr and exits with status 2. With --sparse, the sparse decode
 rows (DeepSeek-V3.2 top-k) instead, by the same method (sparse_benchmark.py); with
---sparse-prefill, the sparse prefill rows (sparse_prefill_benchmark.py).
+--sparse-prefill, the sparse prefill rows (sparse_prefill_benchmark.py); with --fp8-cache, dense
+decode over the FP8 cache beside the bf16 paths (fp8_decode_benchmark.py).
 
 Timing (device_timing.py): the timed unit is a block of `calls` back-to-back decode calls,
 metadata precomputed: for ours one jitted function (make_many_calls), for FlashMLA one CUDA
@@ -255,6 +256,10 @@ def add_arguments(parser) -> None:
                         help="the sparse prefill rows (DeepSeek-V3.2 flash_mla_sparse_fwd, s_q "
                              "4096, topk 2048, bf16 kv; sparse_prefill_benchmark.py) instead of "
                              "the dense ones; with --quick, two of them")
+    sparse.add_argument("--fp8-cache", action="store_true",
+                        help="dense decode over the FP8 cache beside our bf16 and FlashMLA's "
+                             "(fp8_decode_benchmark.py) instead of the bf16 rows; with --quick, "
+                             "three rows")
 
 
 def load_flashmla():
@@ -316,11 +321,13 @@ def run(args) -> int:
           f"bf16 matmul {mm_tflops:.0f} TFLOP/s; FlashMLA: "
           f"{'same inputs, same run' if flashmla else 'not timed (--flashmla)'}\n{method(args)}")
     rng = np.random.default_rng(0)
-    if args.sparse or args.sparse_prefill:
-        # Imported here: both build on this module's constants and timing helpers.
-        from jax_flash_mla import sparse_benchmark, sparse_prefill_benchmark
-        sparse_rows = sparse_benchmark if args.sparse else sparse_prefill_benchmark
-        sections = sparse_rows.measure_sections(rng, args, flashmla, copy_gbps, mm_tflops)
+    if args.sparse or args.sparse_prefill or args.fp8_cache:
+        # Imported here: they build on this module's constants and timing helpers.
+        from jax_flash_mla import (fp8_decode_benchmark, sparse_benchmark,
+                                   sparse_prefill_benchmark)
+        other_rows = (sparse_benchmark if args.sparse else
+                      sparse_prefill_benchmark if args.sparse_prefill else fp8_decode_benchmark)
+        sections = other_rows.measure_sections(rng, args, flashmla, copy_gbps, mm_tflops)
     else:
         sections = {}
         for title, section_jobs in jobs_for(args, len(jax.devices())).items():
@@ -343,4 +350,10 @@ def run(args) -> int:
     if wrong:
         print(f"ours disagrees with the plain-JAX reference on {len(wrong)} rows (see above): "
               f"their timings are of a wrong result", file=sys.stderr)
+    wrong_fp8 = [r for r in all_rows if not r.get("fp8_agrees", True)]  # --fp8-cache rows
+    if wrong_fp8:
+        print(f"our FP8 decode disagrees with our bf16 decode over the dequantized pool on "
+              f"{len(wrong_fp8)} rows (see above): their timings are of a wrong result",
+              file=sys.stderr)
+        wrong += wrong_fp8
     return 1 if disagreeing or wrong else 0

@@ -18,6 +18,7 @@ import pytest
 
 from jax_flash_mla import __main__ as cli
 from jax_flash_mla import (benchmark, device_timing, dequantize_fp8_kvcache, flashmla_baseline,
+                           fp8_cache, fp8_decode_benchmark,
                            paged_inputs, reference, sparse_benchmark, sparse_prefill_benchmark)
 from jax_flash_mla.sparse_benchmark import SparseRow
 from jax_flash_mla.sparse_prefill_benchmark import PrefillRow
@@ -145,7 +146,7 @@ def test_flashmla_option_fails_clearly_without_flashmla(missing, monkeypatch, tm
 
 
 @pytest.mark.parametrize("section", [["--quick"], ["--sparse"], ["--sparse", "--quick"],
-                                     ["--sparse-prefill", "--quick"]])
+                                     ["--sparse-prefill", "--quick"], ["--fp8-cache"]])
 def test_bench_without_a_gpu_says_so_in_one_line(section, monkeypatch, tmp_path, capsys):
     """Not minutes of silence measuring a CPU's ceilings and rows, then nothing written."""
     def measured(*args):
@@ -155,6 +156,7 @@ def test_bench_without_a_gpu_says_so_in_one_line(section, monkeypatch, tmp_path,
     monkeypatch.setattr(benchmark, "measure", measured)
     monkeypatch.setattr(sparse_benchmark, "measure", measured)
     monkeypatch.setattr(sparse_prefill_benchmark, "measure", measured)
+    monkeypatch.setattr(fp8_decode_benchmark, "measure", measured)
     out = tmp_path / "results"
     assert cli.main(["bench", *section, "--out", str(out)]) == 2
     captured = capsys.readouterr()
@@ -295,6 +297,52 @@ def test_without_flashmla_its_columns_print_a_dash(tiny_bench, capsys):
     for r, row in zip(data["rows"], TINY_ROWS):
         assert r["flashmla_us"] is None and r["ratio"] is None
         assert table_cells(lines, row)[1] == ["-", "-"]
+
+
+# --- dense decode over the FP8 cache, with fake timings ------------------------------------------
+
+def test_fp8_rows_beside_bf16_and_flashmla_on_the_same_tokens(tiny_bench, monkeypatch, capsys):
+    """`bench --fp8-cache`: our bf16 and FP8 calls and FlashMLA's on one pool (FP8: its
+    quantization), the FP8 call checked for real against our bf16 kernel over the dequantized
+    pool; bytes counted at 656 a token."""
+    run, timed = tiny_bench
+    monkeypatch.setattr(fp8_decode_benchmark, "QUICK_ROWS", TINY_ROWS)
+    fake = FakeFlashMLA()
+    monkeypatch.setattr(benchmark, "load_flashmla", lambda: fake)
+    code, data, lines = run("--fp8-cache", "--flashmla", capsys=capsys)
+    assert code == 0 and len(data["rows"]) == len(TINY_ROWS)
+    assert len(timed) == 2 * len(TINY_ROWS) and len(fake.got) == len(TINY_ROWS)
+    for i, (r, row) in enumerate(zip(data["rows"], TINY_ROWS)):
+        assert r["fp8_agrees"] is True and r["fp8_out_diff"] < 1e-2
+        assert r["bf16_us"] == r["us"] == pytest.approx(OURS_S * 1e6) and r["speedup"] == 1
+        assert r["ratio"] == pytest.approx(FLASHMLA_S / OURS_S)
+        bf16_inputs, fp8_inputs = timed[2 * i], timed[2 * i + 1]
+        assert bf16_inputs[1].dtype == jnp.bfloat16 and fp8_inputs[1].dtype == jnp.uint8
+        np.testing.assert_array_equal(np.asarray(fp8_inputs[1]),
+                                      np.asarray(fp8_cache.quantize_fp8_kvcache(bf16_inputs[1])))
+        case = fake.got[i][0]
+        assert flashmla_baseline.host_bytes(case.pool).tobytes() == \
+            np.asarray(bf16_inputs[1]).tobytes()
+        nbytes, _ = fp8_decode_benchmark.fp8_traffic(
+            np.asarray(bf16_inputs[3]), row[0], row[1], row[3])
+        assert nbytes == np.sum(np.asarray(bf16_inputs[3])) * 656 + \
+            row[0] * row[3] * row[1] * (576 + 512) * 2
+        assert r["gbps"] == pytest.approx(nbytes / OURS_S / 1e9)
+        _, fp8_cells, flashmla_cells = table_cells(lines, row)
+        assert flashmla_cells == [f"{FLASHMLA_S * 1e6:.1f}", f"{FLASHMLA_S / OURS_S:.2f}"]
+
+
+def test_fp8_disagreeing_with_bf16_fails_the_run(tiny_bench, monkeypatch, capsys):
+    """An FP8 result other than the bf16 kernel's over the same (dequantized) tokens makes its
+    timing one of a wrong result."""
+    run, _ = tiny_bench
+    monkeypatch.setattr(fp8_decode_benchmark, "QUICK_ROWS", TINY_ROWS)
+    dequantize = fp8_cache.dequantize_fp8_kvcache
+    monkeypatch.setattr(fp8_decode_benchmark.fp8_cache, "dequantize_fp8_kvcache",
+                        lambda packed: 2 * dequantize(packed))
+    code, data, lines = run("--fp8-cache", capsys=capsys)
+    assert code == 1 and all(r["fp8_agrees"] is False for r in data["rows"])
+    assert sum("FP8 DISAGREES" in line for line in lines) == len(TINY_ROWS)
 
 
 def test_roofline_plots_flashmla_in_its_own_time(tmp_path):
