@@ -75,12 +75,7 @@ def check_decode_args(q, k_cache, block_table, cache_seqlens, head_dim_v, metada
     if is_fp8_kvcache:
         check_fp8_cache(q, k_cache, "decode")
     else:
-        if np.dtype(k_cache.dtype) != np.dtype(q.dtype):
-            hint = (" (an FP8 cache needs is_fp8_kvcache=True)"
-                    if np.dtype(k_cache.dtype) in fp8_cache.PACKED_DTYPES else "")
-            raise TypeError(
-                f"k_cache: expected dtype {_dtype_name(q)} (the dtype of q), got "
-                f"{_dtype_name(k_cache)}{hint}")
+        check_cache_dtype_is_qs(q, k_cache)
         if head_dim not in SUPPORTED_HEAD_DIMS:
             raise ValueError(f"q: expected head_dim 576 or 512 (last axis), got {head_dim}")
         if cache_head_dim != head_dim:
@@ -108,6 +103,15 @@ def check_decode_args(q, k_cache, block_table, cache_seqlens, head_dim_v, metada
         check_metadata(metadata, batch)
     check_softmax_scale(softmax_scale)
     check_bool("causal", causal)
+
+
+def check_cache_dtype_is_qs(q, k_cache) -> None:
+    """Without is_fp8_kvcache the cache holds q's dtype; an FP8 one is pointed at the flag."""
+    if np.dtype(k_cache.dtype) != np.dtype(q.dtype):
+        hint = (" (an FP8 cache needs is_fp8_kvcache=True)"
+                if np.dtype(k_cache.dtype) in fp8_cache.PACKED_DTYPES else "")
+        raise TypeError(f"k_cache: expected dtype {_dtype_name(q)} (the dtype of q) with "
+                        f"is_fp8_kvcache=False, got {_dtype_name(k_cache)}{hint}")
 
 
 def check_fp8_cache(q, k_cache, what: str) -> None:
@@ -172,11 +176,7 @@ def check_sparse_decode_args(q, k_cache, head_dim_v, softmax_scale, causal, is_f
     if is_fp8_kvcache:
         check_fp8_cache(q, k_cache, "sparse decode")
     else:
-        if np.dtype(k_cache.dtype) != np.dtype(q.dtype):
-            hint = (" (an FP8 cache needs is_fp8_kvcache=True)"
-                    if np.dtype(k_cache.dtype) in fp8_cache.PACKED_DTYPES else "")
-            raise TypeError(f"k_cache: expected dtype {_dtype_name(q)} (the dtype of q) with "
-                            f"is_fp8_kvcache=False, got {_dtype_name(k_cache)}{hint}")
+        check_cache_dtype_is_qs(q, k_cache)
         if token_width != head_dim:
             raise ValueError(f"k_cache: expected head_dim {head_dim} (as q) with "
                              f"is_fp8_kvcache=False, got {token_width}")

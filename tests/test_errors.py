@@ -85,21 +85,6 @@ BAD_FP8_INPUTS = {
 }
 
 
-@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
-@pytest.mark.parametrize("bad", BAD_FP8_INPUTS, ids=str)
-def test_fp8_dense_decode_rejects(bad, jit):
-    overrides, exception, argument, given = BAD_FP8_INPUTS[bad]
-    args = {**VALID_FP8, **overrides}
-    decode = functools.partial(jax_flash_mla.flash_mla_with_kvcache,
-                               head_dim_v=args.pop("head_dim_v"), is_fp8_kvcache=True)
-    with pytest.raises(exception) as error:
-        if isinstance(args["k_cache"], jax.ShapeDtypeStruct):  # a pool too large to allocate
-            jax.eval_shape(decode, **args)
-        else:
-            (jax.jit(decode) if jit else decode)(**args)
-    assert_names(error.value, argument, given)
-
-
 def test_fp8_cache_without_the_flag_says_so():
     """A uint8 cache without is_fp8_kvcache: the error names k_cache and points at the flag."""
     args = {**VALID_FP8}
@@ -113,15 +98,23 @@ def assert_names(error, argument, given):
     assert re.search(pattern, str(error), re.S), f"{pattern!r} not in: {error}"
 
 
+# (id, is_fp8_kvcache): every bad input of the bf16 cache, then of the FP8 one.
+BAD_CALLS = [(bad, False) for bad in BAD_INPUTS] + [(f"fp8_{bad}", True) for bad in BAD_FP8_INPUTS]
+
+
 @pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
-@pytest.mark.parametrize("bad", BAD_INPUTS, ids=str)
-def test_flash_mla_with_kvcache_rejects(bad, jit):
-    overrides, exception, argument, given = BAD_INPUTS[bad]
-    args = {**VALID, **overrides}
+@pytest.mark.parametrize("bad, fp8", BAD_CALLS, ids=[bad for bad, _ in BAD_CALLS])
+def test_flash_mla_with_kvcache_rejects(bad, fp8, jit):
+    overrides, exception, argument, given = (
+        BAD_FP8_INPUTS[bad.removeprefix("fp8_")] if fp8 else BAD_INPUTS[bad])
+    args = {**(VALID_FP8 if fp8 else VALID), **overrides}
     decode = functools.partial(jax_flash_mla.flash_mla_with_kvcache,
-                               head_dim_v=args.pop("head_dim_v"))
+                               head_dim_v=args.pop("head_dim_v"), is_fp8_kvcache=fp8)
     with pytest.raises(exception) as error:
-        (jax.jit(decode) if jit else decode)(**args)
+        if isinstance(args["k_cache"], jax.ShapeDtypeStruct):  # a pool too large to allocate
+            jax.eval_shape(decode, **args)
+        else:
+            (jax.jit(decode) if jit else decode)(**args)
     assert_names(error.value, argument, given)
 
 
