@@ -5,7 +5,7 @@
 # the build uses its preinstalled scikit-build-core, nanobind and jax (no build isolation).
 # Editable, so that python run from the repository root imports the built package.
 #
-#   bash benchmarks/run_on_device.sh [readme] [wheel] [build] [flashmla] [test] [quicktest] [main] [sanitize]
+#   bash benchmarks/run_on_device.sh [readme] [wheel] [build | prebuilt] [flashmla] [test] [quicktest] [main] [sanitize]
 #                                    [profile] [devicetest] [detail] [timeline] [calls]
 #                                    [graphbench] [multigpu] [graphs] [demo] [bench] [quickbench] [sparsebench]
 #                                    [sparseprefillbench] [fp8bench]
@@ -41,6 +41,17 @@ step_build() {
     -Ccmake.define.JAX_FLASH_MLA_TRACE=OFF >"$OUT/build.log" 2>&1 \
     || { tail -60 "$OUT/build.log"; return 1; }
   grep -E "ptxas|spill|registers" "$OUT/build.log" | sort -u | tail -20
+  python3 -c "import jax, jax_flash_mla as m; print(jax.__version__, jax.devices(), 'cuda handlers:', m.BUILT_WITH_CUDA)"
+}
+
+# Instead of build: the module built on this side (`pip wheel` here, its .so unpacked into
+# jax_flash_mla/ and carried: the device tool copies ignored paths only when named), imported
+# from the repository root as the steps run it; FlashMLA starts building as with build.
+step_prebuilt() {
+  nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,driver_version --format=csv | tee "$OUT/gpu.txt"
+  if wants_flashmla && [ -d .flashmla ]; then flashmla_start; fi
+  ls jax_flash_mla/_jax_flash_mla.*.so >/dev/null 2>&1 \
+    || { echo "no jax_flash_mla/_jax_flash_mla.*.so: unpack a wheel built here and carry it"; return 1; }
   python3 -c "import jax, jax_flash_mla as m; print(jax.__version__, jax.devices(), 'cuda handlers:', m.BUILT_WITH_CUDA)"
 }
 
