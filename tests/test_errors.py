@@ -92,6 +92,17 @@ def test_fp8_cache_without_the_flag_says_so():
         jax_flash_mla.flash_mla_with_kvcache(**args)
 
 
+def call_traced(fn, jit, **args):
+    """fn(**args); with jit, under jax.jit with every array argument traced and the Python
+    options (bools, scales, dims, metadata) static, as a jitted caller passes them. A scale
+    given as an array stays an option: it must be refused as one."""
+    arrays = {k: v for k, v in args.items()
+              if hasattr(v, "dtype") and not k.endswith("scale")}
+    options = {k: v for k, v in args.items() if k not in arrays}
+    bound = functools.partial(fn, **options)
+    return (jax.jit(lambda a: bound(**a)) if jit else lambda a: bound(**a))(arrays)
+
+
 def assert_names(error, argument, given):
     """The message names the argument, then says what was expected, then what was given."""
     pattern = rf"\b{argument}\b.*\bexpected\b.*(?:{given})"

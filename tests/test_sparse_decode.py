@@ -24,6 +24,7 @@ import comparisons
 import jax_flash_mla
 from jax_flash_mla import reference, testing
 
+from test_errors import call_traced
 from test_sparse_reference import (BAD_INPUTS, BYTES, DV, INT32_MAX, INT32_MIN, VALID,
                                    SparseCase, make_inputs, zeros)
 
@@ -394,12 +395,6 @@ KERNEL_BAD_INPUTS = {
 }
 
 
-def call_kernel(jit, **args):
-    """jit: every array traced, the Python options (bools, scale, metadata) static."""
-    arrays = {k: v for k, v in args.items() if hasattr(v, "dtype")}
-    options = {k: v for k, v in args.items() if k not in arrays}
-    decode = functools.partial(jax_flash_mla.flash_mla_with_kvcache, **options)
-    return (jax.jit(lambda a: decode(**a)) if jit else lambda a: decode(**a))(arrays)
 
 
 @pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
@@ -408,7 +403,7 @@ def test_sparse_decode_rejects(bad, jit):
     overrides, exception, argument, given = KERNEL_BAD_INPUTS[bad]
     overrides = {k: v() if callable(v) else v for k, v in overrides.items()}
     with pytest.raises(exception, match=message(argument, given)):
-        call_kernel(jit, **{**VALID, **overrides})
+        call_traced(jax_flash_mla.flash_mla_with_kvcache, jit, **{**VALID, **overrides})
 
 
 # Under jit, with 64-bit types off, JAX turns 64-bit NumPy arguments into 32-bit ones before

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from comparisons import REFERENCE_LSE_ATOL, REFERENCE_OUT_ROUNDINGS, assert_attention_close
-from test_errors import assert_names, shape_or_number
+from test_errors import assert_names, call_traced, shape_or_number
 from test_fp8_cache import numpy_dequantize, numpy_quantize
 
 from jax_flash_mla import reference
@@ -289,12 +289,6 @@ BAD_INPUTS = {
 }
 
 
-def call_reference(jit, **args):
-    """jit: every array traced, the Python options (bools, scale, head_dim_v) static."""
-    arrays = {k: v for k, v in args.items() if hasattr(v, "dtype")}
-    options = {k: v for k, v in args.items() if k not in arrays}
-    decode = functools.partial(reference.flash_mla_with_kvcache, **options)
-    return (jax.jit(lambda a: decode(**a)) if jit else lambda a: decode(**a))(arrays)
 
 
 @pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
@@ -302,7 +296,7 @@ def call_reference(jit, **args):
 def test_sparse_reference_rejects(bad, jit):
     overrides, exception, argument, given = BAD_INPUTS[bad]
     with pytest.raises(exception) as error:
-        call_reference(jit, **{**VALID, **overrides})
+        call_traced(reference.flash_mla_with_kvcache, jit, **{**VALID, **overrides})
     assert_names(error.value, argument, given)
 
 
@@ -322,5 +316,5 @@ def test_sparse_arguments_without_indices_are_rejected(overrides, exception, arg
     """Without indices the decode is dense: a sparse-only argument is an error, not ignored
     (is_fp8_kvcache is dense decode's too: a bf16 cache is then the wrong dtype)."""
     with pytest.raises(exception) as error:
-        call_reference(jit, **{**DENSE, **overrides})
+        call_traced(reference.flash_mla_with_kvcache, jit, **{**DENSE, **overrides})
     assert_names(error.value, argument, given)
