@@ -53,6 +53,22 @@ def _spec_axis(sharding, dim):
     return spec[dim]
 
 
+class _Layout:
+    """What a decode partition reads off its operands' shardings: the mesh axes q is split over
+    on its batch and head axes, and the pool's block split where it is the batch's (each batch
+    shard owns its pages; any other pool split is replicated away). `shard(*spec)` makes a
+    NamedSharding on the mesh; `results` are out's and lse's."""
+
+    def __init__(self, mesh, arg_shapes):
+        self.batch = _spec_axis(arg_shapes[0].sharding, 0)
+        self.heads = _spec_axis(arg_shapes[0].sharding, 2)
+        pool = _spec_axis(arg_shapes[1].sharding, 0)
+        self.pool = pool if pool is not None and pool == self.batch else None
+        self.shard = lambda *spec: NamedSharding(mesh, P(*spec))
+        self.results = (self.shard(self.batch, None, self.heads, None),
+                        self.shard(self.batch, self.heads, None))
+
+
 @functools.lru_cache(maxsize=None)
 def partitioned_decode(*, softmax_scale: float, causal: bool, head_dim_v: int, kernel: int):
     """The decode as a custom_partitioning function, one per set of static parameters."""
@@ -66,32 +82,25 @@ def partitioned_decode(*, softmax_scale: float, causal: bool, head_dim_v: int, k
 
     def partition(mesh, arg_shapes, result_shape):
         del result_shape
-        batch_axes = _spec_axis(arg_shapes[0].sharding, 0)
-        head_axes = _spec_axis(arg_shapes[0].sharding, 2)
-        pool_axes = _spec_axis(arg_shapes[1].sharding, 0)
-        num_heads_k = arg_shapes[1].shape[2]
-        # A pool split is meaningful only as "each batch shard owns its pages".
-        pool_axes = pool_axes if pool_axes is not None and pool_axes == batch_axes else None
-        kv_head_axes = head_axes if num_heads_k > 1 else None
-        shard = lambda *spec: NamedSharding(mesh, P(*spec))
+        layout = _Layout(mesh, arg_shapes)
+        shard = layout.shard
+        kv_head_axes = layout.heads if arg_shapes[1].shape[2] > 1 else None  # num_heads_k
         arg_shardings = (
-            shard(batch_axes, None, head_axes, None),
-            shard(pool_axes, None, kv_head_axes, None),
-            shard(batch_axes, None),
-            shard(batch_axes),
+            shard(layout.batch, None, layout.heads, None),
+            shard(layout.pool, None, kv_head_axes, None),
+            shard(layout.batch, None),
+            shard(layout.batch),
             shard(),
             shard(),
         )
-        result_shardings = (shard(batch_axes, None, head_axes, None),
-                            shard(batch_axes, head_axes, None))
 
         def local_decode(q, k_cache, block_table, cache_seqlens, tsm, num_splits):
-            if batch_axes is not None:  # the given schedule covers the global batch
+            if layout.batch is not None:  # the given schedule covers the global batch
                 tsm, num_splits = mla_metadata_p.bind(cache_seqlens, num_sm_parts=tsm.shape[0])
             return decode_on_one_device(q, k_cache, block_table, cache_seqlens, tsm, num_splits,
                                         **params)
 
-        return mesh, local_decode, result_shardings, arg_shardings
+        return mesh, local_decode, layout.results, arg_shardings
 
     decode.def_partition(partition=partition, sharding_rule=SHARDING_RULE,
                          need_replication_factors=REPLICATED_FACTORS)
@@ -111,31 +120,26 @@ def partitioned_sparse_decode(*, softmax_scale: float, is_fp8_kvcache: bool, hea
 
     def partition(mesh, arg_shapes, result_shape):
         del result_shape
-        batch_axes = _spec_axis(arg_shapes[0].sharding, 0)
-        head_axes = _spec_axis(arg_shapes[0].sharding, 2)
-        pool_axes = _spec_axis(arg_shapes[1].sharding, 0)
-        pool_axes = pool_axes if pool_axes is not None and pool_axes == batch_axes else None
-        shard = lambda *spec: NamedSharding(mesh, P(*spec))
+        layout = _Layout(mesh, arg_shapes)
+        shard = layout.shard
         arg_shardings = (
-            shard(batch_axes, None, head_axes, None),
-            shard(pool_axes, None, None, None),
-            shard(batch_axes, None, None),
-            shard(batch_axes, None),
-            shard(head_axes),
+            shard(layout.batch, None, layout.heads, None),
+            shard(layout.pool, None, None, None),
+            shard(layout.batch, None, None),
+            shard(layout.batch, None),
+            shard(layout.heads),
             shard(),
             shard(),
         )
-        result_shardings = (shard(batch_axes, None, head_axes, None),
-                            shard(batch_axes, head_axes, None))
 
         def local_decode(q, k_cache, indices, lengths, attn_sink, tsm, num_splits):
-            if batch_axes is not None:  # the given schedule covers the global batch
+            if layout.batch is not None:  # the given schedule covers the global batch
                 tsm, num_splits = mla_metadata_p.bind(lengths.reshape(-1),
                                                       num_sm_parts=tsm.shape[0])
             return sparse_decode_on_one_device(q, k_cache, indices, lengths, attn_sink, tsm,
                                                num_splits, **params)
 
-        return mesh, local_decode, result_shardings, arg_shardings
+        return mesh, local_decode, layout.results, arg_shardings
 
     decode.def_partition(partition=partition, sharding_rule=SPARSE_SHARDING_RULE,
                          need_replication_factors=SPARSE_REPLICATED_FACTORS)
