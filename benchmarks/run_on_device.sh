@@ -133,7 +133,7 @@ step_main() {
 # Each buffer its own cudaMalloc (no XLA pool), so memcheck sees any out-of-bounds access.
 step_sanitize() {
   XLA_PYTHON_CLIENT_ALLOCATOR=platform timeout "${SANITIZE_TIMEOUT:-300}" compute-sanitizer --tool memcheck --error-exitcode 9 \
-    python3 benchmarks/sanitize_cases.py 2>&1 | tee "$OUT/memcheck.log" | tail -25
+    python3 -m benchmarks.sanitize_cases 2>&1 | tee "$OUT/memcheck.log" | tail -25
   return "${PIPESTATUS[0]}"
 }
 
