@@ -52,6 +52,8 @@ step_prebuilt() {
   if wants_flashmla && [ -d .flashmla ]; then flashmla_start; fi
   ls jax_flash_mla/_jax_flash_mla.*.so >/dev/null 2>&1 \
     || { echo "no jax_flash_mla/_jax_flash_mla.*.so: unpack a wheel built here and carry it"; return 1; }
+  # Nothing is installed: the steps that run a script by its path import the package from here.
+  export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
   python3 -c "import jax, jax_flash_mla as m; print(jax.__version__, jax.devices(), 'cuda handlers:', m.BUILT_WITH_CUDA)"
 }
 

@@ -12,7 +12,8 @@ Microseconds are cycles over --clock-ghz (default 1.98, the H200's maximum); und
 tensor load the H200 runs at ~1.67 GHz (a traced CTA's cycles against the kernel's device
 time), so pass the clock measured that way when the us matter.
 
-`run` makes one paged decode call of shape b,h_q,s_k (page 64, bf16, d = 576) twice inside
+`run` makes one paged decode call of shape b,h_q,s_k[,page][,fp8] (page 64, bf16 unless fp8
+names the FP8 cache, d = 576) twice inside
 jax.jit (profile_kernels.py's calls); the device prints each launch's records when the call synchronizes. `summarize` keeps
 the last launch and prints, per warpgroup of each traced CTA, the median cycles between each
 pair of consecutive events (a tile's steps: keys landed -> scores -> maxima shared -> P shared
@@ -115,9 +116,10 @@ def timeline(path, first, last, cta=0):
 if __name__ == "__main__":
     command, *args = sys.argv[1:] or ["help"]
     if command == "run":
-        from profile_kernels import main as profile_rows  # this script's folder is on sys.path
+        # This script's folder is on sys.path.
+        from profile_kernels import main as profile_rows, parse_row
 
-        profile_rows([tuple(int(x) for x in args[0].split(","))], 0)
+        profile_rows([parse_row(args[0])], 0)
     elif command == "summarize":
         ghz = float(args[args.index("--clock-ghz") + 1]) if "--clock-ghz" in args else 1.98
         for path in (a for i, a in enumerate(args) if a != "--clock-ghz" and
