@@ -1,6 +1,6 @@
 """Where one decode call's time goes on the GPU, from the JAX profiler's kernel timestamps.
 
-    python3 benchmarks/call_timeline.py [b,h_q,s_k[,page] ...]      (GPU; default: ROWS)
+    python3 benchmarks/call_timeline.py [b,h_q,s_k[,page][,fp8] ...]      (GPU; default: ROWS)
 
 Runs the benchmark's jitted function of back-to-back calls (jax_flash_mla/benchmark.py) under
 jax.profiler.trace and reads the trace back (device_timing.py): for each row, the wall time per
@@ -9,9 +9,10 @@ per call: the median duration of each kernel, the busy time (the kernels' durati
 the span from the first kernel's start to the last one's end over the calls. span - busy is time
 the GPU sat idle between kernels; wall - span is the host's share (dispatch, sync). FlashMLA's
 figures are CUDA-graph replays, whose idle time between kernels is about a microsecond a launch.
-A row's page size is PAGE (64, the target table's) unless it names another (b,h_q,s_k,page); the
-inputs are the benchmark's (jax_flash_mla/paged_inputs.py rotated_case: permuted pages, the
-pool copied beyond L2).
+A row's page size is PAGE (64, the target table's) unless it names another (b,h_q,s_k,page), and
+`,fp8` after reads the pool quantized to the FP8 cache (is_fp8_kvcache); the inputs are the
+benchmark's (jax_flash_mla/paged_inputs.py rotated_case: permuted pages, the pool copied beyond
+L2).
 
 Each row is also checked once against the float32 reference (outputs poisoned with NaN before
 the call; tests/comparisons.py's kernel tolerances: out within 4 units of bfloat16 roundoff
@@ -20,6 +21,7 @@ times max(1, max|ref|), lse within 1e-4), so that an A/B of an untested kernel c
 """
 
 import collections
+import functools
 import pathlib
 import statistics
 import sys
@@ -37,6 +39,7 @@ from jax_flash_mla.device_timing import traced_kernel_events
 # The tests' kernel tolerances and their reasons, in tests/comparisons.py (not a package).
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "tests"))
 from comparisons import KERNEL_LSE_ATOL, KERNEL_OUT_ROUNDINGS, unit_roundoff  # noqa: E402
+from profile_kernels import parse_row  # noqa: E402 (this script's folder is on sys.path)
 
 ROWS = [(1, 16, 4096), (1, 128, 4096), (64, 16, 4096), (64, 64, 4096), (128, 128, 4096)]
 CALLS = 20
@@ -54,11 +57,14 @@ def short_name(name):
     return name.split("(")[0][:40]
 
 
-def profile_row(rng, b, h_q, s_k, page=PAGE):
+def profile_row(rng, b, h_q, s_k, page=PAGE, fp8=False):
     q, pool, tables, lengths = jax_inputs(
         paged_inputs.rotated_case(rng, b, h_q, s_k, 1, False, page, 50 << 20))
+    if fp8:
+        pool = jax_flash_mla.quantize_fp8_kvcache(pool)
     metadata = jax_flash_mla.get_mla_metadata(lengths, h_q, 1)
-    fn = make_many_calls(jax_flash_mla.flash_mla_with_kvcache, CALLS, len(tables), False)
+    impl = functools.partial(jax_flash_mla.flash_mla_with_kvcache, is_fp8_kvcache=fp8)
+    fn = make_many_calls(impl, CALLS, len(tables), False)
     args = (q, pool, tables, lengths, metadata)
     for _ in range(3):
         jax.block_until_ready(fn(*args))
@@ -74,7 +80,8 @@ def profile_row(rng, b, h_q, s_k, page=PAGE):
     decode = [k for k in kernels if "split_kv" in k[0] or "combine" in k[0]]
     span = (decode[-1][2] - decode[0][1]) / 1e3 / CALLS if decode else float("nan")
     busy = sum((e - s) for _, s, e in decode) / 1e3 / CALLS
-    label = f"b={b} h_q={h_q} s_k={s_k}" + (f" page={page}" if page != PAGE else "")
+    label = (f"b={b} h_q={h_q} s_k={s_k}" + (f" page={page}" if page != PAGE else "")
+             + (" fp8" if fp8 else ""))
     print(f"{label}: wall {statistics.median(walls) / CALLS * 1e6:.1f} us a call,"
           f" GPU span {span:.1f}, busy {busy:.1f} (idle between kernels {span - busy:.1f})")
     for name, values in sorted(durations.items(), key=lambda kv: -sum(kv[1])):
@@ -87,14 +94,16 @@ def profile_row(rng, b, h_q, s_k, page=PAGE):
         print(f"    {'tile_schedule (per step, not in span)':40s} x{len(schedule_us):3d}"
               f"  median {statistics.median(schedule_us):8.2f} us")
     sys.stdout.flush()
-    return check_row(q, pool, tables[0], lengths, metadata)
+    return check_row(q, pool, tables[0], lengths, metadata, fp8)
 
 
-def check_row(q, pool, table, lengths, metadata):
+def check_row(q, pool, table, lengths, metadata, fp8=False):
     """One call against the reference; prints the errors and returns whether they are in bounds."""
-    out, lse = jax.jit(testing.flash_mla_with_kvcache_poisoned)(q, pool, table, lengths,
-                                                                metadata=metadata)
-    ref_out, ref_lse = jax.jit(reference.flash_mla_with_kvcache)(q, pool, table, lengths)
+    out, lse = jax.jit(functools.partial(testing.flash_mla_with_kvcache_poisoned,
+                                         is_fp8_kvcache=fp8))(q, pool, table, lengths,
+                                                              metadata=metadata)
+    ref_out, ref_lse = jax.jit(functools.partial(reference.flash_mla_with_kvcache,
+                                                 is_fp8_kvcache=fp8))(q, pool, table, lengths)
     out, lse = np.asarray(out.astype(jnp.float32)), np.asarray(lse)
     ref_out, ref_lse = np.asarray(ref_out.astype(jnp.float32)), np.asarray(ref_lse)
     atol = (KERNEL_OUT_ROUNDINGS * unit_roundoff(jnp.bfloat16)
@@ -117,4 +126,4 @@ def main(rows):
 
 
 if __name__ == "__main__":
-    sys.exit(main([tuple(int(x) for x in arg.split(",")) for arg in sys.argv[1:]] or ROWS))
+    sys.exit(main([parse_row(arg) for arg in sys.argv[1:]] or ROWS))
