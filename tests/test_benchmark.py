@@ -568,10 +568,15 @@ def test_sparse_disagreement_fails_the_run(wrong, tiny_sparse_bench, monkeypatch
             return out, lse + 1e-3
         monkeypatch.setattr(sparse_benchmark, "reference", types.SimpleNamespace(
             flash_mla_with_kvcache=off))
-    code, data, lines, err = run("--flashmla", "--quick", capsys=capsys)
+    assert_disagreement_fails(wrong, *run("--flashmla", "--quick", capsys=capsys), rows=2)
+
+
+def assert_disagreement_fails(wrong, code, data, lines, err, *, rows):
+    """A run whose `wrong` side ("flashmla" or "reference") disagreed on each of its `rows`
+    rows: exit status 1, each row flagged in the table and in bench.json, one line on stderr."""
     assert code == 1
     flag = "FlashMLA DISAGREES" if wrong == "flashmla" else "REFERENCE DISAGREES"
-    assert sum(flag in line for line in lines) == len(data["rows"]) == 2
+    assert sum(flag in line for line in lines) == len(data["rows"]) == rows
     key = "flashmla_agrees" if wrong == "flashmla" else "reference_agrees"
     assert all(r[key] is False for r in data["rows"])
     assert ("FlashMLA and ours disagree" if wrong == "flashmla" else
@@ -759,14 +764,7 @@ def test_sparse_prefill_disagreement_fails_the_run(wrong, tiny_prefill_bench, mo
             return out, max_logits + 1e-3, lse
         monkeypatch.setattr(sparse_prefill_benchmark, "reference", types.SimpleNamespace(
             flash_mla_sparse_fwd=off))
-    code, data, lines, err = run("--flashmla", "--quick", capsys=capsys)
-    assert code == 1
-    flag = "FlashMLA DISAGREES" if wrong == "flashmla" else "REFERENCE DISAGREES"
-    assert sum(flag in line for line in lines) == len(data["rows"]) == 1
-    key = "flashmla_agrees" if wrong == "flashmla" else "reference_agrees"
-    assert data["rows"][0][key] is False
-    assert ("FlashMLA and ours disagree" if wrong == "flashmla" else
-            "disagrees with the plain-JAX reference") in err
+    assert_disagreement_fails(wrong, *run("--flashmla", "--quick", capsys=capsys), rows=1)
 
 
 # --- FlashMLA's CUDA-graph timing, through a fake torch ------------------------------------------
