@@ -113,15 +113,16 @@ def make_many_calls(impl, calls, copies, causal):
     return jax.jit(many)
 
 
-def disagreement(flashmla_row, ours_out, ours_lse):
-    """(max |out - ours|, max |lse - ours|) of FlashMLA's first call against ours, and whether
-    both are within the AGREE_* bounds."""
-    ours_out = np.asarray(ours_out.astype(jnp.float32))
-    ours_lse = np.asarray(ours_lse)
-    out_diff = float(np.abs(flashmla_row.out - ours_out).max())  # NaN anywhere: NaN
-    lse_diff = float(np.abs(flashmla_row.lse - ours_lse).max())
-    bound = AGREE_OUT_ROUNDINGS * 2.0 ** -8 * max(1.0, float(np.abs(ours_out).max()))
-    return out_diff, lse_diff, bool(out_diff <= bound and lse_diff <= AGREE_LSE_ATOL)
+def differences(out, lse, ref_out, ref_lse, out_roundings, lse_atol):
+    """(max |out - ref_out|, max |lse - ref_lse|, whether both are within out_roundings bf16
+    roundings of max(1, max |ref_out|) and lse_atol); NaN anywhere fails. What every bench
+    checks a row's first call with: against FlashMLA's (the AGREE_* bounds), the plain-JAX
+    reference or another of our paths."""
+    out, ref_out = (np.asarray(jnp.asarray(x).astype(jnp.float32)) for x in (out, ref_out))
+    out_diff = float(np.abs(out - ref_out).max())
+    lse_diff = float(np.abs(np.asarray(lse) - np.asarray(ref_lse)).max())
+    bound = out_roundings * 2.0 ** -8 * max(1.0, float(np.abs(ref_out).max()))
+    return out_diff, lse_diff, bool(out_diff <= bound and lse_diff <= lse_atol)
 
 
 def measure(rng, row, page, args, l2_bytes, with_reference, head_shards=1, flashmla=None):
@@ -151,7 +152,8 @@ def measure(rng, row, page, args, l2_bytes, with_reference, head_shards=1, flash
                         static_argnames=("head_dim_v", "softmax_scale", "causal"))
         out, lse = first(q, pool, tables[0], lengths, DV, metadata,
                          softmax_scale=call_scales(1)[0], causal=causal)
-        out_diff, lse_diff, agrees = disagreement(fm, out, lse)
+        out_diff, lse_diff, agrees = differences(fm.out, fm.lse, out, lse, AGREE_OUT_ROUNDINGS,
+                                                 AGREE_LSE_ATOL)
         result.update(flashmla_us=fm.seconds_per_call * 1e6,
                       ratio=fm.seconds_per_call / ours, flashmla_out_diff=out_diff,
                       flashmla_lse_diff=lse_diff, flashmla_agrees=agrees)

@@ -18,7 +18,6 @@ from __future__ import annotations
 import functools
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 import jax_flash_mla
@@ -58,14 +57,10 @@ def check_fp8_against_bf16(q, pool8, table, lengths, metadata, causal):
     scale = benchmark.call_scales(1)[0]
     out8, lse8 = decode(q, pool8, table, lengths, DV, metadata, softmax_scale=scale,
                         causal=causal, is_fp8_kvcache=True)
-    pool = fp8_cache.dequantize_fp8_kvcache(pool8)
-    out, lse = decode(q, pool, table, lengths, DV, metadata, softmax_scale=scale, causal=causal)
-    del pool
-    out8, out = np.asarray(out8, np.float32), np.asarray(out, np.float32)
-    out_diff = float(np.abs(out8 - out).max())  # NaN anywhere: NaN
-    lse_diff = float(np.abs(np.asarray(lse8) - np.asarray(lse)).max())
-    bound = benchmark.AGREE_OUT_ROUNDINGS * 2.0 ** -8 * max(1.0, float(np.abs(out).max()))
-    return out_diff, lse_diff, bool(out_diff <= bound and lse_diff <= benchmark.AGREE_LSE_ATOL)
+    out, lse = decode(q, fp8_cache.dequantize_fp8_kvcache(pool8), table, lengths, DV, metadata,
+                      softmax_scale=scale, causal=causal)
+    return benchmark.differences(out8, lse8, out, lse, benchmark.AGREE_OUT_ROUNDINGS,
+                                 benchmark.AGREE_LSE_ATOL)
 
 
 def measure(rng, row, args, flashmla=None):

@@ -132,18 +132,22 @@ def random_layer(rng, block_table, seqlens, num_blocks, page, *, s_q, h_q, h_kv,
 
 
 def make_paged_inputs(rng, seqlens, *, s_q, h_q, h_kv, d, page, dtype, extra_columns=None,
-                      invalid_pages=0, q_scale=1.0, overflow=False):
+                      invalid_pages=0, q_scale=1.0, overflow=False, fp8=False):
     """The hostile layout (module docstring) for requests of lengths `seqlens`, with
     `extra_columns` garbage columns (default 2, or 0 with overflow: the longest requests then
     fill the table), `invalid_pages` masked in-length entries and, with overflow, the lengths
-    made out-of-contract by overflow_lengths."""
+    made out-of-contract by overflow_lengths. With fp8 the pool is the FP8 cache (h_kv 1, d
+    576): a float32 draw through quantized_pool, q in `dtype`."""
     if extra_columns is None:
         extra_columns = 0 if overflow else 2
     seqlens = np.asarray(seqlens, np.int32)
     block_table, num_blocks = make_block_table(
         rng, seqlens, page, extra_columns=extra_columns, invalid_pages=invalid_pages)
     q, k_cache = random_layer(rng, block_table, seqlens, num_blocks, page, s_q=s_q, h_q=h_q,
-                              h_kv=h_kv, d=d, dtype=dtype, q_scale=q_scale)
+                              h_kv=h_kv, d=d, dtype=np.float32 if fp8 else dtype,
+                              q_scale=q_scale)
+    if fp8:
+        q, k_cache = q.astype(dtype), quantized_pool(k_cache)
     inputs = PagedInputs(q, k_cache, block_table, seqlens)
     return overflow_lengths(rng, inputs) if overflow else inputs
 

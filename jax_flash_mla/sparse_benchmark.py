@@ -140,16 +140,6 @@ def make_many_calls(impl, calls, copies, fp8):
     return jax.jit(many)
 
 
-def differences(out, lse, ref_out, ref_lse, out_roundings, lse_atol):
-    """(max |out - ref_out|, max |lse - ref_lse|, whether both are within out_roundings bf16
-    roundings of max(1, max |ref_out|) and lse_atol); NaN anywhere fails."""
-    out, ref_out = (np.asarray(jnp.asarray(x).astype(jnp.float32)) for x in (out, ref_out))
-    out_diff = float(np.abs(out - ref_out).max())
-    lse_diff = float(np.abs(np.asarray(lse) - np.asarray(ref_lse)).max())
-    bound = out_roundings * 2.0 ** -8 * max(1.0, float(np.abs(ref_out).max()))
-    return out_diff, lse_diff, bool(out_diff <= bound and lse_diff <= lse_atol)
-
-
 def check_first_call(case, row, metadata, flashmla_row):
     """Ours on a block's first call (index_sets[0], the first scale), against the plain-JAX
     reference on its first request and, given flashmla_row, against FlashMLA's first call."""
@@ -160,12 +150,13 @@ def check_first_call(case, row, metadata, flashmla_row):
     ref_out, ref_lse = single_call(reference.flash_mla_with_kvcache, case.q[:1], case.pool,
                                    indices[:1], None, scale, row.fp8)
     checks = dict(zip(("reference_out_diff", "reference_lse_diff", "reference_agrees"),
-                      differences(out[:1], lse[:1], ref_out, ref_lse, REFERENCE_OUT_ROUNDINGS,
-                                  REFERENCE_LSE_ATOL)))
+                      benchmark.differences(out[:1], lse[:1], ref_out, ref_lse,
+                                            REFERENCE_OUT_ROUNDINGS, REFERENCE_LSE_ATOL)))
     if flashmla_row is not None:
         checks.update(zip(("flashmla_out_diff", "flashmla_lse_diff", "flashmla_agrees"),
-                          differences(flashmla_row.out, flashmla_row.lse, out, lse,
-                                      benchmark.AGREE_OUT_ROUNDINGS, benchmark.AGREE_LSE_ATOL)))
+                          benchmark.differences(flashmla_row.out, flashmla_row.lse, out, lse,
+                                                benchmark.AGREE_OUT_ROUNDINGS,
+                                                benchmark.AGREE_LSE_ATOL)))
     return checks
 
 

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 
 import jax_flash_mla
 from jax_flash_mla import reference, testing
-from jax_flash_mla.paged_inputs import make_paged_inputs, quantized_pool, random_seqlens
+from jax_flash_mla.paged_inputs import make_paged_inputs, random_seqlens
 
 from comparisons import KERNEL_LSE_ATOL, KERNEL_OUT_ROUNDINGS, assert_attention_close
 
@@ -59,14 +59,10 @@ class Case:
         else:
             seqlens = random_seqlens(rng, self.b, self.s_k, varlen="varlen" in self.lengths,
                                      with_zeros="zeros" in self.lengths)
-        inputs = make_paged_inputs(
+        return make_paged_inputs(
             rng, seqlens, s_q=self.s_q, h_q=self.h_q, h_kv=self.h_kv, d=self.d, page=self.page,
-            dtype=jnp.float32 if self.fp8 else jnp.dtype(self.dtype),
-            invalid_pages=self.invalid_pages, q_scale=self.q_scale, overflow=self.overflow)
-        if not self.fp8:
-            return inputs
-        return inputs._replace(q=inputs.q.astype(jnp.bfloat16),
-                               k_cache=quantized_pool(inputs.k_cache))
+            dtype=jnp.dtype(self.dtype), invalid_pages=self.invalid_pages, q_scale=self.q_scale,
+            overflow=self.overflow, fp8=self.fp8)
 
 
 def covering_cases(axes, *, max_cost, cost, seed=0, tries=20):

@@ -11,8 +11,7 @@ import jax_flash_mla
 from jax_flash_mla import api
 from jax_flash_mla._constants import METADATA_INTS, SPLIT_KV_KERNELS
 
-from jax_flash_mla.paged_inputs import (make_paged_inputs, quantized_pool, random_seqlens,
-                                        stack_instances)
+from jax_flash_mla.paged_inputs import make_paged_inputs, random_seqlens, stack_instances
 
 DEVICES = 8
 COLLECTIVES = ("all-gather", "all-reduce", "all-to-all", "collective-permute", "reduce-scatter")
@@ -32,16 +31,6 @@ def decode_step(q, k_cache, block_table, seqlens):
                                                 causal=True,
                                                 is_fp8_kvcache=k_cache.dtype == jnp.uint8)
 
-
-def layer_inputs(rng, seqlens, *, fp8, **kwargs):
-    """make_paged_inputs with h_kv = 1, d = 576 and bf16 q; with fp8 the pool in the FP8
-    layout."""
-    inputs = make_paged_inputs(rng, seqlens, h_kv=1, d=576,
-                               dtype=jnp.float32 if fp8 else jnp.bfloat16, q_scale=1.0, **kwargs)
-    if fp8:
-        inputs = inputs._replace(q=inputs.q.astype(jnp.bfloat16),
-                                 k_cache=quantized_pool(inputs.k_cache))
-    return inputs
 
 
 def run_sharded(mesh, specs, args):
@@ -83,8 +72,9 @@ def assert_no_collectives(hlo):
 def test_head_parallel(rng, fp8):
     """q/out/lse split on heads, cache and tables replicated: 16 heads, 2 per device."""
     seqlens = random_seqlens(rng, 3, 300, varlen=True, with_zeros=True)
-    args = [jnp.asarray(x) for x in layer_inputs(
-        rng, seqlens, fp8=fp8, s_q=2, h_q=16, page=16, extra_columns=2, invalid_pages=1)]
+    args = [jnp.asarray(x) for x in make_paged_inputs(
+        rng, seqlens, s_q=2, h_q=16, h_kv=1, d=576, page=16, dtype=jnp.bfloat16,
+        extra_columns=2, invalid_pages=1, q_scale=1.0, fp8=fp8)]
     mesh = cpu_mesh((DEVICES,), ("tp",))
     sharded, hlo = run_sharded(mesh, (P(None, None, "tp", None), P(), P(), P()), args)
     assert sharded[0].sharding.spec[2] == "tp"
@@ -96,9 +86,10 @@ def test_head_parallel(rng, fp8):
 def test_batch_parallel_with_shard_local_pools(rng, fp8):
     """q, tables, lengths, out, lse split on the batch; each device owns a page pool and its
     tables hold local page ids. Checked against one global pool with global ids."""
-    per_shard = [layer_inputs(
-        rng, random_seqlens(rng, 2, 200, varlen=True, with_zeros=True), fp8=fp8, s_q=1, h_q=16,
-        page=32, extra_columns=1, invalid_pages=0) for _ in range(DEVICES)]
+    per_shard = [make_paged_inputs(
+        rng, random_seqlens(rng, 2, 200, varlen=True, with_zeros=True), s_q=1, h_q=16, h_kv=1,
+        d=576, page=32, dtype=jnp.bfloat16, extra_columns=1, invalid_pages=0, q_scale=1.0,
+        fp8=fp8) for _ in range(DEVICES)]
     # Side by side along the batch (and the pool's block axis): one shard's slice each.
     q, k_cache, local_tables, seqlens = (
         jnp.asarray(x.reshape((-1,) + x.shape[2:])) for x in stack_instances(per_shard))

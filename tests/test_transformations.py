@@ -9,8 +9,7 @@ import jax_flash_mla
 from jax_flash_mla.testing import SPLIT_KV_KERNELS, flash_mla_with_kvcache_poisoned
 
 from comparisons import KERNEL_LSE_ATOL, KERNEL_OUT_ROUNDINGS, assert_attention_close
-from jax_flash_mla.paged_inputs import (make_paged_inputs, quantized_pool, random_seqlens,
-                                        stack_instances)
+from jax_flash_mla.paged_inputs import make_paged_inputs, random_seqlens, stack_instances
 
 S_Q, H_Q, D, PAGE = 2, 16, 576, 16
 
@@ -18,13 +17,9 @@ S_Q, H_Q, D, PAGE = 2, 16, 576, 16
 def instance(rng, b=3, s_k=150, fp8=False):
     """One instance's inputs; with fp8 its pool in the 656-byte FP8 layout."""
     seqlens = random_seqlens(rng, b, s_k, varlen=True, with_zeros=True)
-    inputs = make_paged_inputs(rng, seqlens, s_q=S_Q, h_q=H_Q, h_kv=1, d=D, page=PAGE,
-                               dtype=jnp.float32 if fp8 else jnp.bfloat16, extra_columns=2,
-                               invalid_pages=1, q_scale=1.0)
-    if fp8:
-        inputs = inputs._replace(q=inputs.q.astype(jnp.bfloat16),
-                                 k_cache=quantized_pool(inputs.k_cache))
-    return inputs
+    return make_paged_inputs(rng, seqlens, s_q=S_Q, h_q=H_Q, h_kv=1, d=D, page=PAGE,
+                             dtype=jnp.bfloat16, extra_columns=2, invalid_pages=1, q_scale=1.0,
+                             fp8=fp8)
 
 
 def stacked(instances):
