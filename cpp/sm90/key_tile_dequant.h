@@ -9,11 +9,14 @@
 // conversion, 16-byte shared-memory stores into the tile's 128-byte swizzle. Which thread
 // holds which bytes, and where its chunks go in the tile, is fp8_tile_slots.h's.
 //
-// A round's loads do not touch shared memory, so a tile's first rounds are loaded before its
-// stage frees (their HBM round trip overlaps the math on that stage) and only stored after: as
-// many as the producer's registers hold (kRoundsAhead: one in the lockstep kernel, whose
-// producer gives registers to the math warpgroups; both in the transposed kernel, which is
-// bound by how many bytes are in flight).
+// A segment's tiles are one stream of rounds through each producer thread's registers
+// (Fp8KeyStream): a round's bytes are loaded kAhead rounds before the round is stored, each
+// 16-byte chunk as soon as the chunk before it in the same registers is stored, across tile
+// boundaries, and the pool tokens a tile reads (the block table's or the sparse indices'
+// entries) are looked up a tile before its bytes are loaded. So no table read and no gather
+// round trip sits between two tiles: in the transposed kernel (kAhead: a tile's two rounds;
+// it gives no registers away) a tile costs about one gather round trip, in the lockstep kernel
+// (one round: its producer gives registers to the math warpgroups) about two.
 //
 // Dequantization: e4m3 -> f16 (exact) -> float, times the float scale, rounded once to bf16:
 // the rounding of jax_flash_mla.dequantize_fp8_kvcache, exact for the power-of-two scales
@@ -55,21 +58,17 @@ __device__ __forceinline__ uint4 load_stream_16(const void* address) {
   return v;
 }
 
-// The pool token each key of this thread's rounds reads (through the block table, whose pages
-// are one token long in sparse calls); -1 for a key that must not be read.
-struct Fp8TileSources {
-  int32_t token[kFp8Rounds];
-};
+// The pool token the key of this thread's round `round` of the tile at `tile_begin` reads
+// (through the block table, whose pages are one token long in sparse calls); -1 for a key that
+// must not be read.
+__device__ __forceinline__ int32_t lookup_fp8_key(const DecodeParams& p, const Segment& seg,
+                                                  int tile_begin, int round, int thread) {
+  const int token = tile_begin + fp8_key_of(thread, round);
+  return token < seg.token_end ? pool_token_of(p, seg.batch_idx, token) : -1;
+}
 
-__device__ __forceinline__ Fp8TileSources lookup_fp8_tile(const DecodeParams& p, const Segment& seg,
-                                                          int tile_begin, int thread) {
-  Fp8TileSources sources;
-  CUTE_UNROLL
-  for (int r = 0; r < kFp8Rounds; ++r) {
-    const int token = tile_begin + fp8_key_of(thread, r);
-    sources.token[r] = token < seg.token_end ? pool_token_of(p, seg.batch_idx, token) : -1;
-  }
-  return sources;
+__device__ __forceinline__ const uint8_t* fp8_token_bytes(const DecodeParams& p, int32_t token) {
+  return static_cast<const uint8_t*>(p.k_cache) + static_cast<int64_t>(token) * kFp8BytesPerToken;
 }
 
 // This thread's share of pool token `token` (zeros for -1, nothing read).
@@ -83,8 +82,7 @@ __device__ __forceinline__ Fp8TokenShare load_fp8_share(const DecodeParams& p, i
     share.rope[0] = share.rope[1] = make_uint4(0, 0, 0, 0);
     return share;
   }
-  const uint8_t* bytes =
-      static_cast<const uint8_t*>(p.k_cache) + static_cast<int64_t>(token) * kFp8BytesPerToken;
+  const uint8_t* bytes = fp8_token_bytes(p, token);
   CUTE_UNROLL
   for (int c = 0; c < 8; ++c) share.nope[c] = load_stream_16(bytes + 64 * c + 16 * quarter);
   const uint4 scales = load_stream_16(bytes + kFp8NopeColumns);
@@ -116,12 +114,18 @@ __device__ __forceinline__ void store_shared_16(uint32_t address, uint2 low, uin
                : "memory");
 }
 
-// This thread's share of one key of `round`, dequantized into the stage at shared-memory
-// address `stage`.
+// This thread's share of one key of `round` (`stored`), dequantized into the stage at
+// shared-memory address `stage`, while the same registers take the share of pool token `next`
+// (zeros for -1, nothing read): each 16-byte chunk's load goes out as soon as the chunk it
+// replaces is stored, so the next round's gather overlaps this round's conversion. The scales
+// go last: every NoPE chunk of this round needs them.
 template <typename KLayout>
-__device__ __forceinline__ void store_fp8_share(const Fp8TokenShare& share,
-                                                const Fp8StoreSlots& slots, uint32_t stage,
-                                                int round) {
+__device__ __forceinline__ void store_and_refill(Fp8TokenShare& share, const Fp8StoreSlots& slots,
+                                                 uint32_t stage, int round, const DecodeParams& p,
+                                                 int32_t next, int quarter) {
+  const bool reads = next >= 0;
+  const uint8_t* bytes = fp8_token_bytes(p, reads ? next : 0);
+  const uint4 zero = make_uint4(0, 0, 0, 0);
   const float scales[4] = {share.scales.x, share.scales.y, share.scales.z, share.scales.w};
   CUTE_UNROLL
   for (int c = 0; c < 8; ++c) {
@@ -131,51 +135,75 @@ __device__ __forceinline__ void store_fp8_share(const Fp8TokenShare& share,
                     dequantize_quad(codes.x, scale), dequantize_quad(codes.y, scale));
     store_shared_16(stage + fp8_nope_chunk_offset<KLayout>(slots, round, c, 1),
                     dequantize_quad(codes.z, scale), dequantize_quad(codes.w, scale));
+    share.nope[c] = reads ? load_stream_16(bytes + 64 * c + 16 * quarter) : zero;
   }
   CUTE_UNROLL
-  for (int i = 0; i < 2; ++i)
+  for (int i = 0; i < 2; ++i) {
     store_shared_16(stage + fp8_rope_chunk_offset<KLayout>(slots, round, i),
                     make_uint2(share.rope[i].x, share.rope[i].y),
                     make_uint2(share.rope[i].z, share.rope[i].w));
-}
-
-// The shares of a tile's first kRoundsAhead rounds, loaded before its stage frees.
-template <int kRoundsAhead>
-struct Fp8RoundsAhead {
-  Fp8TokenShare round[kRoundsAhead];
-};
-
-template <int kRoundsAhead>
-__device__ __forceinline__ Fp8RoundsAhead<kRoundsAhead> load_fp8_rounds_ahead(
-    const DecodeParams& p, const Fp8TileSources& sources, int thread) {
-  static_assert(kRoundsAhead >= 1 && kRoundsAhead <= kFp8Rounds, "rounds of one tile");
-  Fp8RoundsAhead<kRoundsAhead> ahead;
-  CUTE_UNROLL
-  for (int r = 0; r < kRoundsAhead; ++r)
-    ahead.round[r] = load_fp8_share(p, sources.token[r], fp8_quarter_of(thread));
-  return ahead;
-}
-
-// A tile by every producer thread into the stage at shared-memory address `stage`: the rounds
-// loaded before the stage freed (`ahead`), then the others, each stored as it is converted;
-// which keys exist goes to key_valid for the math warpgroups' masks. The caller publishes the
-// stores.
-template <typename KLayout, int kRoundsAhead>
-__device__ __forceinline__ void load_tile_fp8(const DecodeParams& p, const Fp8TileSources& sources,
-                                              const Fp8RoundsAhead<kRoundsAhead>& ahead,
-                                              const Fp8StoreSlots& slots, uint32_t stage,
-                                              uint8_t* key_valid, int thread) {
-  const int quarter = fp8_quarter_of(thread);
-  CUTE_UNROLL
-  for (int r = 0; r < kRoundsAhead; ++r) store_fp8_share<KLayout>(ahead.round[r], slots, stage, r);
-  CUTE_UNROLL
-  for (int r = kRoundsAhead; r < kFp8Rounds; ++r)
-    store_fp8_share<KLayout>(load_fp8_share(p, sources.token[r], quarter), slots, stage, r);
-  if (quarter == 0) {
-    CUTE_UNROLL
-    for (int r = 0; r < kFp8Rounds; ++r) key_valid[fp8_key_of(thread, r)] = sources.token[r] >= 0;
+    share.rope[i] = reads ? load_stream_16(bytes + kFp8RopeOffset + 16 * (quarter + 4 * i)) : zero;
   }
+  const uint4 next_scales = reads ? load_stream_16(bytes + kFp8NopeColumns) : zero;
+  share.scales = make_float4(__uint_as_float(next_scales.x), __uint_as_float(next_scales.y),
+                             __uint_as_float(next_scales.z), __uint_as_float(next_scales.w));
 }
+
+// A segment's FP8 key tiles through one producer thread's registers, as a stream of rounds
+// (kFp8Rounds a tile, in tile order): round g's bytes are in the registers of slot g % kAhead,
+// loaded while round g - kAhead was stored; the pool tokens of the tile after the current one
+// are looked up when the current one's are first used, a tile before their loads.
+template <int kAhead>
+class Fp8KeyStream {
+  static_assert(kAhead >= 1 && kAhead <= kFp8Rounds && kFp8Rounds % kAhead == 0,
+                "whole tiles of rounds in flight, at most one tile");
+
+ public:
+  // Tile 0's tokens (looked up), tile 1's (in flight) and tile 0's first kAhead rounds (in
+  // flight): the segment's one exposed table read.
+  __device__ __forceinline__ Fp8KeyStream(const DecodeParams& p, const Segment& seg, int thread) {
+    CUTE_UNROLL
+    for (int r = 0; r < kFp8Rounds; ++r) {
+      token_[r] = lookup_fp8_key(p, seg, tile_begin_of(seg, 0), r, thread);
+      next_token_[r] = lookup_fp8_key(p, seg, tile_begin_of(seg, 1), r, thread);
+    }
+    CUTE_UNROLL
+    for (int k = 0; k < kAhead; ++k) share_[k] = load_fp8_share(p, token_[k], fp8_quarter_of(thread));
+  }
+
+  // Tile `tile` (the stream's next) into the stage at shared-memory address `stage`, free:
+  // the caller waited. Each round is stored as it is converted while its registers take the
+  // round kAhead after it (a round of the next tile, zeros past the segment); which keys exist
+  // goes to key_valid for the math warpgroups' masks; then the tile after next is looked up.
+  // The caller publishes the stores.
+  template <typename KLayout>
+  __device__ __forceinline__ void store_tile(const DecodeParams& p, const Segment& seg, int tile,
+                                             const Fp8StoreSlots& slots, uint32_t stage,
+                                             uint8_t* key_valid, int thread) {
+    const int quarter = fp8_quarter_of(thread);
+    CUTE_UNROLL
+    for (int r = 0; r < kFp8Rounds; ++r) {
+      const int refill = r + kAhead;  // rounds of this tile, then the next tile's
+      const int32_t next =
+          refill < kFp8Rounds ? token_[refill] : next_token_[refill - kFp8Rounds];
+      store_and_refill<KLayout>(share_[r % kAhead], slots, stage, r, p, next, quarter);
+    }
+    if (quarter == 0) {
+      CUTE_UNROLL
+      for (int r = 0; r < kFp8Rounds; ++r) key_valid[fp8_key_of(thread, r)] = token_[r] >= 0;
+    }
+    CUTE_UNROLL
+    for (int r = 0; r < kFp8Rounds; ++r) {
+      token_[r] = next_token_[r];
+      next_token_[r] = lookup_fp8_key(p, seg, tile_begin_of(seg, tile + 2), r, thread);
+    }
+  }
+
+ private:
+  Fp8TokenShare share_[kAhead];
+  int32_t token_[kFp8Rounds];       // the pool tokens of the tile stored next
+  int32_t next_token_[kFp8Rounds];  // of the tile after it
+};
 
 }  // namespace sm90
 }  // namespace jax_flash_mla

@@ -15,18 +15,24 @@
 namespace jax_flash_mla {
 namespace sm90 {
 
-// Producer threads 0..63 look up where each key of a tile lives; -1 for keys that must not
-// be read.
-__device__ __forceinline__ void plan_tile(const DecodeParams& p, const Segment& seg, int kv_head,
-                                          int tile_begin, int64_t* token_offset,
+// The block-table entry of key `thread` of the tile at `tile_begin` (producer threads
+// 0..63), -1 past the segment, as loaded: fetched a tile before plan_tile resolves it, so that
+// its round trip (HBM for sparse indices, read once) overlaps the tile before.
+__device__ __forceinline__ int32_t fetch_key_entry(const DecodeParams& p, const Segment& seg,
+                                                   int tile_begin, int thread) {
+  const int token = tile_begin + thread;
+  return thread < kBlockN && token < seg.token_end ? block_table_entry(p, seg.batch_idx, token)
+                                                   : -1;
+}
+
+// Producer threads 0..63 write where their key of a tile lives (from its fetched entry); -1
+// for keys that must not be read.
+__device__ __forceinline__ void plan_tile(const DecodeParams& p, int kv_head, int tile_begin,
+                                          int32_t entry, int64_t* token_offset,
                                           uint8_t* key_valid, int thread) {
   if (thread < kBlockN) {
-    const int token = tile_begin + thread;
-    int64_t offset = -1;
-    if (token < seg.token_end) {
-      const int page = page_of_token(p, seg.batch_idx, token);
-      if (page >= 0) offset = k_offset(p, page, token, kv_head);
-    }
+    const int64_t offset =
+        is_valid_page(p, entry) ? k_offset(p, entry, tile_begin + thread, kv_head) : -1;
     token_offset[thread] = offset;
     key_valid[thread] = offset >= 0;
   }

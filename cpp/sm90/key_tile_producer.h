@@ -52,37 +52,40 @@ __device__ void produce_segment(const DecodeParams& p, const CUtensorMap& k_map,
   const bool loads_keys = !use_tma || thread < 32;
   const bool loads_query = !query_tma || thread == 0;
   // FP8 keys (bf16 queries, d = 576, one KV head; an instance of their own) by every producer
-  // thread through registers (key_tile_dequant.h): the tile's first kFp8RoundsAhead rounds are
-  // loaded before its stage frees, then stored with the others; the stores reach wgmma (the
-  // async proxy) through a proxy fence before each thread's release arrival.
+  // thread through registers, as one stream of rounds with kFp8RoundsAhead of them in flight
+  // (key_tile_dequant.h): a tile's loads went out while the tile before it was stored; the
+  // stores reach wgmma (the async proxy) through a proxy fence before each thread's release
+  // arrival.
   constexpr bool kFp8Keys = kKeyFormat == KeyFormat::kFp8Packed;
   static_assert(!kFp8Keys || (std::is_same_v<Element, cutlass::bfloat16_t> &&
                               kHeadDim == kSparseHeadDim),
                 "FP8 keys are DeepSeek-V3.2's 576-column latents, read with bf16 queries");
   Fp8StoreSlots fp8_slots{};
   if constexpr (kFp8Keys) fp8_slots = fp8_store_slots<typename L::K>(smem.k[0], thread);
-  const auto load_fp8_keys = [&](int tile) {
-    const int tile_begin = tile_begin_of(seg, tile);
-    const Fp8TileSources sources = lookup_fp8_tile(p, seg, tile_begin, thread);
-    const auto ahead = load_fp8_rounds_ahead<kFp8RoundsAhead>(p, sources, thread);
+  const auto load_fp8_keys = [&](Fp8KeyStream<kFp8RoundsAhead>& stream, int tile) {
     Barrier::wait(&smem.k_empty[ring.stage], ring.phase ^ 1);
     trace.mark(kTraceStageFree, tile);
-    load_tile_fp8<typename L::K>(p, sources, ahead, fp8_slots,
-                                 cute::cast_smem_ptr_to_uint(smem.k[ring.stage]),
-                                 smem.key_valid[ring.stage], thread);
+    stream.template store_tile<typename L::K>(p, seg, tile, fp8_slots,
+                                              cute::cast_smem_ptr_to_uint(smem.k[ring.stage]),
+                                              smem.key_valid[ring.stage], thread);
     cutlass::arch::fence_view_async_shared();
     Barrier::arrive(&smem.k_full[ring.stage]);
     trace.mark(kTraceKeysIssued, tile);
     ring.advance();
   };
+  // cp.async: each key's table entry is fetched a tile ahead (next_entry).
+  int32_t next_entry =
+      use_tma || kFp8Keys ? -1 : fetch_key_entry(p, seg, tile_begin_of(seg, 0), thread);
   const auto load_keys = [&](int tile) {
-    if constexpr (kFp8Keys) {
-      load_fp8_keys(tile);
-      return;
-    }
     const int tile_begin = tile_begin_of(seg, tile);
     TmaTileLookup lookup{};
-    if (use_tma) lookup = lookup_tile_tma<kOrder>(p, seg, tile_begin);
+    int32_t entry = -1;
+    if (use_tma) {
+      lookup = lookup_tile_tma<kOrder>(p, seg, tile_begin);
+    } else {
+      entry = next_entry;
+      next_entry = fetch_key_entry(p, seg, tile_begin_of(seg, tile + 1), thread);
+    }
     Barrier::wait(&smem.k_empty[ring.stage], ring.phase ^ 1);
     trace.mark(kTraceStageFree, tile);
     Tensor s_k = make_tensor(make_smem_ptr(smem.k[ring.stage]), typename L::K{});
@@ -92,7 +95,7 @@ __device__ void produce_segment(const DecodeParams& p, const CUtensorMap& k_map,
                                                &smem.k_full[ring.stage], s_k);
     } else {
       int64_t* offsets = smem.token_offset[ring.stage];
-      plan_tile(p, seg, kv_head, tile_begin, offsets, smem.key_valid[ring.stage], thread);
+      plan_tile(p, kv_head, tile_begin, entry, offsets, smem.key_valid[ring.stage], thread);
       named_barrier_sync(NamedBarrier::kProducer, kProducerThreads);
       load_tile_cp_async<kHeadDim>(p, offsets, s_k, thread);
       arrive_when_copies_land(&smem.k_full[ring.stage]);
@@ -106,11 +109,21 @@ __device__ void produce_segment(const DecodeParams& p, const CUtensorMap& k_map,
   // The first tile's keys go before the query rows: their stage frees once the previous
   // segment's next-to-last tile is done, the query buffer only after its last tile's scores,
   // so the new segment's first keys are in flight while the previous one finishes.
+  const auto stage_query = [&] {
+    if (loads_query)
+      stage_query_rows<Element, kHeadDim, kQueryRows>(p, q_map, query_tma, seg, kv_head,
+                                                      row_base, smem, q_phase, trace);
+    q_phase ^= 1;  // by every producer thread, so that the phases agree whichever path stages
+  };
+  if constexpr (kFp8Keys) {
+    Fp8KeyStream<kFp8RoundsAhead> stream(p, seg, thread);
+    load_fp8_keys(stream, 0);
+    stage_query();
+    for (int tile = 1; tile < num_tiles; ++tile) load_fp8_keys(stream, tile);
+    return;
+  }
   if (loads_keys) load_keys(0);
-  if (loads_query)
-    stage_query_rows<Element, kHeadDim, kQueryRows>(p, q_map, query_tma, seg, kv_head, row_base,
-                                                    smem, q_phase, trace);
-  q_phase ^= 1;  // by every producer thread, so that the phases agree whichever path stages
+  stage_query();
   if (!loads_keys) return;
   for (int tile = 1; tile < num_tiles; ++tile) load_keys(tile);
 }

@@ -290,8 +290,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   // Both roles walk the same segments in the same order, so their ring positions agree.
   if (threadIdx.x < kProducerThreads) {
     for_each_segment(params, piece, [&](const Segment& seg) {
-      // FP8 keys: both rounds of a tile loaded before its stage frees (88 registers of a
-      // producer thread; this kernel gives none away), twice the bytes in flight of one.
+      // FP8 keys: a tile's two rounds in flight while the tile before is stored (88 registers
+      // of a producer thread; this kernel gives none away), twice the bytes of one round.
       produce_segment<Element, kHeadDim, kRows, kKeyOrder, kKeyFormat, kFp8Rounds>(
           params, k_map, use_tma, q_map, query_tma, seg, kv_head, row_base, smem, ring, q_phase,
           trace);
