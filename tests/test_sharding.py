@@ -32,7 +32,6 @@ def decode_step(q, k_cache, block_table, seqlens):
                                                 is_fp8_kvcache=k_cache.dtype == jnp.uint8)
 
 
-
 def run_sharded(mesh, specs, args):
     shardings = tuple(NamedSharding(mesh, spec) for spec in specs)
     step = jax.jit(decode_step, in_shardings=shardings)

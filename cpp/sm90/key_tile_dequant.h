@@ -116,7 +116,7 @@ __device__ __forceinline__ void store_shared_16(uint32_t address, uint2 low, uin
                : "memory");
 }
 
-// This thread's share of one key of `round` (`stored`), dequantized into the stage at
+// This thread's share of one key of `round` (`share`), dequantized into the stage at
 // shared-memory address `stage`, while the same registers take the share of pool token `next`
 // (zeros for -1, nothing read): each 16-byte chunk's load goes out as soon as the chunk it
 // replaces is stored, so the next round's gather overlaps this round's conversion. The scales
