@@ -18,7 +18,7 @@ import pathlib
 import re
 import sys
 
-ROW = re.compile(r"^(b=\d+ h_q=\d+ s_k=\d+(?: page=\d+)?):")
+ROW = re.compile(r"^(b=\d+ h_q=\d+ s_k=\d+(?: page=\d+)?(?: fp8)?):")
 SPAN = re.compile(r"GPU span ([0-9.]+)")
 KERNEL = re.compile(r"^\s+split_kv\S*.*median\s+([0-9.]+) us")
 CHECK_FAILED = re.compile(r"^\s+check:.*FAILED")
