@@ -1,6 +1,7 @@
 """Where one decode call's time goes on the GPU, from the JAX profiler's kernel timestamps.
 
-    python3 benchmarks/call_timeline.py [b,h_q,s_k[,page][,fp8] ...]      (GPU; default: ROWS)
+    python3 benchmarks/call_timeline.py [--kernel NAME] [b,h_q,s_k[,page][,fp8] ...]
+                                                                      (GPU; default: ROWS)
 
 Runs the benchmark's jitted function of back-to-back calls (jax_flash_mla/benchmark.py) under
 jax.profiler.trace and reads the trace back (device_timing.py): for each row, the wall time per
@@ -12,7 +13,8 @@ figures are CUDA-graph replays, whose idle time between kernels is about a micro
 A row's page size is PAGE (64, the target table's) unless it names another (b,h_q,s_k,page), and
 `,fp8` after reads the pool quantized to the FP8 cache (is_fp8_kvcache); the inputs are the
 benchmark's (jax_flash_mla/paged_inputs.py rotated_case: permuted pages, the pool copied beyond
-L2).
+L2). --kernel forces one split-KV kernel (jax_flash_mla.testing's route: transposed, lockstep,
+seesaw_alone, seesaw_paired), so that two kernels are timed on one machine on the same inputs.
 
 Each row is also checked once against the float32 reference (outputs poisoned with NaN before
 the call; tests/comparisons.py's kernel tolerances: out within 4 units of bfloat16 roundoff
@@ -57,13 +59,16 @@ def short_name(name):
     return name.split("(")[0][:40]
 
 
-def profile_row(rng, b, h_q, s_k, page=PAGE, fp8=False):
+def profile_row(rng, b, h_q, s_k, page=PAGE, fp8=False, kernel="dispatch"):
     q, pool, tables, lengths = jax_inputs(
         paged_inputs.rotated_case(rng, b, h_q, s_k, 1, False, page, 50 << 20))
     if fp8:
         pool = jax_flash_mla.quantize_fp8_kvcache(pool)
     metadata = jax_flash_mla.get_mla_metadata(lengths, h_q, 1)
-    impl = functools.partial(jax_flash_mla.flash_mla_with_kvcache, is_fp8_kvcache=fp8)
+    impl = (functools.partial(jax_flash_mla.flash_mla_with_kvcache, is_fp8_kvcache=fp8)
+            if kernel == "dispatch" else
+            functools.partial(testing.flash_mla_with_kvcache_poisoned, is_fp8_kvcache=fp8,
+                              kernel=kernel))
     fn = make_many_calls(impl, CALLS, len(tables), False)
     args = (q, pool, tables, lengths, metadata)
     for _ in range(3):
@@ -94,14 +99,14 @@ def profile_row(rng, b, h_q, s_k, page=PAGE, fp8=False):
         print(f"    {'tile_schedule (per step, not in span)':40s} x{len(schedule_us):3d}"
               f"  median {statistics.median(schedule_us):8.2f} us")
     sys.stdout.flush()
-    return check_row(q, pool, tables[0], lengths, metadata, fp8)
+    return check_row(q, pool, tables[0], lengths, metadata, fp8, kernel)
 
 
-def check_row(q, pool, table, lengths, metadata, fp8=False):
+def check_row(q, pool, table, lengths, metadata, fp8=False, kernel="dispatch"):
     """One call against the reference; prints the errors and returns whether they are in bounds."""
-    out, lse = jax.jit(functools.partial(testing.flash_mla_with_kvcache_poisoned,
-                                         is_fp8_kvcache=fp8))(q, pool, table, lengths,
-                                                              metadata=metadata)
+    poisoned = functools.partial(testing.flash_mla_with_kvcache_poisoned, is_fp8_kvcache=fp8,
+                                 kernel=kernel)
+    out, lse = jax.jit(poisoned)(q, pool, table, lengths, metadata=metadata)
     ref_out, ref_lse = jax.jit(functools.partial(reference.flash_mla_with_kvcache,
                                                  is_fp8_kvcache=fp8))(q, pool, table, lengths)
     out, lse = np.asarray(out.astype(jnp.float32)), np.asarray(lse)
@@ -117,13 +122,19 @@ def check_row(q, pool, table, lengths, metadata, fp8=False):
     return ok
 
 
-def main(rows):
+def main(rows, kernel="dispatch"):
     rng = np.random.default_rng(0)
-    failed = [row for row in rows if not profile_row(rng, *row)]
+    if kernel != "dispatch":
+        print(f"split-KV kernel forced: {kernel}")
+    failed = [row for row in rows if not profile_row(rng, *row, kernel=kernel)]
     if failed:
         print("check FAILED for", failed)
     return 1 if failed else 0
 
 
 if __name__ == "__main__":
-    sys.exit(main([parse_row(arg) for arg in sys.argv[1:]] or ROWS))
+    args = sys.argv[1:]
+    forced = "dispatch"
+    if args[:1] == ["--kernel"]:
+        forced, args = args[1], args[2:]
+    sys.exit(main([parse_row(arg) for arg in args] or ROWS, forced))
