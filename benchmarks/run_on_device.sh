@@ -349,9 +349,11 @@ step_timeline() {
 
 # What one call costs on the GPU inside the benchmark's jitted function, from the JAX
 # profiler's kernel timestamps (no nsys needed): kernel durations, busy time, idle gaps, each
-# row checked against the reference (`checked`: the timed function has no matmul).
+# row checked against the reference (`checked`: the timed function has no matmul). CALL_KERNEL:
+# one split-KV kernel forced for every row (transposed, lockstep, seesaw_alone, seesaw_paired).
 step_calls() {
-  checked timeout "${CALLS_TIMEOUT:-300}" python3 benchmarks/call_timeline.py ${CALL_ROWS:-} 2>&1 | tee "$OUT/call_timeline.log" | \
+  checked timeout "${CALLS_TIMEOUT:-300}" python3 benchmarks/call_timeline.py \
+    ${CALL_KERNEL:+--kernel "$CALL_KERNEL"} ${CALL_ROWS:-} 2>&1 | tee "$OUT/call_timeline.log" | \
     grep -v -e "^W0000\|^I0000\|^E0000"
   return "${PIPESTATUS[0]}"
 }
