@@ -14,7 +14,9 @@ A row's page size is PAGE (64, the target table's) unless it names another (b,h_
 `,fp8` after reads the pool quantized to the FP8 cache (is_fp8_kvcache); the inputs are the
 benchmark's (jax_flash_mla/paged_inputs.py rotated_case: permuted pages, the pool copied beyond
 L2). --kernel forces one split-KV kernel (jax_flash_mla.testing's route: transposed, lockstep,
-seesaw_alone, seesaw_paired), so that two kernels are timed on one machine on the same inputs.
+seesaw_alone, seesaw_paired), so that two kernels are timed on one machine on the same inputs;
+that route fills each call's outputs with NaN first, a fill the span then counts (the busy
+time and the kernels' medians do not).
 
 Each row is also checked once against the float32 reference (outputs poisoned with NaN before
 the call; tests/comparisons.py's kernel tolerances: out within 4 units of bfloat16 roundoff
@@ -65,10 +67,12 @@ def profile_row(rng, b, h_q, s_k, page=PAGE, fp8=False, kernel="dispatch"):
     if fp8:
         pool = jax_flash_mla.quantize_fp8_kvcache(pool)
     metadata = jax_flash_mla.get_mla_metadata(lengths, h_q, 1)
+    # The checked call: the kernel's outputs poisoned first. A forced kernel is timed through it
+    # too (the public API has no route to one), the dispatch through the public API.
+    poisoned = functools.partial(testing.flash_mla_with_kvcache_poisoned, is_fp8_kvcache=fp8,
+                                 kernel=kernel)
     impl = (functools.partial(jax_flash_mla.flash_mla_with_kvcache, is_fp8_kvcache=fp8)
-            if kernel == "dispatch" else
-            functools.partial(testing.flash_mla_with_kvcache_poisoned, is_fp8_kvcache=fp8,
-                              kernel=kernel))
+            if kernel == "dispatch" else poisoned)
     fn = make_many_calls(impl, CALLS, len(tables), False)
     args = (q, pool, tables, lengths, metadata)
     for _ in range(3):
@@ -99,13 +103,12 @@ def profile_row(rng, b, h_q, s_k, page=PAGE, fp8=False, kernel="dispatch"):
         print(f"    {'tile_schedule (per step, not in span)':40s} x{len(schedule_us):3d}"
               f"  median {statistics.median(schedule_us):8.2f} us")
     sys.stdout.flush()
-    return check_row(q, pool, tables[0], lengths, metadata, fp8, kernel)
+    return check_row(poisoned, q, pool, tables[0], lengths, metadata, fp8)
 
 
-def check_row(q, pool, table, lengths, metadata, fp8=False, kernel="dispatch"):
-    """One call against the reference; prints the errors and returns whether they are in bounds."""
-    poisoned = functools.partial(testing.flash_mla_with_kvcache_poisoned, is_fp8_kvcache=fp8,
-                                 kernel=kernel)
+def check_row(poisoned, q, pool, table, lengths, metadata, fp8):
+    """One call of `poisoned` against the reference; prints the errors and returns whether they
+    are in bounds."""
     out, lse = jax.jit(poisoned)(q, pool, table, lengths, metadata=metadata)
     ref_out, ref_lse = jax.jit(functools.partial(reference.flash_mla_with_kvcache,
                                                  is_fp8_kvcache=fp8))(q, pool, table, lengths)
