@@ -9,7 +9,7 @@
 #                                    [profile] [devicetest] [detail] [timeline] [calls]
 #                                    [graphbench] [multigpu] [graphs] [demo] [bench] [quickbench] [sparsebench]
 #                                    [sparseprefillbench] [fp8bench]
-#                                    [flashmla] [before] [probe] [ab] [smem] [pages] [trace] (last: it leaves the diagnostic build)
+#                                    [flashmla] [before] [probe] [ab] [abprebuilt] [smem] [pages] [trace] (last: it leaves the diagnostic build)
 #                                    [pack] (last: one archive of every log)
 #   (default: readme sanitize)
 # Logs go under $OUT (the device tool brings that folder back). bench and quickbench time
@@ -240,6 +240,31 @@ step_before() {
     done
   done
   python3 benchmarks/before_after.py --summary "$OUT/before_after.log" | tee "$OUT/before_after.txt"
+  return $rc
+}
+
+# `ab` without building on this machine: modules built elsewhere (`pip wheel` of the tree and of
+# the tree with each patch, each module's .so compressed by xz into the ignored .ab/ as NAME.so.xz,
+# base.so.xz the tree's; benchmarks/build_ab_modules.sh does it; carry .ab), each unpacked in turn
+# into jax_flash_mla/ and timed by call_timeline.py on CALL_ROWS as `ab` times its builds: base,
+# every other module, base again, with the same logs for ab_verdict.py. A build costs minutes of
+# device time here and nothing there.
+step_abprebuilt() {
+  [ -f .ab/base.so.xz ] || { echo "no .ab/base.so.xz: run benchmarks/build_ab_modules.sh and carry .ab"; return 1; }
+  local so module label out=$OUT rc=0
+  so="jax_flash_mla/_jax_flash_mla.cpython-$(python3 -c 'import sys; print(f"{sys.version_info[0]}{sys.version_info[1]}")')-x86_64-linux-gnu.so"
+  export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+  for module in .ab/base.so.xz $(ls .ab/*.so.xz | grep -v '/base.so.xz$') .ab/base.so.xz; do
+    label=$(basename "${module%.so.xz}")
+    if [ "$label" = base ] && [ -d "$out/ab_base" ]; then label=base_again
+    elif [ "$label" != base ]; then label="change_$label"; fi
+    xz -d -c "$module" >"$so" || return 1
+    mkdir -p "$out/ab_$label"
+    echo "--- $label"
+    OUT="$out/ab_$label" CALLS_TIMEOUT="${AB_CALL_TIMEOUT:-150}" step_calls | \
+      grep -E "^b=|split_kv|check" || rc=1
+  done
+  python3 benchmarks/ab_verdict.py "$out" | tee "$out/ab_verdict.txt"
   return $rc
 }
 
