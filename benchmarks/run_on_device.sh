@@ -247,12 +247,13 @@ step_before() {
 # the tree with each patch, each module's .so compressed by xz into the ignored .ab/ as NAME.so.xz,
 # base.so.xz the tree's; benchmarks/build_ab_modules.sh does it; carry .ab), each unpacked in turn
 # into jax_flash_mla/ and timed by call_timeline.py on CALL_ROWS as `ab` times its builds: base,
-# every other module, base again, with the same logs for ab_verdict.py. A build costs minutes of
-# device time here and nothing there.
+# every other module, base again, with the same logs for ab_verdict.py; base's module is left in
+# jax_flash_mla/ for the steps after it. A build costs minutes of device time here and nothing
+# there.
 step_abprebuilt() {
   [ -f .ab/base.so.xz ] || { echo "no .ab/base.so.xz: run benchmarks/build_ab_modules.sh and carry .ab"; return 1; }
   local so module label out=$OUT rc=0
-  so="jax_flash_mla/_jax_flash_mla.cpython-$(python3 -c 'import sys; print(f"{sys.version_info[0]}{sys.version_info[1]}")')-x86_64-linux-gnu.so"
+  so="jax_flash_mla/_jax_flash_mla$(python3 -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')"
   export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
   for module in .ab/base.so.xz $(ls .ab/*.so.xz | grep -v '/base.so.xz$') .ab/base.so.xz; do
     label=$(basename "${module%.so.xz}")
