@@ -152,23 +152,29 @@ __device__ __forceinline__ void store_and_refill(Fp8TokenShare& share, const Fp8
                              __uint_as_float(next_scales.z), __uint_as_float(next_scales.w));
 }
 
-// A segment's FP8 key tiles through one producer thread's registers, as a stream of rounds
-// (kFp8Rounds a tile, in tile order): round g's bytes are in the registers of slot g % kAhead,
-// loaded while round g - kAhead was stored; the pool tokens of the tile after the current one
-// are looked up when the current one's are first used, a tile before their loads.
-template <int kAhead>
+// A segment's FP8 key tiles through one producer thread's registers, as a stream of rounds in
+// tile order: kRoundsMine of each tile's kFp8Rounds (every one with one producer warpgroup;
+// with several, warpgroup `part` takes rounds part, part + kFp8Rounds / kRoundsMine, ...). The
+// stream's round g is in the registers of slot g % kAhead, loaded while round g - kAhead was
+// stored; the pool tokens of the tile after the current one are looked up when the current
+// one's are first used, a tile before their loads.
+template <int kAhead, int kRoundsMine = kFp8Rounds>
 class Fp8KeyStream {
-  static_assert(kAhead >= 1 && kAhead <= kFp8Rounds && kFp8Rounds % kAhead == 0,
+  static_assert(kFp8Rounds % kRoundsMine == 0, "each producer warpgroup the same rounds a tile");
+  static_assert(kAhead >= 1 && kAhead <= kRoundsMine && kRoundsMine % kAhead == 0,
                 "whole tiles of rounds in flight, at most one tile");
+  static constexpr int kRoundStep = kFp8Rounds / kRoundsMine;
 
  public:
   // Tile 0's tokens (looked up), tile 1's (in flight) and tile 0's first kAhead rounds (in
   // flight): the segment's one exposed table read.
-  __device__ __forceinline__ Fp8KeyStream(const DecodeParams& p, const Segment& seg, int thread) {
+  __device__ __forceinline__ Fp8KeyStream(const DecodeParams& p, const Segment& seg, int thread,
+                                          int part = 0)
+      : first_round_(part) {
     CUTE_UNROLL
-    for (int r = 0; r < kFp8Rounds; ++r) {
-      token_[r] = lookup_fp8_key(p, seg, tile_begin_of(seg, 0), r, thread);
-      next_token_[r] = lookup_fp8_key(p, seg, tile_begin_of(seg, 1), r, thread);
+    for (int i = 0; i < kRoundsMine; ++i) {
+      token_[i] = lookup_fp8_key(p, seg, tile_begin_of(seg, 0), round_of(i), thread);
+      next_token_[i] = lookup_fp8_key(p, seg, tile_begin_of(seg, 1), round_of(i), thread);
     }
     CUTE_UNROLL
     for (int k = 0; k < kAhead; ++k) share_[k] = load_fp8_share(p, token_[k], fp8_quarter_of(thread));
@@ -185,27 +191,34 @@ class Fp8KeyStream {
                                              uint8_t* key_valid, int thread) {
     const int quarter = fp8_quarter_of(thread);
     CUTE_UNROLL
-    for (int r = 0; r < kFp8Rounds; ++r) {
-      const int refill = r + kAhead;  // rounds of this tile, then the next tile's
+    for (int i = 0; i < kRoundsMine; ++i) {
+      const int refill = i + kAhead;  // rounds of this tile, then the next tile's
       const int32_t next =
-          refill < kFp8Rounds ? token_[refill] : next_token_[refill - kFp8Rounds];
-      store_and_refill<KLayout>(share_[r % kAhead], slots, stage, r, p, next, quarter);
+          refill < kRoundsMine ? token_[refill] : next_token_[refill - kRoundsMine];
+      store_and_refill<KLayout>(share_[i % kAhead], slots, stage, round_of(i), p, next, quarter);
     }
     if (quarter == 0) {
       CUTE_UNROLL
-      for (int r = 0; r < kFp8Rounds; ++r) key_valid[fp8_key_of(thread, r)] = token_[r] >= 0;
+      for (int i = 0; i < kRoundsMine; ++i)
+        key_valid[fp8_key_of(thread, round_of(i))] = token_[i] >= 0;
     }
     CUTE_UNROLL
-    for (int r = 0; r < kFp8Rounds; ++r) {
-      token_[r] = next_token_[r];
-      next_token_[r] = lookup_fp8_key(p, seg, tile_begin_of(seg, tile + 2), r, thread);
+    for (int i = 0; i < kRoundsMine; ++i) {
+      token_[i] = next_token_[i];
+      next_token_[i] = lookup_fp8_key(p, seg, tile_begin_of(seg, tile + 2), round_of(i), thread);
     }
   }
 
  private:
+  // Compile-time where one warpgroup takes every round, as before there were several.
+  __device__ __forceinline__ int round_of(int i) const {
+    return kRoundStep == 1 ? i : first_round_ + i * kRoundStep;
+  }
+
+  int first_round_;
   Fp8TokenShare share_[kAhead];
-  int32_t token_[kFp8Rounds];       // the pool tokens of the tile stored next
-  int32_t next_token_[kFp8Rounds];  // of the tile after it
+  int32_t token_[kRoundsMine];       // the pool tokens of the tile stored next
+  int32_t next_token_[kRoundsMine];  // of the tile after it
 };
 
 }  // namespace sm90

@@ -36,21 +36,28 @@ namespace sm90 {
 // TMA, k_map is the map that order's boxes need).
 template <typename Element, int kHeadDim, int kQueryRows,
           KeyTileOrder kOrder = KeyTileOrder::kColumnBlocks,
-          KeyFormat kKeyFormat = KeyFormat::kSameAsQuery, int kFp8RoundsAhead = 1>
+          KeyFormat kKeyFormat = KeyFormat::kSameAsQuery, int kFp8RoundsAhead = 1,
+          int kFp8Producers = 1>
 __device__ void produce_segment(const DecodeParams& p, const CUtensorMap& k_map, bool use_tma,
                                 const CUtensorMap& q_map, bool query_tma,
                                 const Segment& seg, int kv_head, int row_base,
                                 PipelineStorage<Element, kHeadDim, kQueryRows>& smem,
                                 RingPosition& ring, uint32_t& q_phase, WarpgroupTrace& trace) {
   using L = TileLayouts<Element, kHeadDim, kQueryRows, kOrder>;
-  const int thread = threadIdx.x;  // 0..127
+  // FP8 keys with several producer warpgroups: this thread's warpgroup takes rounds part,
+  // part + kFp8Producers, ... of each tile, and only warpgroup 0 stages the query rows.
+  // Compile-time 0 with one (a runtime warpgroup index made the lockstep producer spill).
+  const int thread = kFp8Producers > 1 ? threadIdx.x % kProducerThreads : threadIdx.x;  // 0..127
+  const int part = kFp8Producers > 1 ? threadIdx.x / kProducerThreads : 0;
+  static_assert(kFp8Producers == 1 || kKeyFormat == KeyFormat::kFp8Packed,
+                "several producer warpgroups share FP8 tiles only");
   const int num_tiles = num_tiles_of(seg);
   if (num_tiles == 0) return;
   // With TMA one warp drives the copy engine for the keys; with cp.async all producer threads
   // gather them. The query rows: thread 0 (in the TMA warp) alone with TMA, every producer
   // thread with cp.async.
   const bool loads_keys = !use_tma || thread < 32;
-  const bool loads_query = !query_tma || thread == 0;
+  const bool loads_query = part == 0 && (!query_tma || thread == 0);
   // FP8 keys (bf16 queries, d = 576, one KV head; an instance of their own) by every producer
   // thread through registers, as one stream of rounds with kFp8RoundsAhead of them in flight
   // (key_tile_dequant.h): a tile's loads went out while the tile before it was stored; the
@@ -62,7 +69,8 @@ __device__ void produce_segment(const DecodeParams& p, const CUtensorMap& k_map,
                 "FP8 keys are DeepSeek-V3.2's 576-column latents, read with bf16 queries");
   Fp8StoreSlots fp8_slots{};
   if constexpr (kFp8Keys) fp8_slots = fp8_store_slots<typename L::K>(smem.k[0], thread);
-  const auto load_fp8_keys = [&](Fp8KeyStream<kFp8RoundsAhead>& stream, int tile) {
+  using Fp8Stream = Fp8KeyStream<kFp8RoundsAhead, kFp8Rounds / kFp8Producers>;
+  const auto load_fp8_keys = [&](Fp8Stream& stream, int tile) {
     Barrier::wait(&smem.k_empty[ring.stage], ring.phase ^ 1);
     trace.mark(kTraceStageFree, tile);
     stream.template store_tile<typename L::K>(p, seg, tile, fp8_slots,
@@ -116,7 +124,7 @@ __device__ void produce_segment(const DecodeParams& p, const CUtensorMap& k_map,
     q_phase ^= 1;  // by every producer thread, so that the phases agree whichever path stages
   };
   if constexpr (kFp8Keys) {
-    Fp8KeyStream<kFp8RoundsAhead> stream(p, seg, thread);
+    Fp8Stream stream(p, seg, thread, part);
     load_fp8_keys(stream, 0);
     stage_query();
     for (int tile = 1; tile < num_tiles; ++tile) load_fp8_keys(stream, tile);

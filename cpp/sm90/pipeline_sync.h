@@ -80,10 +80,12 @@ __device__ __forceinline__ void wait_tile_keys(Storage& smem, const RingPosition
 // mbarrier arrivals of a stage's "full" barrier: with TMA, one arrival that also expects the
 // tile's bytes; with cp.async, every producer thread's copies plus one plain arrival that
 // publishes the key offsets; with FP8 keys (key_tile_dequant.h), every producer thread's plain
-// arrival after its stores.
-__device__ __forceinline__ uint32_t key_tile_arrivals(const DecodeParams& p, bool use_tma) {
+// arrival after its stores, in each of fp8_producers warpgroups.
+__device__ __forceinline__ uint32_t key_tile_arrivals(const DecodeParams& p, bool use_tma,
+                                                      int fp8_producers) {
   if (use_tma) return 1;
-  return p.key_format == KeyFormat::kFp8Packed ? kProducerThreads : kProducerThreads + 1;
+  return p.key_format == KeyFormat::kFp8Packed ? kProducerThreads * fp8_producers
+                                               : kProducerThreads + 1;
 }
 
 // The ring's barriers: "full" as key_tile_arrivals says. The query's "full" barrier: one
@@ -130,9 +132,10 @@ template <typename Storage>
 __device__ __forceinline__ void start_pipeline(const DecodeParams& p, Storage& smem,
                                                const CUtensorMap& k_map, bool use_tma,
                                                const CUtensorMap& q_map, bool query_tma,
-                                               uint32_t math_warps) {
+                                               uint32_t math_warps, int fp8_producers = 1) {
   start_pipeline(k_map, use_tma, q_map, query_tma, [&] {
-    init_pipeline_barriers(smem, key_tile_arrivals(p, use_tma), query_tma, math_warps);
+    init_pipeline_barriers(smem, key_tile_arrivals(p, use_tma, fp8_producers), query_tma,
+                           math_warps);
   });
 }
 

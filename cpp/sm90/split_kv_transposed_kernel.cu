@@ -12,18 +12,21 @@
 // A tile is then ~170 KB of shared-memory operand reads and no padded rows: ~0.8 us, under
 // its load time, so the kernel is bound by memory, not by the tensor cores.
 //
-// One CTA = (piece of the schedule, KV head, block of kRows query rows), 2 warpgroups:
+// One CTA = (piece of the schedule, KV head, block of kRows query rows), 2 warpgroups (3 over
+// FP8 keys):
 //   producer  warpgroup 0: query rows (by TMA where one box per 64 columns covers them,
 //             query_tensor_map.h) and key tiles (key_tile_producer.h) in key groups: one TMA
 //             box per 8 keys with all their columns, 8 a tile at every page size, where column
 //             blocks took 36 boxes at page 16 (their issue, ~120 cycles a box, outlasted the
 //             tile's math: page 16 was 20% slower than page 64)
-//   math      warpgroup 1: the online softmax. In S^T's C layout a query row is a column: its
+//             (FP8 keys: warpgroups 0 and 1, each converting one round of every tile)
+//   math      the last warpgroup: the online softmax. In S^T's C layout a query row is a column: its
 //             64 keys are spread over 8 lanes of each warp and the 4 warps, so a tile's row
 //             maxima are reduced by shuffles, then across warps through shared memory (one
 //             warpgroup barrier); the row sums stay per thread until the segment's end.
 #include <cute/tensor.hpp>
 #include <cutlass/arch/barrier.h>
+#include <cutlass/arch/reg_reconfig.h>
 #include <cutlass/numeric_types.h>
 
 #include <cuda_bf16.h>
@@ -54,7 +57,20 @@ using namespace sm90;
 
 constexpr int kMathThreads = 128;
 constexpr int kMathWarps = kMathThreads / 32;
-constexpr int kThreads = kProducerThreads + kMathThreads;
+
+// FP8 keys: two producer warpgroups, each converting one of a tile's two rounds (32 keys), so
+// that each scheduler has two converting warps where it had one. A producer warp's instruction
+// stream (~1 100 instructions a tile, most of them converting, at ~6 cycles each) was the
+// tile's whole time with one (docs/design.md). Registers: the CTA starts at 65536 / 384 = 168
+// a thread; each producer keeps one round in flight (the lockstep kernel's FP8 producer fits
+// one in 96) and the math warpgroup takes what they give up: 2 p + m <= 512.
+template <KeyFormat kKeyFormat>
+constexpr int kProducerWarpgroups = kKeyFormat == KeyFormat::kFp8Packed ? 2 : 1;
+template <KeyFormat kKeyFormat>
+constexpr int kThreadsOf = kProducerWarpgroups<kKeyFormat> * kProducerThreads + kMathThreads;
+constexpr uint32_t kFp8ProducerRegisters = 104;
+constexpr uint32_t kFp8MathRegisters = 256;
+static_assert(2 * kFp8ProducerRegisters + kFp8MathRegisters <= 512, "the register file");
 
 constexpr KeyTileOrder kKeyOrder = KeyTileOrder::kKeyGroups;
 
@@ -108,7 +124,7 @@ __device__ __forceinline__ int row_of_slot(int slot) {
   return 2 * (threadIdx.x % 4) + slot % 2 + 8 * (slot / 2);
 }
 
-template <typename Element, int kHeadDim, int kRows>
+template <typename Element, int kHeadDim, int kRows, int kProducerGroups>
 __device__ void attend_segment_transposed(const DecodeParams& p, bool use_tma, const Segment& seg,
                                       int kv_head, int row_base,
                                       TransposedStorage<Element, kHeadDim, kRows>& smem,
@@ -116,7 +132,7 @@ __device__ void attend_segment_transposed(const DecodeParams& p, bool use_tma, c
                                       WarpgroupTrace& trace) {
   using L = TransposedLayouts<Element, kHeadDim, kRows>;
   constexpr int kRowSlots = kRows / 4;
-  const int math_thread = threadIdx.x - kProducerThreads;
+  const int math_thread = threadIdx.x - kProducerGroups * kProducerThreads;
   const int warp = math_thread / 32;
 
   Tensor s_q = make_tensor(make_smem_ptr(smem.q), typename L::Q{});
@@ -272,13 +288,14 @@ __device__ void attend_segment_transposed(const DecodeParams& p, bool use_tma, c
 }
 
 template <typename Element, int kHeadDim, int kRows, KeyFormat kKeyFormat>
-__global__ void __launch_bounds__(kThreads, 1)
+__global__ void __launch_bounds__(kThreadsOf<kKeyFormat>, 1)
     split_kv_transposed_kernel(const __grid_constant__ DecodeParams params,
                                   const __grid_constant__ CUtensorMap k_map, bool use_tma,
                                   const __grid_constant__ CUtensorMap q_map, bool query_tma) {
   extern __shared__ __align__(1024) unsigned char smem_bytes[];
   auto& smem = *reinterpret_cast<TransposedStorage<Element, kHeadDim, kRows>*>(smem_bytes);
-  start_pipeline(params, smem, k_map, use_tma, q_map, query_tma, kMathWarps);
+  constexpr int kProducers = kProducerWarpgroups<kKeyFormat>;
+  start_pipeline(params, smem, k_map, use_tma, q_map, query_tma, kMathWarps, kProducers);
 
   const int32_t* piece =
       params.tile_scheduler_metadata + static_cast<int64_t>(blockIdx.x) * kMetadataInts;
@@ -288,20 +305,22 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int kv_head = blockIdx.y;
   const int row_base = blockIdx.z * kRows;
   // Both roles walk the same segments in the same order, so their ring positions agree.
-  if (threadIdx.x < kProducerThreads) {
+  if (threadIdx.x < kProducers * kProducerThreads) {
+    if constexpr (kProducers > 1) cutlass::arch::warpgroup_reg_dealloc<kFp8ProducerRegisters>();
     for_each_segment(params, piece, [&](const Segment& seg) {
-      // FP8 keys: a tile's two rounds in flight while the tile before is stored (88 registers
-      // of a producer thread; this kernel gives none away), twice the bytes of one round.
-      produce_segment<Element, kHeadDim, kRows, kKeyOrder, kKeyFormat, kFp8Rounds>(
-          params, k_map, use_tma, q_map, query_tma, seg, kv_head, row_base, smem, ring, q_phase,
-          trace);
+      // FP8 keys: each producer warpgroup's rounds of the next tile in flight while this
+      // tile's are stored.
+      produce_segment<Element, kHeadDim, kRows, kKeyOrder, kKeyFormat, kFp8Rounds / kProducers,
+                      kProducers>(params, k_map, use_tma, q_map, query_tma, seg, kv_head,
+                                  row_base, smem, ring, q_phase, trace);
     });
     // Copies still in flight must land before their issuing threads exit.
     cp_async_wait<0>();
   } else {
+    if constexpr (kProducers > 1) cutlass::arch::warpgroup_reg_alloc<kFp8MathRegisters>();
     for_each_segment(params, piece, [&](const Segment& seg) {
-      attend_segment_transposed<Element, kHeadDim, kRows>(params, use_tma, seg, kv_head, row_base,
-                                                      smem, ring, q_phase, trace);
+      attend_segment_transposed<Element, kHeadDim, kRows, kProducers>(
+          params, use_tma, seg, kv_head, row_base, smem, ring, q_phase, trace);
     });
   }
   trace.publish();
@@ -320,7 +339,8 @@ cudaError_t launch_split_kv_transposed(const DecodeParams& params, const SplitKv
       return launch_decode_kernel<
           split_kv_transposed_kernel<Element, kHeadDim, kRows, decltype(key_format)::value>,
           sizeof(TransposedStorage<Element, kHeadDim, kRows>)>(
-          grid, kThreads, stream, params, maps.keys, maps.keys_by_tma, maps.query,
+          grid, kThreadsOf<decltype(key_format)::value>, stream, params, maps.keys,
+          maps.keys_by_tma, maps.query,
           maps.query_by_tma);
     };
     return transposed_rows_per_cta(params.rows_per_kv) == 16 ? launch(IntConstant<16>{})
