@@ -11,7 +11,7 @@
 #                                    [sparseprefillbench] [fp8bench]
 #                                    [flashmla] [before] [probe] [ab] [abprebuilt] [smem] [pages] [trace] (last: it leaves the diagnostic build)
 #                                    [pack] (last: one archive of every log)
-#   (default: readme sanitize)
+#   (default: readme sanitize; STOP_ON_FAILURE=1 stops at the first step that fails)
 # Logs go under $OUT (the device tool brings that folder back). bench and quickbench time
 # FlashMLA beside ours: they need its sources in the git-ignored .flashmla/ (a copy of
 # shared/flashmla, carried with the tree) and build it first if `build` did not start it.
@@ -498,8 +498,14 @@ step_pack() {
     mv "$archive" "$OUT/logs.tar.gz"
 }
 
+# STOP_ON_FAILURE=1: no step runs after a failed one, so that a kernel change that hangs costs
+# one step's timeout, not every later step's (the call's whole limit).
 for s in "${steps[@]}"; do
   echo "=== $s"
-  "step_$s" || { echo "=== $s FAILED"; status=1; [ "$s" = build ] && break; }
+  if ! "step_$s"; then
+    echo "=== $s FAILED"
+    status=1
+    if [ "$s" = build ] || [ -n "${STOP_ON_FAILURE:-}" ]; then break; fi
+  fi
 done
 exit $status
