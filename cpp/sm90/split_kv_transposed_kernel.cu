@@ -340,8 +340,7 @@ cudaError_t launch_split_kv_transposed(const DecodeParams& params, const SplitKv
           split_kv_transposed_kernel<Element, kHeadDim, kRows, decltype(key_format)::value>,
           sizeof(TransposedStorage<Element, kHeadDim, kRows>)>(
           grid, kThreadsOf<decltype(key_format)::value>, stream, params, maps.keys,
-          maps.keys_by_tma, maps.query,
-          maps.query_by_tma);
+          maps.keys_by_tma, maps.query, maps.query_by_tma);
     };
     return transposed_rows_per_cta(params.rows_per_kv) == 16 ? launch(IntConstant<16>{})
                                                               : launch(IntConstant<32>{});
