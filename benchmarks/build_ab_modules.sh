@@ -9,7 +9,8 @@
 #   PYTHON=/path/to/python3.12 bash benchmarks/build_ab_modules.sh benchmarks/patches/NAME.patch ...
 #
 # PYTHON: a Python 3.12 whose environment has the build's requirements (README: scikit-build-core,
-# nanobind, jax, nvidia-cutlass); nvcc on PATH.
+# nanobind, jax, nvidia-cutlass); nvcc on PATH. TRACE=1: also HEAD's diagnostic build
+# (JAX_FLASH_MLA_TRACE=ON) as .ab_trace/trace.so.xz, for `run_on_device.sh traceprebuilt`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python=${PYTHON:-python3}
@@ -31,3 +32,14 @@ for patch in base "$@"; do
   xz -T0 -c "$work"/so_"$name"/*.so >".ab/$name.so.xz"
   echo "$name: .ab/$name.so.xz ($(stat -c %s ".ab/$name.so.xz") bytes)"
 done
+if [ -n "${TRACE:-}" ]; then
+  git worktree remove --force "$work/tree" 2>/dev/null || true
+  git worktree add -q --detach "$work/tree" HEAD
+  "$python" -m pip wheel -q --no-build-isolation --no-deps -w "$work/wheel_trace" \
+    -Cbuild-dir="$work/build_trace" -Ccmake.define.JAX_FLASH_MLA_TRACE=ON "$work/tree" \
+    >"$work/build_trace.log" 2>&1 || { tail -30 "$work/build_trace.log"; exit 1; }
+  unzip -q -o -j "$work"/wheel_trace/*.whl 'jax_flash_mla/_jax_flash_mla.*.so' -d "$work/so_trace"
+  mkdir -p .ab_trace
+  xz -T0 -c "$work"/so_trace/*.so >.ab_trace/trace.so.xz
+  echo "trace: .ab_trace/trace.so.xz ($(stat -c %s .ab_trace/trace.so.xz) bytes)"
+fi

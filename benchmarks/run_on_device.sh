@@ -9,7 +9,8 @@
 #                                    [profile] [devicetest] [detail] [timeline] [calls]
 #                                    [graphbench] [multigpu] [graphs] [demo] [bench] [quickbench] [sparsebench]
 #                                    [sparseprefillbench] [fp8bench]
-#                                    [flashmla] [before] [probe] [ab] [abprebuilt] [smem] [pages] [trace] (last: it leaves the diagnostic build)
+#                                    [flashmla] [before] [probe] [ab] [abprebuilt] [smem] [pages] [traceprebuilt]
+#                                    [trace] (last: it leaves the diagnostic build)
 #                                    [pack] (last: one archive of every log)
 #   (default: readme sanitize; STOP_ON_FAILURE=1 stops at the first step that fails)
 # Logs go under $OUT (the device tool brings that folder back). bench and quickbench time
@@ -437,6 +438,26 @@ step_trace() {
     python3 benchmarks/trace_tiles.py summarize "$logs/trace_${row//,/_}.log" | tee -a "$OUT/trace_summary.txt"
   done
   tar -czf "$OUT/trace_logs.tar.gz" -C "$logs" .
+}
+
+# `trace` without building here: the diagnostic module built on the developer's machine
+# (`TRACE=1 benchmarks/build_ab_modules.sh` writes .ab_trace/trace.so.xz; carry .ab_trace),
+# unpacked into jax_flash_mla/ for the trace rows, then the module that was there put back.
+step_traceprebuilt() {
+  [ -f .ab_trace/trace.so.xz ] || { echo "no .ab_trace/trace.so.xz: TRACE=1 benchmarks/build_ab_modules.sh, carry .ab_trace"; return 1; }
+  local so row logs=/tmp/trace_logs
+  so="jax_flash_mla/_jax_flash_mla$(python3 -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')"
+  export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+  [ -f "$so" ] && cp "$so" /tmp/module_before_trace.so
+  xz -d -c .ab_trace/trace.so.xz >"$so" || return 1
+  rm -rf "$logs" && mkdir -p "$logs"
+  for row in ${TRACE_ROWS:-128,128,4096 64,64,4096 64,16,4096 1,128,4096}; do
+    timeout 120 python3 benchmarks/trace_tiles.py run "$row" >"$logs/trace_${row//,/_}.log" 2>&1
+    python3 benchmarks/trace_tiles.py summarize "$logs/trace_${row//,/_}.log" | tee -a "$OUT/trace_summary.txt"
+  done
+  tar -czf "$OUT/trace_logs.tar.gz" -C "$logs" .
+  [ -f /tmp/module_before_trace.so ] && cp /tmp/module_before_trace.so "$so"
+  return 0
 }
 
 # The copy paths' own ceiling (benchmarks/tma_probe.cu): key tiles streamed into a 2-stage
