@@ -244,6 +244,12 @@ step_before() {
   return $rc
 }
 
+# Where the package's extension module goes for this Python (a module built elsewhere is
+# unpacked there).
+extension_module() {
+  echo "jax_flash_mla/_jax_flash_mla$(python3 -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')"
+}
+
 # `ab` without building on this machine: modules built elsewhere (`pip wheel` of the tree and of
 # the tree with each patch, each module's .so compressed by xz into the ignored .ab/ as NAME.so.xz,
 # base.so.xz the tree's; benchmarks/build_ab_modules.sh does it; carry .ab), each unpacked in turn
@@ -254,7 +260,7 @@ step_before() {
 step_abprebuilt() {
   [ -f .ab/base.so.xz ] || { echo "no .ab/base.so.xz: run benchmarks/build_ab_modules.sh and carry .ab"; return 1; }
   local so module label out=$OUT rc=0
-  so="jax_flash_mla/_jax_flash_mla$(python3 -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')"
+  so=$(extension_module)
   export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
   for module in .ab/base.so.xz $(ls .ab/*.so.xz | grep -v '/base.so.xz$') .ab/base.so.xz; do
     label=$(basename "${module%.so.xz}")
@@ -429,8 +435,13 @@ step_trace() {
   python3 -m pip install --no-build-isolation --no-deps -v -e . \
     -Ccmake.define.JAX_FLASH_MLA_TRACE=ON >"$OUT/build_trace.log" 2>&1 \
     || { tail -40 "$OUT/build_trace.log"; return 1; }
-  # The device tool brings back 8 files at most, named without commas: the raw logs as one
-  # archive, the summaries as one file.
+  trace_rows
+}
+
+# The trace rows (TRACE_ROWS) with whichever diagnostic module python imports. The device tool
+# brings back 8 files at most, named without commas: the raw logs as one archive, the
+# summaries as one file.
+trace_rows() {
   local row logs=/tmp/trace_logs
   rm -rf "$logs" && mkdir -p "$logs"
   for row in ${TRACE_ROWS:-128,128,4096 64,64,4096 64,16,4096 1,128,4096}; do
@@ -445,19 +456,14 @@ step_trace() {
 # unpacked into jax_flash_mla/ for the trace rows, then the module that was there put back.
 step_traceprebuilt() {
   [ -f .ab_trace/trace.so.xz ] || { echo "no .ab_trace/trace.so.xz: TRACE=1 benchmarks/build_ab_modules.sh, carry .ab_trace"; return 1; }
-  local so row logs=/tmp/trace_logs
-  so="jax_flash_mla/_jax_flash_mla$(python3 -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')"
+  local so saved=/tmp/module_before_trace.so
+  so=$(extension_module)
   export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-  [ -f "$so" ] && cp "$so" /tmp/module_before_trace.so
+  rm -f "$saved"
+  [ -f "$so" ] && cp "$so" "$saved"
   xz -d -c .ab_trace/trace.so.xz >"$so" || return 1
-  rm -rf "$logs" && mkdir -p "$logs"
-  for row in ${TRACE_ROWS:-128,128,4096 64,64,4096 64,16,4096 1,128,4096}; do
-    timeout 120 python3 benchmarks/trace_tiles.py run "$row" >"$logs/trace_${row//,/_}.log" 2>&1
-    python3 benchmarks/trace_tiles.py summarize "$logs/trace_${row//,/_}.log" | tee -a "$OUT/trace_summary.txt"
-  done
-  tar -czf "$OUT/trace_logs.tar.gz" -C "$logs" .
-  [ -f /tmp/module_before_trace.so ] && cp /tmp/module_before_trace.so "$so"
-  return 0
+  trace_rows
+  if [ -f "$saved" ]; then cp "$saved" "$so"; fi
 }
 
 # The copy paths' own ceiling (benchmarks/tma_probe.cu): key tiles streamed into a 2-stage
