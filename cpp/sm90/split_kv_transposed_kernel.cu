@@ -20,10 +20,10 @@
 //             blocks took 36 boxes at page 16 (their issue, ~120 cycles a box, outlasted the
 //             tile's math: page 16 was 20% slower than page 64)
 //             (FP8 keys: warpgroups 0 and 1, each converting one round of every tile)
-//   math      the last warpgroup: the online softmax. In S^T's C layout a query row is a column: its
-//             64 keys are spread over 8 lanes of each warp and the 4 warps, so a tile's row
-//             maxima are reduced by shuffles, then across warps through shared memory (one
-//             warpgroup barrier); the row sums stay per thread until the segment's end.
+//   math      the last warpgroup: the online softmax. In S^T's C layout a query row is a
+//             column: its 64 keys are spread over 8 lanes of each warp and the 4 warps, so a
+//             tile's row maxima are reduced by shuffles, then across warps through shared memory
+//             (one warpgroup barrier); the row sums stay per thread until the segment's end.
 #include <cute/tensor.hpp>
 #include <cutlass/arch/barrier.h>
 #include <cutlass/arch/reg_reconfig.h>
