@@ -31,6 +31,9 @@ CASES = [
     # 64 rows a KV head: at parts = 1 the unpaired seesaw (6 requests of 8 table tiles pass
     # seesaw_alone_pays), at 7 and 132 the 64-row kernel.
     (6, 1, 64, 1, 576, 64, [300, 0, 511, 512, 64, 0], 0, True),
+    # Keys by cp.async (page 3) at 128 rows: the lockstep kernel's key-row gather, two row
+    # blocks, over a table with invalid pages and entries past the pool.
+    (2, 1, 128, 1, 576, 3, [1500, 700], 2, True),
 ]
 
 
@@ -75,6 +78,8 @@ SPARSE_CASES = [
     (1, 4, 20, 7, 3, 5, False),
     # 128 heads without a sink: two row blocks a query token, which the seesaw may take in pairs.
     (2, 2, 128, 100, 1, 300, False),
+    # A bf16 pool of one-token pages, 19 tiles a request: the key-row gather over many tiles.
+    (2, 1, 64, 1200, 1, 3000, True),
 ]
 
 

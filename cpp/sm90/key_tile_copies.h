@@ -117,23 +117,32 @@ __device__ __forceinline__ void load_tile_tma(const DecodeParams& p, const CUten
     load_columns_tma<Element, 0, kHeadDim>(p, k_map, lookup, kv_head, full, s_k);
 }
 
-// A whole tile by every producer thread, from plan_tile's offsets: a key with none (-1) is
-// zero-filled (a zero source size: its memory is never touched).
+// A whole tile by every producer thread, each copying its keys' chunks (key_tile_lookup.h's
+// division) from its own table entries, and writing which of its keys exist; a key that must
+// not be read (past the segment, on an invalid page) is zero-filled (a zero source size: its
+// memory is never touched).
 template <int kHeadDim, typename SmemTensor>
-__device__ __forceinline__ void load_tile_cp_async(const DecodeParams& p,
-                                                   const int64_t* token_offset, SmemTensor& s_k,
-                                                   int thread) {
+__device__ __forceinline__ void load_key_rows_cp_async(const DecodeParams& p, int kv_head,
+                                                       int tile_begin,
+                                                       const KeyRowEntries& rows,
+                                                       SmemTensor& s_k, uint8_t* key_valid,
+                                                       int thread) {
   const uint128_t* k_cache = static_cast<const uint128_t*>(p.k_cache);
-  constexpr int chunks_per_row = kHeadDim / kChunkElems;
+  const int chunk = thread % kCopyThreadsPerKey;
   CUTE_UNROLL
-  for (int c = thread; c < kBlockN * chunks_per_row; c += kProducerThreads) {
-    const int token = c / chunks_per_row;
-    const int chunk = c % chunks_per_row;
-    const int64_t offset = token_offset[token];
-    const bool valid = offset >= 0;
-    const uint128_t* src = k_cache + (valid ? offset / kChunkElems + chunk : 0);
-    SM80_CP_ASYNC_CACHEGLOBAL_ZFILL<uint128_t>::copy(
-        *src, *reinterpret_cast<uint128_t*>(&s_k(token, chunk * kChunkElems)), valid);
+  for (int j = 0; j < kCopyKeysPerThread; ++j) {
+    const int key = copy_key_of(thread, j);
+    const bool valid = is_valid_page(p, rows.entry[j]);
+    const int64_t offset =
+        valid ? k_offset(p, rows.entry[j], tile_begin + key, kv_head) / kChunkElems + chunk : 0;
+    if (chunk == 0) key_valid[key] = valid;
+    CUTE_UNROLL
+    for (int block = 0; block < kHeadDim / 64; ++block) {
+      const int column = 64 * block + kChunkElems * chunk;
+      SM80_CP_ASYNC_CACHEGLOBAL_ZFILL<uint128_t>::copy(
+          k_cache[offset + block * (64 / kChunkElems)],
+          *reinterpret_cast<uint128_t*>(&s_k(key, column)), valid);
+    }
   }
 }
 

@@ -15,27 +15,33 @@
 namespace jax_flash_mla {
 namespace sm90 {
 
-// The block-table entry of key `thread` of the tile at `tile_begin` (producer threads
-// 0..63), -1 past the segment, as loaded: fetched a tile before plan_tile resolves it, so that
-// its round trip (HBM for sparse indices, read once) overlaps the tile before.
-__device__ __forceinline__ int32_t fetch_key_entry(const DecodeParams& p, const Segment& seg,
-                                                   int tile_begin, int thread) {
-  const int token = tile_begin + thread;
-  return thread < kBlockN && token < seg.token_end ? block_table_entry(p, seg.batch_idx, token)
-                                                   : -1;
+// The cp.async gather's division of a tile: eight producer threads a key row, thread
+// `thread % 8` copying the 16-byte chunk of that index of each of the row's 64-column blocks,
+// and thread group `thread / 8` taking keys group, group + 16, group + 32, group + 48. A thread
+// then resolves its own keys from its own table entries (no key offsets through shared memory,
+// no producer barrier between the lookups and the copies), and one copy instruction of a warp
+// moves 128 contiguous bytes of each of four key rows. (kCopyThreadsPerKey and the rest:
+// pipeline_traits.h, which the barriers' arrival counts read too.)
+__device__ __forceinline__ int copy_key_of(int thread, int j) {
+  return thread / kCopyThreadsPerKey + kCopyKeyStride * j;
 }
 
-// Producer threads 0..63 write where their key of a tile lives (from its fetched entry); -1
-// for keys that must not be read.
-__device__ __forceinline__ void plan_tile(const DecodeParams& p, int kv_head, int tile_begin,
-                                          int32_t entry, int64_t* token_offset,
-                                          uint8_t* key_valid, int thread) {
-  if (thread < kBlockN) {
-    const int64_t offset =
-        is_valid_page(p, entry) ? k_offset(p, entry, tile_begin + thread, kv_head) : -1;
-    token_offset[thread] = offset;
-    key_valid[thread] = offset >= 0;
+// The block-table entries of this thread's keys of the tile at `tile_begin`, -1 past the
+// segment, as loaded: fetched a tile before they are used, so that their round trip (HBM for
+// sparse indices, read once) overlaps the tile before.
+struct KeyRowEntries {
+  int32_t entry[kCopyKeysPerThread];
+};
+
+__device__ __forceinline__ KeyRowEntries fetch_key_rows(const DecodeParams& p, const Segment& seg,
+                                                        int tile_begin, int thread) {
+  KeyRowEntries rows;
+  CUTE_UNROLL
+  for (int j = 0; j < kCopyKeysPerThread; ++j) {
+    const int token = tile_begin + copy_key_of(thread, j);
+    rows.entry[j] = token < seg.token_end ? block_table_entry(p, seg.batch_idx, token) : -1;
   }
+  return rows;
 }
 
 // TMA gather of one tile by one producer warp: which keys exist (for the math warpgroups'

@@ -81,18 +81,18 @@ __device__ void produce_segment(const DecodeParams& p, const CUtensorMap& k_map,
     trace.mark(kTraceKeysIssued, tile);
     ring.advance();
   };
-  // cp.async: each key's table entry is fetched a tile ahead (next_entry).
-  int32_t next_entry =
-      use_tma || kFp8Keys ? -1 : fetch_key_entry(p, seg, tile_begin_of(seg, 0), thread);
+  // cp.async: each thread's keys' table entries are fetched a tile ahead (next_rows).
+  KeyRowEntries next_rows{};
+  if (!use_tma && !kFp8Keys) next_rows = fetch_key_rows(p, seg, tile_begin_of(seg, 0), thread);
   const auto load_keys = [&](int tile) {
     const int tile_begin = tile_begin_of(seg, tile);
     TmaTileLookup lookup{};
-    int32_t entry = -1;
+    KeyRowEntries rows{};
     if (use_tma) {
       lookup = lookup_tile_tma<kOrder>(p, seg, tile_begin);
     } else {
-      entry = next_entry;
-      next_entry = fetch_key_entry(p, seg, tile_begin_of(seg, tile + 1), thread);
+      rows = next_rows;
+      next_rows = fetch_key_rows(p, seg, tile_begin_of(seg, tile + 1), thread);
     }
     Barrier::wait(&smem.k_empty[ring.stage], ring.phase ^ 1);
     trace.mark(kTraceStageFree, tile);
@@ -102,14 +102,12 @@ __device__ void produce_segment(const DecodeParams& p, const CUtensorMap& k_map,
                                                smem.key_valid[ring.stage],
                                                &smem.k_full[ring.stage], s_k);
     } else {
-      int64_t* offsets = smem.token_offset[ring.stage];
-      plan_tile(p, kv_head, tile_begin, entry, offsets, smem.key_valid[ring.stage], thread);
-      named_barrier_sync(NamedBarrier::kProducer, kProducerThreads);
-      load_tile_cp_async<kHeadDim>(p, offsets, s_k, thread);
+      load_key_rows_cp_async<kHeadDim>(p, kv_head, tile_begin, rows, s_k,
+                                       smem.key_valid[ring.stage], thread);
       arrive_when_copies_land(&smem.k_full[ring.stage]);
-      // The offsets were written with plain stores: one plain (release) arrival publishes
-      // them to the math warpgroups, after the barrier above ordered every writer before it.
-      if (thread == 0) Barrier::arrive(&smem.k_full[ring.stage]);
+      // key_valid was written with plain stores, one thread a key row: each writer's plain
+      // (release) arrival publishes its keys' to the math warpgroups.
+      if (thread % kCopyThreadsPerKey == 0) Barrier::arrive(&smem.k_full[ring.stage]);
     }
     trace.mark(kTraceKeysIssued, tile);
     ring.advance();

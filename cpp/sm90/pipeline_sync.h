@@ -78,14 +78,15 @@ __device__ __forceinline__ void wait_tile_keys(Storage& smem, const RingPosition
 }
 
 // mbarrier arrivals of a stage's "full" barrier: with TMA, one arrival that also expects the
-// tile's bytes; with cp.async, every producer thread's copies plus one plain arrival that
-// publishes the key offsets; with FP8 keys (key_tile_dequant.h), every producer thread's plain
-// arrival after its stores, in each of fp8_producers warpgroups.
+// tile's bytes; with cp.async, every producer thread's copies and a plain arrival from each
+// thread that wrote key_valid (one a key row); with FP8 keys (key_tile_dequant.h), every
+// producer thread's plain arrival after its stores, in each of fp8_producers warpgroups.
 __device__ __forceinline__ uint32_t key_tile_arrivals(const DecodeParams& p, bool use_tma,
                                                       int fp8_producers) {
   if (use_tma) return 1;
-  return p.key_format == KeyFormat::kFp8Packed ? kProducerThreads * fp8_producers
-                                               : kProducerThreads + 1;
+  return p.key_format == KeyFormat::kFp8Packed
+             ? kProducerThreads * fp8_producers
+             : kProducerThreads + kProducerThreads / kCopyThreadsPerKey;
 }
 
 // The ring's barriers: "full" as key_tile_arrivals says. The query's "full" barrier: one

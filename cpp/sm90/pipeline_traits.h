@@ -21,6 +21,11 @@ constexpr int kStages = 2;
 constexpr int kChunkElems = 8;  // 16-byte cp.async chunks
 constexpr int kProducerThreads = 128;
 static_assert(kBlockN == kTokensPerTile, "a tile is one unit of the schedule");
+// The cp.async key gather's division of a tile (key_tile_lookup.h): eight producer threads a
+// key row, four keys a thread.
+constexpr int kCopyThreadsPerKey = 8;
+constexpr int kCopyKeyStride = kProducerThreads / kCopyThreadsPerKey;  // 16
+constexpr int kCopyKeysPerThread = kBlockN / kCopyKeyStride;          // 4
 
 // The ids of bar.sync's named barriers (0 is __syncthreads's). They need only differ among the
 // barriers of one kernel: the lockstep and transposed kernels use kProducer and kMath; the
@@ -93,7 +98,6 @@ struct PipelineStorage {
   // Swizzled buffers must start on 1024-byte boundaries (the swizzle pattern's period).
   alignas(1024) Element q[cosize_v<typename L::Q>];
   alignas(1024) Element k[kStages][cosize_v<typename L::K>];
-  int64_t token_offset[kStages][kBlockN];  // cp.async gather: k_cache offset of each key, -1: none
   uint8_t key_valid[kStages][kBlockN];     // the key exists (in the segment, on a valid page)
   uint64_t k_full[kStages];   // a stage's keys (and their offsets) have landed
   uint64_t k_empty[kStages];  // every math warp is done with a stage
