@@ -1,5 +1,5 @@
-"""`jax-flash-mla bench`: the benchmark grid (GPU). DESIGN.md's target rows, a page-size sweep and a
-s_k sweep, through the public JAX API inside jax.jit; with --flashmla, DeepSeek's FlashMLA on the
+"""`jax-flash-mla bench`: the benchmark grid (GPU). DESIGN.md's target rows, small batches, a
+page-size sweep and a s_k sweep, through the public JAX API inside jax.jit; with --flashmla, DeepSeek's FlashMLA on the
 same rows, the same inputs, in the same run, by the same method (flashmla_baseline.py). Without a
 GPU it says so in one line on stderr and exits with status 2. With --sparse, the sparse decode
 rows (DeepSeek-V3.2 top-k) instead, by the same method (sparse_benchmark.py); with
@@ -54,10 +54,15 @@ TARGET_ROWS = [
     (128, 128, 4096, 1, True, False), (64, 16, 8192, 1, True, False),
     (128, 128, 4096, 2, False, True),
 ]
+# Small batches with many heads (b 2-16, h_q 64 and 128, s_k 2048 and 16384, page 64): too few
+# row blocks to fill the GPU at s_k = 2048, so the split-KV schedule and the combine decide them.
+SMALL_BATCH_ROWS = [(b, h_q, s_k, 1, False, False)
+                    for b in (2, 4, 8, 16) for h_q in (64, 128) for s_k in (2048, 16384)]
 PAGE_SWEEP = [16, 32, 64, 128, 256]  # at b=64, h_q=16, s_k=4096 and 16384
-# Page 16 against page 64 on the other kernels too (b=64, s_k=4096): h_q = 64 and 128 run the
-# 64-row kernels, h_q = 16 above the transposed one.
+# Pages 16 and 32 against page 64 on the other kernels too (b=64, s_k=4096): h_q = 64 and 128
+# run the 64-row kernels, h_q = 16 above the transposed one.
 PAGE_SWEEP_HEADS = [64, 128]
+PAGE_SWEEP_HEADS_PAGES = [16, 32, 64]
 SK_SWEEP = [512, 1024, 2048, 4096, 8192, 16384, 32768]  # at b=64, h_q=16
 # FlashMLA against ours on one call of the same inputs: each within the tests' kernel bounds of
 # the exact result (tests/comparisons.py: 4 bf16 roundings of out, 1e-4 of lse), so within twice
@@ -68,11 +73,11 @@ L2_BYTES = 60 << 20  # no less than the L2 of a Hopper GPU (50 MB on the H100)
 
 def page_sweep_rows():
     """(row, page) of the page-size sweep: every page of PAGE_SWEEP at b=64 h_q=16 (s_k 4096
-    and 16384), then page 16 and 64 at b=64 s_k=4096 for each of PAGE_SWEEP_HEADS."""
+    and 16384), then pages 16, 32 and 64 at b=64 s_k=4096 for each of PAGE_SWEEP_HEADS."""
     return ([((64, 16, s_k, 1, False, False), page)
              for s_k in (4096, 16384) for page in PAGE_SWEEP] +
             [((64, h_q, 4096, 1, False, False), page)
-             for h_q in PAGE_SWEEP_HEADS for page in (16, 64)])
+             for h_q in PAGE_SWEEP_HEADS for page in PAGE_SWEEP_HEADS_PAGES])
 
 
 def traffic(lengths, b, h_q, s_q, h_kv=1):
@@ -237,7 +242,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--repeats", type=positive_int, default=10)
     parser.add_argument("--quick", action="store_true", help="target rows only, no reference")
     parser.add_argument("--batch", type=positive_int, default=None,
-                        help="only the target rows of this batch size (with --quick; with "
+                        help="only the target and small-batch rows of this batch size (with "
+                             "--quick, the target rows; with "
                              "--sparse, only the sparse rows of this batch size; not used by "
                              "--sparse-prefill)")
     parser.add_argument("--tp", action="store_true",
@@ -286,6 +292,10 @@ def jobs_for(args, devices):
     rows = [row for row in TARGET_ROWS if args.batch is None or row[0] == args.batch]
     jobs = {"target rows (page 64)": [(row, 64, not args.quick, 1) for row in rows]}
     if not args.quick:
+        # FlashMLA beside each (page 64), the reference left out: these rows are about time.
+        small = [row for row in SMALL_BATCH_ROWS if args.batch is None or row[0] == args.batch]
+        if small:
+            jobs["small batches (page 64)"] = [(row, 64, False, 1) for row in small]
         jobs["page-size sweep"] = [(row, page, False, 1) for row, page in page_sweep_rows()]
         jobs["s_k sweep (b=64, h_q=16)"] = [((64, 16, s_k, 1, False, False), 64, False, 1)
                                             for s_k in SK_SWEEP]

@@ -31,15 +31,31 @@ def test_traffic_formulas():
     assert flops == 2 * 2 * 16 * 4096 * (576 + 512)
 
 
-def test_page_sweep_compares_page_16_with_64_on_every_kernel():
-    """The issue's bar (page 16 within 10% of page 64 at s_k >= 4096) is checked on each
-    kernel family: h_q = 16 (narrow), 64 (64-row), 128 (paired seesaw), all at b=64."""
+def test_page_sweep_compares_pages_16_and_32_with_64_on_every_kernel():
+    """Pages 16 and 32 against page 64 (and FlashMLA's page 64 in the same run) on each kernel
+    family: h_q = 16 (narrow), 64 (64-row), 128 (paired seesaw), all at b=64."""
     rows = benchmark.page_sweep_rows()
     assert len(rows) == len(set(rows))
     for h_q in (16, 64, 128):
-        for page in (16, 64):
+        for page in (16, 32, 64):
             assert ((64, h_q, 4096, 1, False, False), page) in rows
     assert {page for (row, page) in rows if row[1] == 16} == set(benchmark.PAGE_SWEEP)
+
+
+def test_full_grid_has_the_small_batch_rows():
+    """Without --quick: b 2-16 at h_q 64 and 128, s_k 2048 and 16384, page 64 (where FlashMLA
+    runs beside them); --quick leaves them out, --batch keeps its own."""
+    def args(**kw):
+        return argparse.Namespace(**dict(dict(batch=None, quick=False, tp=False), **kw))
+    small = benchmark.jobs_for(args(), 1)["small batches (page 64)"]
+    rows = {row for row, page, _, shards in small if page == 64 and shards == 1}
+    assert rows == {(b, h_q, s_k, 1, False, False) for b in (2, 4, 8, 16) for h_q in (64, 128)
+                    for s_k in (2048, 16384)}
+    assert len(small) == len(rows)
+    assert "small batches (page 64)" not in benchmark.jobs_for(args(quick=True), 1)
+    assert {row[0] for row, *_ in benchmark.jobs_for(args(batch=8), 1)[
+        "small batches (page 64)"]} == {8}
+    assert "small batches (page 64)" not in benchmark.jobs_for(args(batch=64), 1)
 
 
 def test_one_row_runs_with_the_reference(rng):
