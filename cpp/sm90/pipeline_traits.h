@@ -28,13 +28,11 @@ constexpr int kCopyKeyStride = kProducerThreads / kCopyThreadsPerKey;  // 16
 constexpr int kCopyKeysPerThread = kBlockN / kCopyKeyStride;          // 4
 
 // The ids of bar.sync's named barriers (0 is __syncthreads's). They need only differ among the
-// barriers of one kernel: the lockstep and transposed kernels use kProducer and kMath; the
-// seesaw kernel, whose producer issues TMA copies alone and so has no barrier, numbers its
-// own from 1.
+// barriers of one kernel: the lockstep and transposed kernels use kMath (their producer threads
+// never wait for each other); the seesaw kernel numbers its own from 1.
 enum class NamedBarrier : int {
   // The lockstep and transposed kernels.
-  kProducer = 1,  // the producer's threads: a tile's key offsets are all written before its gather
-  kMath = 2,      // every math thread: exchanges through shared memory
+  kMath = 2,  // every math thread: exchanges through shared memory
   // The seesaw kernel: both math warpgroups, then its handoffs, each arrived at by one math
   // warpgroup and waited at by the other.
   kSeesawMath = 1,
@@ -99,7 +97,7 @@ struct PipelineStorage {
   alignas(1024) Element q[cosize_v<typename L::Q>];
   alignas(1024) Element k[kStages][cosize_v<typename L::K>];
   uint8_t key_valid[kStages][kBlockN];     // the key exists (in the segment, on a valid page)
-  uint64_t k_full[kStages];   // a stage's keys (and their offsets) have landed
+  uint64_t k_full[kStages];   // a stage's keys (and which of them exist) have landed
   uint64_t k_empty[kStages];  // every math warp is done with a stage
   uint64_t q_full;            // the segment's query rows have landed
   uint64_t q_empty;           // every math warp is done with the query rows
