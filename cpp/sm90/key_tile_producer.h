@@ -2,7 +2,7 @@
 // split_kv_transposed_kernel.cu): it stages a segment's query rows (query_row_copies.h) and
 // gathers its 64-key tiles into the 2-stage shared-memory ring (72 KiB a stage at d = 576),
 // with TMA boxes through the block table (its first warp; see paged_kv_tensor_map.h), for
-// page sizes TMA cannot box with cp.async one token row at a time (key_tile_copies.h), or,
+// page sizes TMA cannot box with cp.async, eight threads a key row (key_tile_copies.h), or,
 // for DeepSeek-V3.2's FP8 tokens, through registers, dequantized (key_tile_dequant.h). A
 // stage's "full" mbarrier completes when its bytes have landed; the stage is refilled as soon
 // as every math warp has arrived on its "empty" mbarrier.
