@@ -17,29 +17,26 @@ python=${PYTHON:-python3}
 root=$PWD
 work=$(mktemp -d /tmp/ab_modules.XXXXXX)
 trap 'git -C "$root" worktree remove --force "$work/tree" 2>/dev/null || true; rm -rf "$work"' EXIT
-mkdir -p .ab
-rm -f .ab/*.so.xz
-for patch in base "$@"; do
-  name=base
-  [ "$patch" = base ] || name=$(basename "${patch%.patch}")
+# build_module NAME PATCH|- TRACE DEST: HEAD (with PATCH applied unless -) built as `pip wheel`
+# does, JAX_FLASH_MLA_TRACE=TRACE, its extension module compressed into DEST.
+build_module() {
+  local name=$1 patch=$2 trace=$3 dest=$4
   git worktree remove --force "$work/tree" 2>/dev/null || true
   git worktree add -q --detach "$work/tree" HEAD
-  [ "$patch" = base ] || patch -d "$work/tree" -p1 --quiet <"$patch"
+  [ "$patch" = - ] || patch -d "$work/tree" -p1 --quiet <"$patch"
   "$python" -m pip wheel -q --no-build-isolation --no-deps -w "$work/wheel_$name" \
-    -Cbuild-dir="$work/build_$name" -Ccmake.define.JAX_FLASH_MLA_TRACE=OFF "$work/tree" \
+    -Cbuild-dir="$work/build_$name" -Ccmake.define.JAX_FLASH_MLA_TRACE="$trace" "$work/tree" \
     >"$work/build_$name.log" 2>&1 || { tail -30 "$work/build_$name.log"; exit 1; }
   unzip -q -o -j "$work"/wheel_"$name"/*.whl 'jax_flash_mla/_jax_flash_mla.*.so' -d "$work/so_$name"
-  xz -T0 -c "$work"/so_"$name"/*.so >".ab/$name.so.xz"
-  echo "$name: .ab/$name.so.xz ($(stat -c %s ".ab/$name.so.xz") bytes)"
+  mkdir -p "$(dirname "$dest")"
+  xz -T0 -c "$work"/so_"$name"/*.so >"$dest"
+  echo "$name: $dest ($(stat -c %s "$dest") bytes)"
+}
+mkdir -p .ab
+rm -f .ab/*.so.xz
+build_module base - OFF .ab/base.so.xz
+for patch in "$@"; do
+  name=$(basename "${patch%.patch}")
+  build_module "$name" "$patch" OFF ".ab/$name.so.xz"
 done
-if [ -n "${TRACE:-}" ]; then
-  git worktree remove --force "$work/tree" 2>/dev/null || true
-  git worktree add -q --detach "$work/tree" HEAD
-  "$python" -m pip wheel -q --no-build-isolation --no-deps -w "$work/wheel_trace" \
-    -Cbuild-dir="$work/build_trace" -Ccmake.define.JAX_FLASH_MLA_TRACE=ON "$work/tree" \
-    >"$work/build_trace.log" 2>&1 || { tail -30 "$work/build_trace.log"; exit 1; }
-  unzip -q -o -j "$work"/wheel_trace/*.whl 'jax_flash_mla/_jax_flash_mla.*.so' -d "$work/so_trace"
-  mkdir -p .ab_trace
-  xz -T0 -c "$work"/so_trace/*.so >.ab_trace/trace.so.xz
-  echo "trace: .ab_trace/trace.so.xz ($(stat -c %s .ab_trace/trace.so.xz) bytes)"
-fi
+if [ -n "${TRACE:-}" ]; then build_module trace - ON .ab_trace/trace.so.xz; fi
