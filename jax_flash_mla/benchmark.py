@@ -1,10 +1,11 @@
 """`jax-flash-mla bench`: the benchmark grid (GPU). DESIGN.md's target rows, small batches, a
-page-size sweep and a s_k sweep, through the public JAX API inside jax.jit; with --flashmla, DeepSeek's FlashMLA on the
-same rows, the same inputs, in the same run, by the same method (flashmla_baseline.py). Without a
-GPU it says so in one line on stderr and exits with status 2. With --sparse, the sparse decode
-rows (DeepSeek-V3.2 top-k) instead, by the same method (sparse_benchmark.py); with
---sparse-prefill, the sparse prefill rows (sparse_prefill_benchmark.py); with --fp8-cache, dense
-decode over the FP8 cache beside the bf16 paths (fp8_decode_benchmark.py).
+page-size sweep and a s_k sweep, through the public JAX API inside jax.jit; with --flashmla,
+DeepSeek's FlashMLA on the same rows, the same inputs, in the same run, by the same method
+(flashmla_baseline.py). Without a GPU it says so in one line on stderr and exits with status 2.
+With --sparse, the sparse decode rows (DeepSeek-V3.2 top-k) instead, by the same method
+(sparse_benchmark.py); with --sparse-prefill, the sparse prefill rows
+(sparse_prefill_benchmark.py); with --fp8-cache, dense decode over the FP8 cache beside the bf16
+paths (fp8_decode_benchmark.py).
 
 Timing (device_timing.py): the timed unit is a block of `calls` back-to-back decode calls,
 metadata precomputed: for ours one jitted function (make_many_calls), for FlashMLA one CUDA
@@ -289,11 +290,13 @@ def load_flashmla():
 def jobs_for(args, devices):
     """{section title: [(row, page, with the plain-JAX reference, devices the heads are split
     over)]}."""
-    rows = [row for row in TARGET_ROWS if args.batch is None or row[0] == args.batch]
+    def of_batch(grid):
+        return [row for row in grid if args.batch is None or row[0] == args.batch]
+    rows = of_batch(TARGET_ROWS)
     jobs = {"target rows (page 64)": [(row, 64, not args.quick, 1) for row in rows]}
     if not args.quick:
         # FlashMLA beside each (page 64), the reference left out: these rows are about time.
-        small = [row for row in SMALL_BATCH_ROWS if args.batch is None or row[0] == args.batch]
+        small = of_batch(SMALL_BATCH_ROWS)
         if small:
             jobs["small batches (page 64)"] = [(row, 64, False, 1) for row in small]
         jobs["page-size sweep"] = [(row, page, False, 1) for row, page in page_sweep_rows()]
