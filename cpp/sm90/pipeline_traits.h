@@ -26,6 +26,9 @@ static_assert(kBlockN == kTokensPerTile, "a tile is one unit of the schedule");
 constexpr int kCopyThreadsPerKey = 8;
 constexpr int kCopyKeyStride = kProducerThreads / kCopyThreadsPerKey;  // 16
 constexpr int kCopyKeysPerThread = kBlockN / kCopyKeyStride;          // 4
+static_assert(kCopyThreadsPerKey * kChunkElems == 64 &&
+                  kCopyKeyStride * kCopyKeysPerThread == kBlockN,
+              "the key-row gather covers every chunk of every 64-column block of every key");
 
 // The ids of bar.sync's named barriers (0 is __syncthreads's). They need only differ among the
 // barriers of one kernel: the lockstep and transposed kernels use kMath (their producer threads
